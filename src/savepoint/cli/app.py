@@ -1,0 +1,16 @@
+"""The typer application. Command modules register themselves on `app`; errors are printed here."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="savepoint",
+    help="Crash-safe, Hugging Face-compatible training checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)

@@ -1,0 +1,75 @@
+"""The demo's data: the shipped corpus cut into fixed-length token blocks, and a resumable loader.
+
+    >>> blocks = token_blocks(tok, load_corpus(), seq_len=64)
+    >>> train, held_out = split_blocks(blocks, eval_fraction=0.05)
+    >>> loader = resumable_loader(train, batch_size=16, seed=0)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
+from transformers import PreTrainedTokenizerBase
+
+
+class TokenBlocks(Dataset[torch.Tensor]):
+    """A map-style dataset over the rows of a `[n_blocks, seq_len]` tensor of token ids."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.blocks[index]
+
+
+def token_blocks(tokenizer: PreTrainedTokenizerBase, text: str, *, seq_len: int) -> torch.Tensor:
+    """Tokenize `text` paragraph by paragraph (each ends with EOS) and cut the stream into rows.
+
+    The stream's tail that does not fill a whole row is dropped, so every row is `seq_len` long and
+    no padding or attention mask is needed.
+    """
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    ids: list[int] = []
+    for encoded in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.append(tokenizer.eos_token_id)
+    n_blocks = len(ids) // seq_len
+    if n_blocks == 0:
+        raise ValueError(f"text is too short for one block of {seq_len} tokens ({len(ids)} tokens)")
+    return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+def split_blocks(blocks: torch.Tensor, *, eval_fraction: float = 0.05) -> tuple[TokenBlocks, torch.Tensor]:
+    """Training dataset and held-out rows: the last `eval_fraction` of the corpus is never trained on."""
+    n_eval = max(1, round(blocks.shape[0] * eval_fraction))
+    return TokenBlocks(blocks[:-n_eval]), blocks[-n_eval:]
+
+
+def resumable_loader(dataset: Dataset[torch.Tensor], *, batch_size: int, seed: int) -> StatefulDataLoader:
+    """A shuffling `StatefulDataLoader` whose position survives `state_dict()` / `load_state_dict()`.
+
+    The sampler gets a generator of its own, separate from the loader's. With the usual
+    `shuffle=True, generator=g` the two share `g`, and torchdata 0.11 then resumes exactly only until
+    the end of the current epoch: at each epoch start torch's loader iterator draws a base seed from
+    `g` right after the sampler's permutation, and a resumed iterator does not replay that draw, so
+    every later epoch is shuffled differently from the uninterrupted run. The loader's own generator
+    is still given, so that nothing here ever draws from torch's global RNG (dropout's stream).
+    """
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+    return StatefulDataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,  # equal batch shapes: every step costs the same and losses are comparable
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
+
+
+def eval_batches(held_out: torch.Tensor, *, batch_size: int) -> list[torch.Tensor]:
+    """The held-out rows in fixed batches (no shuffling, no RNG)."""
+    return list(held_out.split(batch_size))

@@ -1,0 +1,242 @@
+"""Hugging Face model directories: the model files of a checkpoint and of `save_pretrained`.
+
+A transformers model becomes what `from_pretrained` expects: config.json, generation_config.json,
+`model.safetensors` or shards named and indexed exactly as transformers names them (huggingface_hub's
+splitter decides the shards), and the tokenizer's files. A plain `nn.Module` becomes
+`model.safetensors` plus `savepoint_module.json`.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+
+from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
+from savepoint.formats.safetensors_io import DTYPE_NAMES, read_header, read_safetensors, write_safetensors
+from savepoint.manifest import Manifest, resolve_inside, verify_files
+from savepoint.storage.local import StagedDir
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+MODULE_INFO_NAME = "savepoint_module.json"
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Accept torch dtypes and the short names the CLI uses (bf16, fp16, fp32)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+    key = aliases.get(key, key)
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+    return _DTYPES[key]
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model under DDP/DataParallel and torch.compile wrappers, so names do not depend on wrapping."""
+    while True:
+        inner = getattr(model, "module", None) if isinstance(model, _WRAPPERS) else None
+        inner = inner or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+_WRAPPERS = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+
+
+def is_transformers_model(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def savable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as they go on disk: tied weights once, as transformers expects them."""
+    state = model.state_dict()
+    if is_transformers_model(model):
+        # transformers decides which name of a tied pair it expects on reload; ask it.
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        return remove_tied_weights_from_state_dict(dict(state), model)
+    return _drop_aliases(state)[0]
+
+
+def _drop_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep one name per shared storage (the first in sorted order); return the dropped aliases."""
+    groups: dict[Any, list[str]] = collections.defaultdict(list)
+    for name, t in state.items():
+        groups[(t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))].append(name)
+    aliases = {}
+    for names in groups.values():
+        kept, *dropped = sorted(names)
+        aliases.update({d: kept for d in dropped})
+    return {k: v for k, v in state.items() if k not in aliases}, aliases
+
+
+def write_model_files(
+    model: torch.nn.Module,
+    staged: StagedDir,
+    *,
+    tokenizer: Any = None,
+    max_shard_size: int | str = "5GB",
+    dtype: str | torch.dtype | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> str:
+    """Write the model (and tokenizer) files into `staged`; return the manifest kind ("model" or "module").
+
+    `state` may hold a snapshot of the model's savable tensors (async saves) to write instead of the
+    live ones.
+    """
+    model = unwrap_model(model)
+    target = parse_dtype(dtype)
+    if state is None:
+        state = savable_state_dict(model)
+    write_weights(state, staged, max_shard_size=max_shard_size, dtype=target)
+    if is_transformers_model(model):
+        _write_config(model, staged, target)
+        kind = "model"
+    else:
+        staged.write_bytes(MODULE_INFO_NAME, _module_info(model, state))
+        kind = "module"
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staged.path)
+    staged.record_unlisted()
+    return kind
+
+
+def write_weights(
+    state: dict[str, torch.Tensor],
+    staged: StagedDir,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    prefix: str = "",
+) -> None:
+    """Write tensors as one file or transformers-style shards plus index, cast to `dtype` if given."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    # Split on shape-only tensors of the target dtype, so shard sizes are those written to disk.
+    planned = {k: torch.empty(v.shape, dtype=cast(v).dtype if dtype else v.dtype, device="meta") for k, v in state.items()}
+    split = split_torch_state_dict_into_shards(
+        planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, names in split.filename_to_tensors.items():
+        with staged.create(prefix + filename) as out:
+            write_safetensors(out, {n: cast(state[n]) for n in names}, {"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        staged.write_bytes(prefix + WEIGHTS_INDEX_NAME, json.dumps(index, indent=2).encode())
+
+
+def _write_config(model: torch.nn.Module, staged: StagedDir, dtype: torch.dtype | None) -> None:
+    config = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    config.architectures = [type(model).__name__]
+    saved_dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if saved_dtype is not None:
+        config.dtype = str(saved_dtype).removeprefix("torch.")
+    config.save_pretrained(staged.path)
+    generation_config = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", lambda: False)()
+    if generation_config is not None and can_generate:
+        generation_config.save_pretrained(staged.path)
+
+
+def _module_info(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bytes:
+    _, aliases = _drop_aliases(model.state_dict())
+    info = {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "num_tensors": len(state),
+        "aliases": aliases,
+    }
+    return json.dumps(info, indent=2).encode()
+
+
+# ---------------------------------------------------------------- reading
+
+
+def weight_files(ckpt_dir: str, manifest: Manifest, prefix: str = "") -> list[str]:
+    """The safetensors files holding the model's weights, from the (verified) index if sharded."""
+    index_rel = prefix + WEIGHTS_INDEX_NAME
+    if index_rel in manifest.files:
+        verify_files(ckpt_dir, manifest, [index_rel])
+        weight_map = read_index(ckpt_dir, index_rel)
+        return sorted({prefix + f for f in weight_map.values()})
+    if prefix + WEIGHTS_NAME in manifest.files:
+        return [prefix + WEIGHTS_NAME]
+    raise CorruptCheckpointError(
+        ckpt_dir, [Problem(prefix + WEIGHTS_NAME, "no model weights listed in the manifest (neither file nor index)")]
+    )
+
+
+def read_index(model_dir: str, index_rel: str = WEIGHTS_INDEX_NAME) -> dict[str, str]:
+    """The `weight_map` of a safetensors index, refusing entries that leave the directory."""
+    path = resolve_inside(model_dir, index_rel)
+    if os.path.getsize(path) > MAX_INDEX_BYTES:
+        raise CorruptCheckpointError(model_dir, [Problem(index_rel, "index file is implausibly large")])
+    try:
+        with open(path, "rb") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CorruptCheckpointError(model_dir, [Problem(index_rel, f"not valid JSON ({exc})")]) from exc
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CorruptCheckpointError(model_dir, [Problem(index_rel, "'weight_map' must map tensor names to file names")])
+    for filename in set(weight_map.values()):
+        resolve_inside(model_dir, os.path.join(os.path.dirname(index_rel), filename))
+    return weight_map
+
+
+def load_model_files(model: torch.nn.Module, ckpt_dir: str, manifest: Manifest, prefix: str = "") -> None:
+    """Copy a checkpoint's weights into `model` in place, after checking checksums, keys and shapes.
+
+    Nothing in the model changes unless every file verifies and every key and shape matches.
+    """
+    model = unwrap_model(model)
+    files = weight_files(ckpt_dir, manifest, prefix)
+    verify_files(ckpt_dir, manifest, files)
+    expected = savable_state_dict(model)
+    found: dict[str, tuple[str, list[int]]] = {}
+    for rel in files:
+        found.update(read_header(os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel))
+    mismatches = _compare(expected, found)
+    if mismatches:
+        raise IncompatibleCheckpointError(
+            f"the model does not match checkpoint {ckpt_dir}; nothing was loaded. Build the model with the "
+            "checkpoint's config (config.json), or restore into the architecture it was saved from:",
+            mismatches=mismatches,
+        )
+    with torch.no_grad():
+        for rel in files:
+            for name, tensor in read_safetensors(os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel).items():
+                expected[name].copy_(tensor)
+
+
+def _compare(expected: dict[str, torch.Tensor], found: dict[str, tuple[str, list[int]]]) -> list[str]:
+    out = [f"missing in checkpoint: {k}" for k in sorted(expected.keys() - found.keys())]
+    out += [f"unexpected in checkpoint: {k}" for k in sorted(found.keys() - expected.keys())]
+    for key in sorted(expected.keys() & found.keys()):
+        shape = list(expected[key].shape)
+        if found[key][1] != shape:
+            out.append(f"shape of {key}: checkpoint {found[key][1]}, model {shape}")
+        elif found[key][0] not in DTYPE_NAMES.values():
+            out.append(f"dtype of {key}: {found[key][0]} is not a dtype savepoint writes")
+    return out
+
+

@@ -1,0 +1,91 @@
+"""Pure LoRA merge math on tensors: no files, no peft, no modules.
+
+Every function computes in float32 and returns float32; the caller casts back to the storage dtype.
+Weights come in their *stored* layout: `nn.Linear` keeps (out, in), GPT-2's `Conv1D` keeps (in, out),
+which is what `transposed=True` says. Internally everything is turned to (out, in) first, so each
+variant is written once.
+
+    >>> import torch
+    >>> w = torch.zeros(3, 2); a = torch.ones(1, 2); b = torch.ones(3, 1)
+    >>> merge_linear(w, a, b, scaling=0.5)[0].tolist()
+    [0.5, 0.5]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lora_scaling(alpha: float, r: int, *, rslora: bool = False) -> float:
+    """The factor in front of `B @ A`: `alpha / r`, or `alpha / sqrt(r)` for rsLoRA.
+
+    >>> lora_scaling(16, 4), lora_scaling(16, 4, rslora=True)
+    (4.0, 8.0)
+    """
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32)
+
+
+def merge_linear(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    *,
+    scaling: float,
+    transposed: bool = False,
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`W + scaling * B @ A` for a linear layer; with `magnitude`, the DoRA merge.
+
+    `lora_a` is (r, in) and `lora_b` is (out, r) whatever the base layout. DoRA rescales each output
+    row of the merged weight to the trained magnitude: `m / ||W + s B A||_row * (W + s B A)`, the norm
+    taken over the *unmerged* weight plus delta, as peft's forward does.
+    """
+    w = _f32(weight)
+    w = w.T if transposed else w
+    merged = w + scaling * (_f32(lora_b) @ _f32(lora_a))
+    if magnitude is not None:
+        norm = torch.linalg.norm(merged, dim=1)
+        merged = (_f32(magnitude) / norm).view(-1, 1) * merged
+    return merged.T.contiguous() if transposed else merged
+
+
+def merge_embedding(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    *,
+    scaling: float,
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`E + scaling * (B @ A).T` for an embedding (num_embeddings, dim); with `magnitude`, DoRA.
+
+    peft stores `lora_embedding_A` as (r, num_embeddings) and `lora_embedding_B` as (dim, r). DoRA on
+    an embedding normalizes each embedding *column* (over the vocabulary), unlike a linear layer.
+    """
+    merged = _f32(weight) + scaling * (_f32(lora_b) @ _f32(lora_a)).T
+    if magnitude is not None:
+        norm = torch.linalg.norm(merged, dim=0)
+        merged = (_f32(magnitude) / norm).view(1, -1) * merged
+    return merged
+
+
+def merge_bias(bias: torch.Tensor, lora_bias: torch.Tensor, *, scaling: float) -> torch.Tensor:
+    """A base-layer bias plus the scaled bias of `lora_B` (peft's `lora_bias=True`)."""
+    return _f32(bias) + scaling * _f32(lora_bias)
+
+
+def first_non_finite(t: torch.Tensor) -> str | None:
+    """None if every value is finite, else a short description of the first bad one."""
+    if not t.is_floating_point():
+        return None
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return None
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    return f"{t[index].item()} at index {list(index)} ({int(bad.sum())} non-finite value(s))"

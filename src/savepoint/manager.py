@@ -1,0 +1,233 @@
+"""CheckpointManager: composes policy, formats, storage and manifest. Little logic of its own.
+
+    mgr = CheckpointManager("runs/exp1", save_every=500, keep_last=3, best_metric="eval_loss", keep_best=1)
+    start = mgr.restore(model=model, optimizer=opt).step          # 0 when there is nothing yet
+    mgr.maybe_save(step, model=model, optimizer=opt, metrics={"eval_loss": loss})
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from savepoint import discovery, policy
+from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from savepoint.manifest import clean_metrics, find_problems, read_manifest
+from savepoint.policy import BestMode, CheckpointInfo, RetentionPolicy
+from savepoint.restoring import RestoreResult, restore_checkpoint
+from savepoint.saving import SaveRequest, capture, write_checkpoint
+from savepoint.storage.local import delete_checkpoint_dir, sweep_stale
+from savepoint.storage.lock import RootLock
+
+
+class CheckpointManager:
+    """Saves, lists, restores and prunes the checkpoints of one training run under `root`.
+
+    Args:
+        root: directory of the run; created on first save.
+        save_every: `maybe_save` saves when `step % save_every == 0`.
+        keep_last / keep_best / keep_every: retention rules (see `RetentionPolicy`); the latest
+            and the best checkpoint are never deleted.
+        best_metric / best_mode: which metric ranks checkpoints, and whether lower or higher is better.
+        async_save: return from `save()` after a memory snapshot and write in the background.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        save_every: int | None = None,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        best_metric: str | None = None,
+        best_mode: BestMode = "min",
+        keep_every: int | None = None,
+        async_save: bool = False,
+    ) -> None:
+        self.root = os.fspath(root)
+        if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
+            raise ValueError(f"save_every must be a positive integer or None, got {save_every!r}")
+        self.save_every = save_every
+        self.policy = RetentionPolicy(
+            keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode, keep_every=keep_every
+        )
+        self.async_save = async_save
+        discovery.check_root(self.root, must_exist=False)
+        self._lock = RootLock(self.root)
+        self._writer: Any = None
+        if async_save:
+            from savepoint.snapshot import BackgroundWriter
+
+            self._writer = BackgroundWriter()
+
+    # ------------------------------------------------------------ discovery
+
+    @property
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first (read from the manifests on disk)."""
+        return discovery.list_checkpoints(self.root)
+
+    @property
+    def latest_step(self) -> int | None:
+        infos = self.checkpoints
+        return infos[-1].step if infos else None
+
+    @property
+    def best_step(self) -> int | None:
+        return policy.best_step(self.checkpoints, self.policy.best_metric, self.policy.best_mode)
+
+    # ------------------------------------------------------------ saving
+
+    def maybe_save(self, step: int, **kwargs: Any) -> str | None:
+        """Save when the schedule (`save_every`) says so; return the checkpoint path, or None."""
+        if not policy.should_save(step, self.save_every):
+            return None
+        return self.save(step, **kwargs)
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        tokenizer: Any = None,
+        stateful: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        final: bool = False,
+    ) -> str:
+        """Write checkpoint `step` atomically, then apply retention. Returns its final path.
+
+        With `async_save=True` this returns once the state is snapshotted; `wait()` makes it durable.
+        """
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        self.wait()
+        self._open_for_writing()
+        request = SaveRequest(
+            root=self.root,
+            step=step,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            tokenizer=tokenizer,
+            stateful=dict(stateful or {}),
+            metrics=clean_metrics(metrics),
+            extra=dict(extra or {}),
+            final=final,
+            parent=self._parent_name(step),
+        )
+        job = capture(request, snapshot=self._writer is not None)
+        final_path = os.path.join(self.root, discovery.step_dir_name(step))
+        if self._writer is not None:
+            self._writer.submit(lambda: self._write_and_prune(job))
+        else:
+            self._write_and_prune(job)
+        return final_path
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is durable; raise its error if it failed."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def close(self) -> None:
+        """Finish any save in flight and release the root."""
+        try:
+            self.wait()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open_for_writing(self) -> None:
+        if self._lock.held:
+            return
+        os.makedirs(self.root, exist_ok=True)
+        self._lock.acquire()
+        # Only the lock holder may sweep: anything temporary here is ours or a dead writer's.
+        sweep_stale(self.root)
+
+    def _parent_name(self, step: int) -> str | None:
+        earlier = [i for i in self.checkpoints if i.step < step]
+        return os.path.basename(earlier[-1].path) if earlier else None
+
+    def _write_and_prune(self, job: Any) -> None:
+        write_checkpoint(job)
+        self._apply_retention(protect=job.request.step)
+
+    def _apply_retention(self, *, protect: int) -> None:
+        infos = self.checkpoints
+        for step in policy.steps_to_delete(infos, self.policy):
+            if step == protect:
+                continue
+            info = next(i for i in infos if i.step == step)
+            try:
+                delete_checkpoint_dir(info.path)
+            except OSError as exc:  # a failed deletion must never fail the save that just committed
+                warnings.warn(f"could not delete {info.path} ({exc}); it will be retried on the next save", stacklevel=3)
+
+    # ------------------------------------------------------------ restoring
+
+    def restore(
+        self,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        stateful: Mapping[str, Any] | None = None,
+        step: int | str = "latest",
+    ) -> RestoreResult:
+        """Load checkpoint `step` ("latest", "best" or a number) into the given objects.
+
+        "latest" skips damaged checkpoints (with a warning) for the newest intact one and returns
+        step 0, touching nothing, when there is none. An explicit step that is damaged raises
+        `CorruptCheckpointError` naming the files.
+        """
+        self.wait()
+        targets = dict(model=model, optimizer=optimizer, scheduler=scheduler, stateful=dict(stateful or {}))
+        if step == "latest":
+            return self._restore_latest(targets)
+        path = self._resolve_step(step)
+        return restore_checkpoint(path, **targets)
+
+    def _restore_latest(self, targets: dict[str, Any]) -> RestoreResult:
+        for info in reversed(self.checkpoints):
+            problems = find_problems(info.path, check_unlisted=False)
+            if problems:
+                warnings.warn(
+                    f"{CorruptCheckpointError(info.path, problems, hint='falling back to the previous checkpoint')}",
+                    stacklevel=3,
+                )
+                continue
+            return restore_checkpoint(info.path, **targets, verified=True)
+        return RestoreResult(step=0)
+
+    def _resolve_step(self, step: int | str) -> str:
+        infos = self.checkpoints
+        if step == "best":
+            best = policy.best_step(infos, self.policy.best_metric, self.policy.best_mode)
+            if best is None:
+                raise CheckpointNotFoundError(
+                    f"no best checkpoint under {self.root}: "
+                    + ("set best_metric on the manager" if self.policy.best_metric is None else
+                       f"no checkpoint reports metric {self.policy.best_metric!r}")
+                )
+            step = best
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"step must be 'latest', 'best' or an integer, got {step!r}")
+        path = os.path.join(self.root, discovery.step_dir_name(step))
+        if not os.path.isdir(path):
+            available = ", ".join(str(i.step) for i in infos) or "none"
+            raise CheckpointNotFoundError(f"no checkpoint for step {step} under {self.root} (available: {available})")
+        read_manifest(path)  # a damaged or foreign manifest is an error here, not a silent skip
+        return path
+

@@ -1,0 +1,115 @@
+"""Restoring one checkpoint into live objects: verify everything, check it fits, then change things.
+
+Order matters: every file is checksummed and every piece of state decoded and matched against its
+target before the first tensor of the model is overwritten, so a bad checkpoint changes nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from savepoint import distributed
+from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
+from savepoint.formats import train_state
+from savepoint.formats.hf import load_model_files, unwrap_model
+from savepoint.manifest import Manifest, find_problems, read_manifest
+from savepoint.saving import is_peft_model, rng_relbase, stateful_relbase
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What `restore()` found. `step` is 0 and `path` None when there was nothing to restore."""
+
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+
+def restore_checkpoint(
+    path: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    stateful: Mapping[str, Any] | None = None,
+    verified: bool = False,
+) -> RestoreResult:
+    manifest = read_manifest(path)
+    if not verified:
+        problems = find_problems(path, manifest, check_unlisted=False)
+        if problems:
+            raise CorruptCheckpointError(path, problems)
+    model = unwrap_model(model)
+    stateful = dict(stateful or {})
+    blobs = _read_blobs(path, manifest, optimizer=optimizer, scheduler=scheduler, stateful=stateful)
+    optimizer_sd = None
+    if optimizer is not None:
+        optimizer_sd = train_state.prepare_optimizer_state(optimizer, model, blobs["optimizer"], path)
+
+    _load_model(model, path, manifest)
+    if optimizer is not None:
+        optimizer.load_state_dict(optimizer_sd)
+    if scheduler is not None:
+        scheduler.load_state_dict(blobs["scheduler"])
+    for name, obj in stateful.items():
+        obj.load_state_dict(blobs[f"stateful/{name}"])
+    if "rng" in blobs:
+        train_state.set_rng_state(blobs["rng"])
+    return RestoreResult(
+        step=manifest.step or 0, metrics=dict(manifest.metrics), extra=blobs.get("extra") or {}, path=path
+    )
+
+
+def _read_blobs(
+    path: str, manifest: Manifest, *, optimizer: Any, scheduler: Any, stateful: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Decode every blob the targets need (and RNG and extra), refusing what is absent."""
+    ts = train_state.TRAIN_STATE_DIR
+    wanted = {"extra": f"{ts}/extra"}
+    missing = []
+    if optimizer is not None:
+        wanted["optimizer"] = f"{ts}/optimizer"
+    if scheduler is not None:
+        wanted["scheduler"] = f"{ts}/scheduler"
+    for name in stateful:
+        wanted[f"stateful/{name}"] = stateful_relbase(name)
+    for key, relbase in wanted.items():
+        if key != "extra" and not train_state.has_blob(manifest, relbase):
+            missing.append(f"{key} (no {relbase}.json: it was saved without it)")
+    if missing:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {path} lacks state that restore() was asked for; pass only what was saved:", mismatches=missing
+        )
+    out = {k: train_state.read_blob(path, manifest, rb) for k, rb in wanted.items() if train_state.has_blob(manifest, rb)}
+    rng = rng_relbase(distributed.rank())
+    if train_state.has_blob(manifest, rng):
+        out["rng"] = train_state.read_blob(path, manifest, rng)
+    else:
+        warnings.warn(
+            f"{path} holds no RNG state for rank {distributed.rank()} (saved at world size {manifest.world_size}); "
+            "random draws after resume will differ from an uninterrupted run",
+            stacklevel=4,
+        )
+    return out
+
+
+def _load_model(model: torch.nn.Module, path: str, manifest: Manifest) -> None:
+    if manifest.kind == "adapter" or is_peft_model(model):
+        if manifest.kind != "adapter" or not is_peft_model(model):
+            raise IncompatibleCheckpointError(
+                f"{path} holds a {'LoRA adapter' if manifest.kind == 'adapter' else 'full model'} but the model "
+                f"given is {'not ' if manifest.kind == 'adapter' else ''}a peft PeftModel; restore into the same kind of model"
+            )
+        from savepoint.formats import peft as peft_format
+
+        peft_format.load_adapter_into(model, path, manifest)
+        return
+    load_model_files(model, path, manifest)
+
+

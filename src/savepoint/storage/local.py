@@ -1,0 +1,201 @@
+"""Atomic directory commit on a local (POSIX) file system.
+
+On-disk states of one save, and what a reader sees in each:
+
+    ROOT/.tmp-step-00000042-1f3a/...      being written: readers ignore it, a manager sweeps it
+    ROOT/.tmp-step-00000042-1f3a/savepoint.json   manifest written and fsynced, still invisible
+    ROOT/step-00000042/                   renamed: committed, the only state readers list
+
+Deletion runs the other way: the committed directory is first renamed to `.del-...` (one atomic
+step after which it no longer lists), then removed at leisure. A crash in between leaves only a
+`.del-` directory, which the next sweep removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+
+from savepoint._hashing import hash_file, new_hasher
+from savepoint.errors import SavepointError, StorageError
+
+MANIFEST_NAME = "savepoint.json"
+TMP_PREFIX = ".tmp-"
+DELETE_PREFIX = ".del-"
+REPLACED_PREFIX = ".old-"
+
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EIO: "I/O error"}
+
+
+def storage_error(exc: OSError, path: str, action: str) -> StorageError:
+    """Turn an OSError into a StorageError that names the path and suggests a fix."""
+    what = _DISK_ERRNOS.get(exc.errno or 0, exc.strerror or str(exc))
+    fix = {
+        errno.ENOSPC: "free space or point the manager at a larger volume",
+        errno.EDQUOT: "free space or raise the quota",
+        errno.EACCES: "check the directory's permissions",
+        errno.EROFS: "the file system is read-only; choose a writable root",
+    }.get(exc.errno or 0, "check the storage and try again")
+    return StorageError(f"{action} {path} failed: {what} (errno {exc.errno}); {fix}. Earlier checkpoints are intact.")
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class HashingWriter:
+    """A binary file that hashes and counts every byte written, and fsyncs on close."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._hasher = new_hasher()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._hasher.update(data)
+        self._f.write(data)
+        nbytes = memoryview(data).nbytes
+        self.size += nbytes
+        return nbytes
+
+    def digest(self) -> str:
+        return self._hasher.hexdigest()
+
+
+class StagedDir:
+    """A directory written under a temporary name next to its final place, committed by one rename.
+
+    Files are written with `create()` (hashed while written) or by another library straight into
+    `path` and then registered with `record()`. `commit()` writes the manifest last and renames.
+    """
+
+    def __init__(self, parent: str, final_name: str) -> None:
+        self.parent = parent
+        self.final_name = final_name
+        self.path = os.path.join(parent, f"{TMP_PREFIX}{final_name}-{secrets.token_hex(4)}")
+        self.entries: dict[str, tuple[int, str]] = {}
+        try:
+            os.makedirs(parent, exist_ok=True)
+            os.mkdir(self.path)
+        except OSError as exc:
+            raise storage_error(exc, self.path, "creating") from exc
+
+    def abspath(self, relpath: str) -> str:
+        return os.path.join(self.path, relpath)
+
+    @contextmanager
+    def create(self, relpath: str) -> Iterator[HashingWriter]:
+        """Open `relpath` for writing; on exit it is fsynced and its size and checksum recorded."""
+        full = self.abspath(relpath)
+        try:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "wb") as f:
+                writer = HashingWriter(f)
+                yield writer
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise storage_error(exc, full, "writing") from exc
+        self.entries[relpath] = (writer.size, writer.digest())
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        with self.create(relpath) as w:
+            w.write(data)
+
+    def record(self, relpath: str) -> None:
+        """Register (fsync and hash) a file that another library wrote into this directory."""
+        full = self.abspath(relpath)
+        try:
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.entries[relpath] = hash_file(full)
+        except OSError as exc:
+            raise storage_error(exc, full, "recording") from exc
+
+    def record_unlisted(self) -> None:
+        """Register every file present that was not written through `create()`."""
+        for dirpath, _dirs, files in os.walk(self.path):
+            for name in files:
+                rel = os.path.relpath(os.path.join(dirpath, name), self.path).replace(os.sep, "/")
+                if rel not in self.entries:
+                    self.record(rel)
+
+    def commit(self, manifest_bytes: bytes, *, replace: bool = False) -> str:
+        """Write the manifest last, make everything durable, and rename into place."""
+        final = os.path.join(self.parent, self.final_name)
+        try:
+            with open(self.abspath(MANIFEST_NAME), "wb") as f:
+                f.write(manifest_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+            for dirpath, _dirs, _files in os.walk(self.path):
+                fsync_dir(dirpath)
+            if os.path.lexists(final):
+                if not replace:
+                    raise SavepointError(
+                        f"{final} already exists; savepoint never overwrites a committed checkpoint. "
+                        "Save under another step, or delete the old one first."
+                    )
+                self._swap_into(final)
+            else:
+                os.rename(self.path, final)
+            fsync_dir(self.parent)
+        except OSError as exc:
+            raise storage_error(exc, final, "committing") from exc
+        return final
+
+    def _swap_into(self, final: str) -> None:
+        # There is no atomic "replace a non-empty directory" on POSIX: move the old one aside first.
+        # A crash between the two renames leaves only `.old-NAME-x`, which the sweep puts back.
+        aside = os.path.join(self.parent, f"{REPLACED_PREFIX}{self.final_name}-{secrets.token_hex(4)}")
+        os.rename(final, aside)
+        os.rename(self.path, final)
+        fsync_dir(self.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Remove everything written so far. Never raises: it runs while another error propagates."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def delete_checkpoint_dir(path: str) -> None:
+    """Delete a committed directory so that it stops listing in one atomic step."""
+    parent, name = os.path.split(path.rstrip("/"))
+    aside = os.path.join(parent, f"{DELETE_PREFIX}{name}-{secrets.token_hex(4)}")
+    os.rename(path, aside)
+    fsync_dir(parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def sweep_stale(root: str) -> list[str]:
+    """Remove what interrupted saves and deletions left behind. Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return removed
+    for name in sorted(names):
+        path = os.path.join(root, name)
+        if name.startswith(REPLACED_PREFIX):
+            original = name[len(REPLACED_PREFIX) :].rsplit("-", 1)[0]
+            if not os.path.lexists(os.path.join(root, original)):
+                os.rename(path, os.path.join(root, original))  # the replacement never landed: keep the old
+                fsync_dir(root)
+                continue
+        if name.startswith((TMP_PREFIX, DELETE_PREFIX, REPLACED_PREFIX)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed

@@ -1,0 +1,40 @@
+"""`savepoint.verify`: check every file of one checkpoint, or of every checkpoint under a root."""
+
+from __future__ import annotations
+
+import os
+
+from savepoint.discovery import STEP_DIR, check_root, is_checkpoint_dir
+from savepoint.errors import CorruptCheckpointError, Problem
+from savepoint.manifest import find_problems
+
+
+def checkpoint_dirs(path: str) -> list[str]:
+    """`path` itself if it is a checkpoint, else the `step-N` directories under it."""
+    check_root(path, must_exist=True)
+    if is_checkpoint_dir(path):
+        return [path]
+    dirs = sorted(os.path.join(path, n) for n in os.listdir(path) if STEP_DIR.match(n))
+    if not dirs:
+        raise CorruptCheckpointError(path, [Problem("savepoint.json", "missing: not a checkpoint, and no step-N checkpoints under it")])
+    return dirs
+
+
+def verify(path: str | os.PathLike[str]) -> list[str]:
+    """Verify a checkpoint or a root of checkpoints; return the verified directories.
+
+    Raises `CorruptCheckpointError` naming every damaged, missing or unlisted file (prefixed with
+    its checkpoint directory when `path` is a root).
+
+        >>> savepoint.verify("runs/exp1")            # doctest: +SKIP
+        ['runs/exp1/step-00000500', 'runs/exp1/step-00001000']
+    """
+    path = os.fspath(path)
+    dirs = checkpoint_dirs(path)
+    problems: list[Problem] = []
+    for d in dirs:
+        prefix = "" if d == path else os.path.basename(d) + "/"
+        problems += [Problem(prefix + p.path, p.reason) for p in find_problems(d)]
+    if problems:
+        raise CorruptCheckpointError(path, problems, hint="restore an earlier checkpoint or delete the damaged one")
+    return dirs
