@@ -8,6 +8,7 @@ import warnings
 
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
 from savepoint.manifest import Manifest, read_manifest
+from savepoint.storage.local import MANIFEST_NAME
 from savepoint.policy import CheckpointInfo
 
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -42,6 +43,8 @@ def list_checkpoints(root: str, *, warn: bool = True) -> list[CheckpointInfo]:
         path = os.path.join(root, name)
         if not match or not os.path.isdir(path):
             continue
+        if not os.path.lexists(os.path.join(path, MANIFEST_NAME)):
+            continue  # savepoint never commits a step directory without its manifest: not ours
         try:
             manifest = read_manifest(path)
         except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
@@ -57,4 +60,4 @@ def list_checkpoints(root: str, *, warn: bool = True) -> list[CheckpointInfo]:
 
 
 def is_checkpoint_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "savepoint.json"))
+    return os.path.isfile(os.path.join(path, MANIFEST_NAME))

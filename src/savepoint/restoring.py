@@ -7,7 +7,7 @@ target before the first tensor of the model is overwritten, so a bad checkpoint 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +15,9 @@ import torch
 
 from savepoint import distributed
 from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
+from savepoint.formats import stateful as stateful_format
 from savepoint.formats import train_state
-from savepoint.formats.hf import load_model_files, unwrap_model
+from savepoint.formats.hf import check_model_files, copy_model_files, unwrap_model
 from savepoint.manifest import Manifest, find_problems, read_manifest
 from savepoint.saving import is_peft_model, rng_relbase, stateful_relbase
 
@@ -47,19 +48,21 @@ def restore_checkpoint(
             raise CorruptCheckpointError(path, problems)
     model = unwrap_model(model)
     stateful = dict(stateful or {})
+    load_model = _plan_model_load(model, path, manifest)
     blobs = _read_blobs(path, manifest, optimizer=optimizer, scheduler=scheduler, stateful=stateful)
     optimizer_sd = None
     if optimizer is not None:
         optimizer_sd = train_state.prepare_optimizer_state(optimizer, model, blobs["optimizer"], path)
 
-    _load_model(model, path, manifest)
+    # Everything is checked: from here on, state changes.
+    load_model()
     if optimizer is not None:
         optimizer.load_state_dict(optimizer_sd)
     if scheduler is not None:
         scheduler.load_state_dict(blobs["scheduler"])
     for name, obj in stateful.items():
-        obj.load_state_dict(blobs[f"stateful/{name}"])
-    if "rng" in blobs:
+        stateful_format.restore(obj, blobs[f"stateful/{name}"])
+    if "rng" in blobs:  # last: restoring the objects above may draw from the global RNGs
         train_state.set_rng_state(blobs["rng"])
     return RestoreResult(
         step=manifest.step or 0, metrics=dict(manifest.metrics), extra=blobs.get("extra") or {}, path=path
@@ -99,7 +102,8 @@ def _read_blobs(
     return out
 
 
-def _load_model(model: torch.nn.Module, path: str, manifest: Manifest) -> None:
+def _plan_model_load(model: torch.nn.Module, path: str, manifest: Manifest) -> Callable[[], None]:
+    """Check the model files fit `model` now; return the function that loads them."""
     if manifest.kind == "adapter" or is_peft_model(model):
         if manifest.kind != "adapter" or not is_peft_model(model):
             raise IncompatibleCheckpointError(
@@ -108,8 +112,6 @@ def _load_model(model: torch.nn.Module, path: str, manifest: Manifest) -> None:
             )
         from savepoint.formats import peft as peft_format
 
-        peft_format.load_adapter_into(model, path, manifest)
-        return
-    load_model_files(model, path, manifest)
-
-
+        return lambda: peft_format.load_adapter_into(model, path, manifest)
+    files, targets = check_model_files(model, path, manifest)
+    return lambda: copy_model_files(path, files, targets)

@@ -14,6 +14,7 @@ import torch
 
 from savepoint import distributed
 from savepoint.discovery import step_dir_name
+from savepoint.formats import stateful as stateful_format
 from savepoint.formats import train_state
 from savepoint.formats.hf import savable_state_dict, unwrap_model, write_model_files
 from savepoint.manifest import build_manifest
@@ -77,7 +78,7 @@ def capture(request: SaveRequest, *, snapshot: bool) -> SaveJob:
     if request.scheduler is not None:
         blobs[f"{ts}/scheduler"] = train_state.encode_blob(request.scheduler.state_dict(), "scheduler")
     for name, obj in request.stateful.items():
-        blobs[stateful_relbase(name)] = train_state.encode_blob(obj.state_dict(), f"stateful[{name!r}]")
+        blobs[stateful_relbase(name)] = train_state.encode_blob(stateful_format.capture(obj), f"stateful[{name!r}]")
     blobs[rng_relbase(distributed.rank())] = train_state.encode_blob(train_state.rng_state(), "rng")
     if request.extra:
         blobs[f"{ts}/extra"] = train_state.encode_blob(request.extra, "extra")

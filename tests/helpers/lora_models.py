@@ -27,8 +27,14 @@ VOCAB = 128
 def tiny_llama() -> PreTrainedModel:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -42,8 +48,14 @@ def tiny_gpt2() -> PreTrainedModel:
 def tiny_qwen2() -> PreTrainedModel:
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return Qwen2ForCausalLM(config).eval()
 
@@ -51,7 +63,9 @@ def tiny_qwen2() -> PreTrainedModel:
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "qwen2": tiny_qwen2}
 
 
-def save_base(family: str, path: str, *, max_shard_size: str | int = "20KB", dtype: torch.dtype | None = None) -> str:
+def save_base(
+    family: str, path: str, *, max_shard_size: str | int = "20KB", dtype: torch.dtype | None = None
+) -> str:
     """Save a tiny base model to `path` in several safetensors shards; return `path`."""
     model = BUILDERS[family]()
     if dtype is not None:
@@ -96,3 +110,32 @@ def make_adapter(family: str, base_dir: str, adapter_dir: str, **lora_kwargs: An
 def sample_ids(batch: int = 2, length: int = 12) -> torch.Tensor:
     gen = torch.Generator().manual_seed(7)
     return torch.randint(0, VOCAB, (batch, length), generator=gen)
+
+
+def adapter_checkpoint(model: Any, root: str, name: str = "step-00000001", *, final: bool = False) -> str:
+    """A committed savepoint checkpoint of a LoRA run, written as the manager writes one."""
+    from savepoint.formats import peft as peft_format
+    from savepoint.lora import merge_into_staged
+    from savepoint.manifest import build_manifest
+    from savepoint.storage.local import StagedDir
+
+    staged = StagedDir(str(root), name)
+    base_info = peft_format.write_adapter_files(model, staged)
+    staged.write_bytes("train_state/extra.json", b"{}")
+    staged.write_bytes("metrics.json", b'{"step": 1}')
+    if final:
+        merge_into_staged(model, staged, subdir="merged")
+    return staged.commit(build_manifest("adapter", staged.entries, step=1, base_model=base_info).to_json())
+
+
+def model_checkpoint(model: Any, root: str, name: str = "step-00000001") -> str:
+    """A committed savepoint checkpoint of a full model, with training state beside the model files."""
+    from savepoint.manifest import build_manifest
+    from savepoint.storage.local import StagedDir
+
+    staged = StagedDir(str(root), name)
+    model.save_pretrained(staged.path, max_shard_size="30KB")
+    staged.write_bytes("train_state/optimizer.json", b"{}")
+    staged.write_bytes("metrics.json", b'{"step": 1}')
+    staged.record_unlisted()
+    return staged.commit(build_manifest("model", staged.entries, step=1).to_json())

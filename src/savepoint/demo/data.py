@@ -1,8 +1,8 @@
 """The demo's data: the shipped corpus cut into fixed-length token blocks, and a resumable loader.
 
-    >>> blocks = token_blocks(tok, load_corpus(), seq_len=64)
-    >>> train, held_out = split_blocks(blocks, eval_fraction=0.05)
-    >>> loader = resumable_loader(train, batch_size=16, seed=0)
+>>> blocks = token_blocks(tok, load_corpus(), seq_len=64)
+>>> train, held_out = split_blocks(blocks, eval_fraction=0.05)
+>>> loader = resumable_loader(train, batch_size=16, seed=0)
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def token_blocks(tokenizer: PreTrainedTokenizerBase, text: str, *, seq_len: int)
     """
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     ids: list[int] = []
-    for encoded in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]:
+    for encoded in tokenizer(paragraphs, add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(encoded)
         ids.append(tokenizer.eos_token_id)
     n_blocks = len(ids) // seq_len
@@ -60,7 +60,7 @@ def resumable_loader(dataset: Dataset[torch.Tensor], *, batch_size: int, seed: i
     every later epoch is shuffled differently from the uninterrupted run. The loader's own generator
     is still given, so that nothing here ever draws from torch's global RNG (dropout's stream).
     """
-    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,

@@ -64,6 +64,11 @@ def train_tokenizer(text: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrain
         show_progress=False,
     )
     tok.train_from_iterator(_paragraphs(text), trainer=trainer)
+    return wrap_tokenizer(tok)
+
+
+def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """Wrap a `tokenizers.Tokenizer` built by `train_tokenizer` (e.g. rebuilt from its JSON) for transformers."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,

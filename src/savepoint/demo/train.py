@@ -31,7 +31,7 @@ from savepoint.demo.tiny import load_corpus, tiny_llama, train_tokenizer
 class TrainConfig:
     """Everything that defines the run; two processes with equal configs train identically."""
 
-    steps: int = 200
+    steps: int = 150
     save_every: int = 10
     seed: int = 0
     seq_len: int = 64
@@ -106,19 +106,37 @@ def _log(stream: IO[str], **fields: Any) -> None:
     stream.flush()
 
 
+def _checkpoint_state(run: Run) -> dict[str, Any]:
+    """What every save writes besides the metrics: weights, training state, data position, tokenizer."""
+    return {
+        "model": run.model,
+        "optimizer": run.optimizer,
+        "scheduler": run.scheduler,
+        "tokenizer": run.tokenizer,
+        "stateful": {"data": run.loader},
+    }
+
+
 def train(root: str | Path, log_path: str | Path, cfg: TrainConfig) -> None:
     """Train to `cfg.steps`, resuming from `root` if it holds checkpoints; log each step to `log_path`."""
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     run = build_run(cfg)
     mgr = savepoint.CheckpointManager(
-        str(root), save_every=cfg.save_every, keep_last=3, best_metric="eval_loss", best_mode="min", keep_best=1
+        str(root),
+        save_every=cfg.save_every,
+        keep_last=3,
+        best_metric="eval_loss",
+        best_mode="min",
+        keep_best=1,
     )
-    state = {"model": run.model, "optimizer": run.optimizer, "scheduler": run.scheduler}
-    stateful = {"data": run.loader}
-    step = mgr.restore(**state, stateful=stateful).step
+    # Step 0 and nothing touched when the root is empty; else every piece of state is put back.
+    step = mgr.restore(
+        model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, stateful={"data": run.loader}
+    ).step
+    metrics: dict[str, float] | None = None
     with open(log_path, "a", encoding="utf-8") as log:
-        _log(log, event="start", step=step, config=asdict(cfg))
+        _log(log, event="start", step=step, steps_per_epoch=len(run.loader), config=asdict(cfg))
         # `while` + `for`: the loader resumes mid-epoch, then starts fresh epochs exactly as an
         # uninterrupted run does, so both runs see the same batches and draw the same random numbers.
         while step < cfg.steps:
@@ -126,15 +144,14 @@ def train(root: str | Path, log_path: str | Path, cfg: TrainConfig) -> None:
                 step += 1
                 _log(log, step=step, loss=train_step(run, batch), lr=run.scheduler.get_last_lr()[0])
                 metrics = None
-                if step % cfg.save_every == 0 or step == cfg.steps:
+                if step % cfg.save_every == 0 or step == cfg.steps:  # maybe_save's schedule, and the end
                     metrics = {"eval_loss": evaluate(run)}
                     _log(log, event="saving", step=step, **metrics)
-                if step % cfg.save_every == 0:
-                    mgr.maybe_save(step, **state, tokenizer=run.tokenizer, stateful=stateful, metrics=metrics)
-                elif step == cfg.steps:
-                    mgr.save(step, **state, tokenizer=run.tokenizer, stateful=stateful, metrics=metrics)
+                mgr.maybe_save(step, **_checkpoint_state(run), metrics=metrics)
                 if step == cfg.steps:
                     break
+        if mgr.latest_step != cfg.steps:  # a run whose length is off the schedule still ends saved
+            mgr.save(cfg.steps, **_checkpoint_state(run), metrics=metrics)
         _log(log, event="done", step=step)
 
 

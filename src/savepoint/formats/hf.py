@@ -203,15 +203,16 @@ def read_index(model_dir: str, index_rel: str = WEIGHTS_INDEX_NAME) -> dict[str,
     return weight_map
 
 
-def load_model_files(model: torch.nn.Module, ckpt_dir: str, manifest: Manifest, prefix: str = "") -> None:
-    """Copy a checkpoint's weights into `model` in place, after checking checksums, keys and shapes.
+def check_model_files(
+    model: torch.nn.Module, ckpt_dir: str, manifest: Manifest, prefix: str = ""
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Verify a checkpoint's weight files and check they fit `model`; change nothing.
 
-    Nothing in the model changes unless every file verifies and every key and shape matches.
+    Returns the files and the model's tensors to copy into, for `copy_model_files`.
     """
-    model = unwrap_model(model)
     files = weight_files(ckpt_dir, manifest, prefix)
     verify_files(ckpt_dir, manifest, files)
-    expected = savable_state_dict(model)
+    expected = savable_state_dict(unwrap_model(model))
     found: dict[str, tuple[str, list[int]]] = {}
     for rel in files:
         found.update(read_header(os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel))
@@ -222,10 +223,20 @@ def load_model_files(model: torch.nn.Module, ckpt_dir: str, manifest: Manifest, 
             "checkpoint's config (config.json), or restore into the architecture it was saved from:",
             mismatches=mismatches,
         )
+    return files, expected
+
+
+def copy_model_files(ckpt_dir: str, files: list[str], targets: dict[str, torch.Tensor]) -> None:
+    """Copy checked weight files into the model's tensors in place, one file in memory at a time."""
     with torch.no_grad():
         for rel in files:
             for name, tensor in read_safetensors(os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel).items():
-                expected[name].copy_(tensor)
+                targets[name].copy_(tensor)
+
+
+def load_model_files(model: torch.nn.Module, ckpt_dir: str, manifest: Manifest, prefix: str = "") -> None:
+    """Copy a checkpoint's weights into `model`; nothing changes unless every file and shape checks out."""
+    copy_model_files(ckpt_dir, *check_model_files(model, ckpt_dir, manifest, prefix))
 
 
 def _compare(expected: dict[str, torch.Tensor], found: dict[str, tuple[str, list[int]]]) -> list[str]:

@@ -82,12 +82,16 @@ def decode(doc: Any, tensors: Mapping[str, torch.Tensor], *, ckpt: str, relpath:
             return tensors[key]
         return _to_numpy(tensors[key], doc.get("dtype"), ckpt, relpath)
     if _TUPLE in doc:
+        if not isinstance(doc[_TUPLE], list):
+            raise CorruptCheckpointError(ckpt, [Problem(relpath, "a tuple must be stored as a JSON list")])
         return tuple(decode(doc[_TUPLE], tensors, ckpt=ckpt, relpath=relpath, depth=depth + 1))
     if _FLOAT in doc:
         if doc[_FLOAT] not in ("nan", "inf", "-inf"):
             raise CorruptCheckpointError(ckpt, [Problem(relpath, f"bad float tag {doc[_FLOAT]!r:.40}")])
         return float(doc[_FLOAT])
     if _ITEMS in doc:
+        if not isinstance(doc[_ITEMS], list):
+            raise CorruptCheckpointError(ckpt, [Problem(relpath, "a mapping must be stored as a list of pairs")])
         items = decode(doc[_ITEMS], tensors, ckpt=ckpt, relpath=relpath, depth=depth + 1)
         try:
             return {k: v for k, v in items}  # noqa: C416 (pairs are validated by the unpacking)

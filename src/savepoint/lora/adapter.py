@@ -45,8 +45,15 @@ _UNMERGEABLE = {
     "trainable_token_indices": "trainable tokens are not supported by savepoint's merge",
     "megatron_config": "Megatron parallel layers are not supported",
 }
-_PARTS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector",
-          "lora_embedding_A", "lora_embedding_B", "base_layer.weight")
+_PARTS = (
+    "lora_A.weight",
+    "lora_B.weight",
+    "lora_B.bias",
+    "lora_magnitude_vector",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "base_layer.weight",
+)
 
 
 @dataclass
@@ -176,7 +183,9 @@ def _assign(edit: LoraEdit, part: str, tensor: torch.Tensor) -> None:
 
 def _finish(edit: LoraEdit, config: Mapping[str, Any]) -> None:
     if edit.a is None or edit.b is None:
-        raise MergeError(f"adapter module {edit.module!r} lacks its lora_A or lora_B tensor; the adapter is incomplete")
+        raise MergeError(
+            f"adapter module {edit.module!r} lacks its lora_A or lora_B tensor; the adapter is incomplete"
+        )
     if edit.a.ndim != 2 or edit.b.ndim != 2:
         raise MergeError(
             f"adapter module {edit.module!r} has {edit.a.ndim}-D LoRA weights (a convolution?); "

@@ -22,16 +22,25 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from savepoint.errors import MergeError, UnsafeCheckpointError
+from savepoint.errors import MergeError
 from savepoint.manifest import resolve_inside
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _SAFE_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -93,7 +102,9 @@ def weight_files(base_dir: str) -> list[str]:
 class BaseWeights(AbstractContextManager["BaseWeights"]):
     """Lazy access to every tensor of a base model; use `open(dir)` or `from_module(model)`."""
 
-    def __init__(self, infos: dict[str, TensorInfo], root: str, tensors: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self, infos: dict[str, TensorInfo], root: str, tensors: dict[str, torch.Tensor] | None = None
+    ):
         self.infos = infos
         self.root = root
         self._tensors = tensors
@@ -107,7 +118,9 @@ class BaseWeights(AbstractContextManager["BaseWeights"]):
         for rel in weight_files(base_dir):
             for key, info in _file_infos(base_dir, rel).items():
                 if key in infos:
-                    raise MergeError(f"tensor {key!r} appears in both {infos[key].file} and {rel} in {base_dir}")
+                    raise MergeError(
+                        f"tensor {key!r} appears in both {infos[key].file} and {rel} in {base_dir}"
+                    )
                 infos[key] = info
         return cls(infos, base_dir)
 
@@ -140,7 +153,9 @@ class BaseWeights(AbstractContextManager["BaseWeights"]):
             self._handle.__exit__(None, None, None)
         self._handle, self._handle_file = None, None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -153,7 +168,9 @@ def _file_infos(base_dir: str, rel: str) -> dict[str, TensorInfo]:
                 sl = f.get_slice(key)
                 dtype = _SAFE_DTYPES.get(sl.get_dtype())
                 if dtype is None:
-                    raise MergeError(f"tensor {key!r} in {rel} has dtype {sl.get_dtype()}, which savepoint cannot merge")
+                    raise MergeError(
+                        f"tensor {key!r} in {rel} has dtype {sl.get_dtype()}, which savepoint cannot merge"
+                    )
                 out[key] = TensorInfo(rel, dtype, tuple(sl.get_shape()))
             return out
     except FileNotFoundError as exc:

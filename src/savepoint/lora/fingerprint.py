@@ -58,9 +58,16 @@ class Fingerprinter:
         return {"fingerprint": hasher.hexdigest(), "algorithm": ALGORITHM, "num_tensors": len(self._digests)}
 
 
+def unwrap_peft(module: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PeftModel (the module itself when it is not wrapped)."""
+    get_base = getattr(module, "get_base_model", None)
+    inner = get_base() if callable(get_base) else module
+    return inner if isinstance(inner, torch.nn.Module) else module
+
+
 def base_state_items(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     """The base model's (name, tensor) pairs of a possibly peft-wrapped module, adapter tensors left out."""
-    inner = module.get_base_model() if hasattr(module, "get_base_model") else module
+    inner = unwrap_peft(module)
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     for name, t in inner.state_dict().items():
         if any(m in name for m in _ADAPTER_MARKERS):
@@ -89,10 +96,10 @@ def fingerprint_model(module: torch.nn.Module) -> dict[str, Any]:
 
 def fingerprint_dir(base_dir: str) -> dict[str, Any]:
     """Fingerprint of a transformers model directory's safetensors weights, read one tensor at a time."""
-    from savepoint.lora.base import BaseWeights
+    from savepoint.lora.base import BaseWeights, iter_in_file_order
 
     fp = Fingerprinter()
     with BaseWeights.open(base_dir) as weights:
-        for key in weights.keys():
+        for key in iter_in_file_order(weights):
             fp.add(weights.get(key))
     return fp.result()

@@ -28,21 +28,29 @@ def check_plan(plan: MergePlan, infos: Mapping[str, TensorInfo], model_config: M
     _check_lora_bias(plan, infos)
     problems: list[str] = []
     for key, edit in plan.weights.items():
-        problems += _check_weight(key, edit, infos[key], default_transposed=bool(plan.config.get("fan_in_fan_out")))
+        problems += _check_weight(
+            key, edit, infos[key], default_transposed=bool(plan.config.get("fan_in_fan_out"))
+        )
     for key, edit in plan.biases.items():
         out = edit.b.shape[0] if edit.b is not None else -1
         if infos[key].shape != (out,):
             problems.append(f"{key}: base bias has shape {infos[key].shape}, lora_B.bias needs ({out},)")
     for key, tensor in plan.replace.items():
         if tuple(tensor.shape) != infos[key].shape:
-            problems.append(f"{key}: modules_to_save copy has shape {tuple(tensor.shape)}, base has {infos[key].shape}")
+            problems.append(
+                f"{key}: modules_to_save copy has shape {tuple(tensor.shape)}, base has {infos[key].shape}"
+            )
     if problems:
-        raise IncompatibleCheckpointError("the adapter does not fit this base (wrong base?):", mismatches=problems)
+        raise IncompatibleCheckpointError(
+            "the adapter does not fit this base (wrong base?):", mismatches=problems
+        )
 
 
 def _check_weight(key: str, edit: LoraEdit, info: TensorInfo, *, default_transposed: bool) -> list[str]:
     if not info.dtype.is_floating_point or info.dtype.itemsize < 2:
-        raise MergeError(f"{key} is stored as {info.dtype} (quantized?); savepoint merges into float weights only")
+        raise MergeError(
+            f"{key} is stored as {info.dtype} (quantized?); savepoint merges into float weights only"
+        )
     assert edit.a is not None and edit.b is not None  # build_plan guarantees both
     out_f, in_f = int(edit.b.shape[0]), int(edit.a.shape[1])
     if edit.embedding:
@@ -61,11 +69,15 @@ def _check_weight(key: str, edit: LoraEdit, info: TensorInfo, *, default_transpo
     if edit.magnitude is not None and tuple(edit.magnitude.shape) != mag:
         problems.append(f"{key}: DoRA magnitude has shape {tuple(edit.magnitude.shape)}, expected {mag}")
     if edit.base_override is not None and tuple(edit.base_override.shape) != info.shape:
-        problems.append(f"{key}: saved base_layer weight has shape {tuple(edit.base_override.shape)}, base has {info.shape}")
+        problems.append(
+            f"{key}: saved base_layer weight has shape {tuple(edit.base_override.shape)}, base has {info.shape}"
+        )
     return problems
 
 
 def _check_lora_bias(plan: MergePlan, infos: Mapping[str, TensorInfo]) -> None:
     for key, edit in plan.weights.items():
         if edit.bias is not None and f"{edit.module}.bias" not in infos:
-            raise MergeError(f"{key}: the adapter has lora_bias but the base layer has no bias to merge it into")
+            raise MergeError(
+                f"{key}: the adapter has lora_bias but the base layer has no bias to merge it into"
+            )

@@ -1,4 +1,5 @@
-"""Write a model's tensors as transformers-style safetensors shards, one tensor in memory at a time.
+"""Write a model directory: transformers-style safetensors shards, one tensor in memory at a time,
+plus the small files (config, tokenizer) copied through the staged directory so they are hashed.
 
 The shard plan comes from huggingface_hub's splitter (so names, index and split points are what
 transformers writes); each shard's header is written from shapes and dtypes known up front, then each
@@ -8,6 +9,7 @@ tensor is produced, written and dropped before the next is made.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -25,7 +27,9 @@ _PATTERN = "model{suffix}.safetensors"
 _CHUNK = 64 * 1024 * 1024
 
 
-def plan_shards(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], max_shard_size: int | str) -> dict[str, list[str]]:
+def plan_shards(
+    layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], max_shard_size: int | str
+) -> dict[str, list[str]]:
     """filename -> keys, as transformers would shard tensors of these dtypes and shapes."""
     sizes = {k: int(torch.Size(shape).numel()) * dtype.itemsize for k, (dtype, shape) in layout.items()}
     split = split_state_dict_into_shards_factory(
@@ -49,7 +53,9 @@ def write_shard(
         for key, (dtype, shape) in layout.items():
             t = produce(key)
             if t.dtype != dtype or tuple(t.shape) != shape:
-                raise MergeError(f"internal error: {key} came out as {t.dtype}{tuple(t.shape)}, not {dtype}{shape}")
+                raise MergeError(
+                    f"internal error: {key} came out as {t.dtype}{tuple(t.shape)}, not {dtype}{shape}"
+                )
             view = tensor_bytes(t)
             for start in range(0, view.nbytes, _CHUNK):
                 out.write(view[start : start + _CHUNK])
@@ -63,3 +69,21 @@ def write_index(staged: StagedDir, relpath: str, shards: Mapping[str, list[str]]
     weight_map = {k: name for name, keys in shards.items() for k in keys}
     doc = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     staged.write_bytes(relpath, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def copy_file(staged: StagedDir, src: str, relpath: str) -> None:
+    """Copy `src` into the staged directory in chunks (hashed and fsynced by the staged writer)."""
+    with open(src, "rb") as f, staged.create(relpath) as out:
+        while chunk := f.read(_CHUNK):
+            out.write(chunk)
+
+
+def copy_present(staged: StagedDir, src_dir: str, names: tuple[str, ...], subdir: str) -> list[str]:
+    """Copy those of `names` that exist in `src_dir`; return the names copied."""
+    copied = []
+    for name in names:
+        path = os.path.join(src_dir, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            copy_file(staged, path, os.path.join(subdir, name))
+            copied.append(name)
+    return copied

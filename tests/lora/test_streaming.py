@@ -1,0 +1,116 @@
+"""The merge streams: one file open at a time, each base tensor read once, little held at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+
+import torch
+from safetensors import safe_open as real_safe_open
+
+import savepoint.lora.base as base_module
+from savepoint.lora import merge_lora
+from savepoint.manifest import find_problems, read_manifest
+from tests.helpers.lora_models import make_adapter, save_base
+
+
+class _Spy:
+    """Wraps safe_open: counts concurrently open files and the bytes of base tensors alive."""
+
+    def __init__(self) -> None:
+        self.open_now = self.max_open = 0
+        self.live = self.max_live = 0
+        self.reads: list[str] = []
+
+    def __call__(self, path, framework, **kwargs):
+        spy = self
+        inner = real_safe_open(path, framework=framework, **kwargs)
+
+        class Handle:
+            def __enter__(self):
+                spy.open_now += 1
+                spy.max_open = max(spy.max_open, spy.open_now)
+                inner.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                spy.open_now -= 1
+                return inner.__exit__(*exc)
+
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def get_tensor(self, key):
+                t = inner.get_tensor(key)
+                spy.reads.append(key)
+                nbytes = t.numel() * t.element_size()
+                spy.live += nbytes
+                spy.max_live = max(spy.max_live, spy.live)
+                weakref.finalize(t, spy._freed, nbytes)
+                return t
+
+        return Handle()
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+def test_one_file_and_one_tensor_at_a_time(tmp_path, monkeypatch):
+    base = save_base("llama", str(tmp_path / "base"), max_shard_size="40KB")
+    make_adapter("llama", base, str(tmp_path / "adapter"), target_modules="all-linear", modules_to_save=["lm_head"])
+    spy = _Spy()
+    monkeypatch.setattr(base_module, "safe_open", spy)
+
+    merge_lora(str(tmp_path / "adapter"), base=base, out=str(tmp_path / "out"), max_shard_size="40KB")
+
+    shard_sizes = [os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors")]
+    assert len(shard_sizes) >= 3
+    assert spy.max_open == 1
+    index = json.load(open(os.path.join(base, "model.safetensors.index.json")))
+    assert sorted(spy.reads) == sorted(index["weight_map"]), "each base tensor is read exactly once"
+    assert spy.max_live <= max(shard_sizes), "held more base bytes than one shard"
+    assert spy.open_now == 0
+
+
+def test_output_is_sharded_like_transformers(tmp_path, bases):
+    make_adapter("qwen2", bases["qwen2"], str(tmp_path / "adapter"), target_modules=["q_proj"])
+    out = merge_lora(str(tmp_path / "adapter"), base=bases["qwen2"], out=str(tmp_path / "out"), max_shard_size="30KB")
+
+    names = sorted(os.listdir(out))
+    shards = [n for n in names if n.endswith(".safetensors")]
+    assert all(n == f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, n in enumerate(shards))
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert set(index["weight_map"].values()) == set(shards)
+    for shard in shards:
+        with real_safe_open(os.path.join(out, shard), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            assert set(f.keys()) == {k for k, v in index["weight_map"].items() if v == shard}
+    assert {"config.json", "generation_config.json", "savepoint.json"} <= set(names)
+    assert not [n for n in names if n.startswith("adapter")]
+    manifest = read_manifest(out)
+    assert manifest.kind == "export" and manifest.base_model["fingerprint"]
+    assert find_problems(out) == []
+
+
+def test_single_file_when_small(tmp_path, bases):
+    make_adapter("llama", bases["llama"], str(tmp_path / "adapter"), target_modules=["q_proj"])
+    out = merge_lora(str(tmp_path / "adapter"), base=bases["llama"], out=str(tmp_path / "out"))
+    assert "model.safetensors" in os.listdir(out)
+    assert "model.safetensors.index.json" not in os.listdir(out)
+
+
+def test_dtype_cast_and_config(tmp_path, bases):
+    from transformers import AutoModelForCausalLM
+
+    peft_model = make_adapter("llama", bases["llama"], str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"])
+    out = merge_lora(str(tmp_path / "adapter"), base=bases["llama"], out=str(tmp_path / "out"), dtype="bf16")
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+    with real_safe_open(os.path.join(out, "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    reference = peft_model.merge_and_unload()
+    ids = torch.arange(10).view(1, -1)
+    with torch.no_grad():
+        a, b = merged(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert float((a - b).norm() / b.norm()) < 2e-2  # bf16 rounding only

@@ -1,0 +1,70 @@
+"""Fixtures for the reliability suite: the zygote that runs broken saves, and the tally of cases.
+
+`SAVEPOINT_TORTURE=full` enumerates every fault point (`make torture`); otherwise each class runs a
+sample. `SAVEPOINT_RELIABILITY_LEDGER=FILE` writes every class's counts to FILE as JSON, from which
+`python -m tests.reliability.report FILE` renders the table in RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+from tests.reliability.harness import FULL, Tally, Zygote
+
+_TALLIES: list[Tally] = []
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="session")
+def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
+    z = Zygote(str(tmp_path_factory.mktemp("zygote")))
+    yield z
+    z.close()
+
+
+@pytest.fixture
+def tally(request: pytest.FixtureRequest) -> Iterator[callable]:
+    """`tally(fault_class)` gives a Tally recorded in the session ledger under this test's node id."""
+    made: list[Tally] = []
+
+    def make(fault_class: str, *, xfail: bool = False) -> Tally:
+        env = "SAVEPOINT_TORTURE=full " if FULL else ""
+        t = Tally(fault_class, f"{env}pytest -q '{request.node.nodeid}'", xfail=xfail)
+        made.append(t)
+        return t
+
+    yield make
+    _TALLIES.extend(made)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    path = os.environ.get("SAVEPOINT_RELIABILITY_LEDGER")
+    if path and _TALLIES:
+        rows = [
+            {"class": t.fault_class, "tried": t.tried, "survived": t.survived, "command": t.command,
+             "xfail": t.xfail, "failures": t.failures[:20], "mode": "full" if FULL else "sample"}
+            for t in _TALLIES
+        ]
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _TALLIES:
+        terminalreporter.section("reliability: cases survived / tried")
+        for t in _TALLIES:
+            mark = " (known bug, xfail)" if t.xfail else ""
+            terminalreporter.write_line(f"{t.survived:6d} / {t.tried:<6d} {t.fault_class}{mark}")
