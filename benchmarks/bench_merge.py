@@ -45,7 +45,9 @@ def _make_inputs(workdir: str, dims: dict[str, int]) -> tuple[str, str]:
     )  # fmt: skip
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(base_dir, max_shard_size="100MB")
-    lora = get_peft_model(model, LoraConfig(r=dims["rank"], lora_alpha=2 * dims["rank"], target_modules="all-linear"))
+    lora = get_peft_model(
+        model, LoraConfig(r=dims["rank"], lora_alpha=2 * dims["rank"], target_modules="all-linear")
+    )
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:
@@ -76,7 +78,11 @@ def _child(mode: str, base_dir: str, adapter_dir: str, out: str) -> dict[str, An
 
 
 def _run_child(mode: str, base_dir: str, adapter_dir: str, out: str) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([_SRC, os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([_SRC, os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+    }
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, base_dir, adapter_dir, out]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -8,8 +8,8 @@ import warnings
 
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
 from savepoint.manifest import Manifest, read_manifest
-from savepoint.storage.local import MANIFEST_NAME
 from savepoint.policy import CheckpointInfo
+from savepoint.storage.local import MANIFEST_NAME
 
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 

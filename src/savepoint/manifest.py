@@ -17,7 +17,12 @@ from importlib import metadata as importlib_metadata
 from typing import Any
 
 from savepoint._hashing import CHECKSUM_ALGORITHM, hash_file
-from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem, UnsafeCheckpointError
+from savepoint.errors import (
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    Problem,
+    UnsafeCheckpointError,
+)
 from savepoint.storage.local import MANIFEST_NAME
 
 FORMAT_NAME = "savepoint"

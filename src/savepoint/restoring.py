@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from savepoint import distributed
-from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
+from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from savepoint.formats import stateful as stateful_format
 from savepoint.formats import train_state
 from savepoint.formats.hf import check_model_files, copy_model_files, unwrap_model
@@ -56,7 +56,7 @@ def restore_checkpoint(
 
     # Everything is checked: from here on, state changes.
     load_model()
-    if optimizer is not None:
+    if optimizer is not None and optimizer_sd is not None:
         optimizer.load_state_dict(optimizer_sd)
     if scheduler is not None:
         scheduler.load_state_dict(blobs["scheduler"])

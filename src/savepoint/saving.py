@@ -6,7 +6,6 @@ background thread, on tensors the first phase copied to host memory.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 

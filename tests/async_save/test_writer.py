@@ -110,7 +110,7 @@ def run_child(tmp_path, mode: str) -> tuple[subprocess.CompletedProcess[str], st
     assert line.strip() == "SAVED", proc.stderr.read() if proc.stderr else line
     if mode != "exit":
         proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, line + out, err), root
 
 

@@ -97,6 +97,22 @@ def test_damaged_files_are_listed_but_never_parsed(cli, llama_run: Path, run_cop
     assert {p["path"] for p in doc["problems"]} == {"model.safetensors", "train_state/optimizer.json"}
 
 
+@pytest.mark.parametrize("manifest", [None, b"{not json", b'{"format": "savepoint"}'])
+def test_checkpoint_without_a_valid_manifest_is_not_parsed(
+    cli, module_run: Path, run_copy, monkeypatch, manifest: bytes | None
+) -> None:
+    ckpt = step_dir(run_copy(module_run), 10)
+    if manifest is None:
+        (ckpt / "savepoint.json").unlink()
+    else:
+        (ckpt / "savepoint.json").write_bytes(manifest)
+    monkeypatch.setattr(inspect_cli, "read_header", lambda *a, **k: pytest.fail("parsed an unverified file"))
+    result = cli("inspect", ckpt)
+    assert result.code == 1
+    assert "unverifiable" in result.out and "savepoint.json:" in result.out
+    assert "unverified" in table_row(result.out, "model.safetensors")
+
+
 def test_unlisted_file_is_reported(cli, module_run: Path, run_copy) -> None:
     ckpt = step_dir(run_copy(module_run), 5)
     (ckpt / "evil.safetensors").write_bytes(b"junk")
@@ -116,6 +132,18 @@ def test_plain_hf_directory(cli, tmp_path: Path) -> None:
     assert "model.safetensors.index.json" in result.out
     assert "F32" in table_row(result.out, "model.norm.weight")
     assert "-" in table_row(result.out, "config.json")  # no checksum to show
+
+
+def test_plain_directory_with_a_dangling_symlink(cli, tmp_path: Path) -> None:
+    from tests.cli.conftest import TinyNet
+
+    out_dir = Path(savepoint.save_pretrained(TinyNet(), tmp_path / "export"))
+    (out_dir / "savepoint.json").unlink()  # now a plain directory, as a copied HF cache would be
+    (out_dir / "model-00002-of-00002.safetensors").symlink_to(tmp_path / "gone")
+    result = cli("inspect", out_dir)
+    assert result.code == 1
+    assert "unreadable" in table_row(result.out, "model-00002-of-00002.safetensors")
+    assert "(8, 4)" in table_row(result.out, "fc1.weight")
 
 
 def test_savepoint_export_and_single_file(cli, tmp_path: Path) -> None:

@@ -82,6 +82,13 @@ def test_damaged_manifest_is_an_unreadable_row(cli, llama_run: Path, run_copy) -
     assert doc["latest"] == 10
 
 
+def test_directory_renamed_to_another_step_is_unreadable(cli, module_run: Path, run_copy) -> None:
+    root = run_copy(module_run)
+    step_dir(root, 10).rename(step_dir(root, 11))
+    row = table_row(cli("ls", root).out, "11")
+    assert "unreadable" in row and "manifest says step 10" in row
+
+
 def test_in_progress_and_foreign_dirs_are_not_listed(cli, module_run: Path, run_copy) -> None:
     root = run_copy(module_run)
     (root / ".tmp-step-00000020-abcd").mkdir()

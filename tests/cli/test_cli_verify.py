@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,3 +88,24 @@ def test_directory_without_checkpoints_exits_2(cli, tmp_path: Path) -> None:
     result = cli("verify", tmp_path)
     assert result.code == 2
     assert "nothing to verify" in result.err
+
+
+def test_file_named_like_a_checkpoint_is_damage(cli, module_run: Path, run_copy) -> None:
+    root = run_copy(module_run)
+    (root / "step-00000020").write_bytes(b"not a directory")
+    result = cli("verify", root)
+    assert result.code == 1
+    assert "step-00000020: is a file, not a checkpoint directory" in result.out
+    assert "step-00000015: intact" in result.out
+
+
+def test_progress_bar_on_a_terminal(module_run: Path, monkeypatch) -> None:
+    from rich.console import Console
+
+    from savepoint.cli import verify as verify_cli
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=120)
+    monkeypatch.setattr(verify_cli, "console", terminal)
+    verdicts = verify_cli._verify_all(verify_cli.checkpoints_to_verify(str(module_run)))
+    assert [v.intact for v in verdicts] == [True, True, True]
+    assert "verifying" in terminal.file.getvalue()

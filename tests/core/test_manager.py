@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,7 +102,7 @@ def test_optimizer_state_survives_wrapping(tmp_path) -> None:  # type: ignore[no
 
 
 def test_retention_keeps_best_and_last_and_survives_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    model, opt, _ = make_run()
+    model, _, _ = make_run()
     losses = {2: 3.0, 4: 0.5, 6: 2.0, 8: 1.5, 10: 1.0}
     kwargs = dict(save_every=2, keep_last=2, best_metric="eval_loss", keep_best=1)
     mgr = savepoint.CheckpointManager(tmp_path, **kwargs)
@@ -128,12 +129,12 @@ def test_damaged_latest_falls_back_and_explicit_step_names_the_file(tmp_path) ->
     data[-3] ^= 0xFF
     weights.write_bytes(bytes(data))
 
-    with pytest.raises(savepoint.CorruptCheckpointError, match="model.safetensors: checksum mismatch"):
+    with pytest.raises(savepoint.CorruptCheckpointError, match=r"model.safetensors: checksum mismatch"):
         savepoint.verify(tmp_path)
     model2, opt2, _ = make_run(seed=4)
-    with pytest.warns(UserWarning, match="(?s)step-00000002.*model.safetensors"):
+    with pytest.warns(UserWarning, match=r"(?s)step-00000002.*model.safetensors"):
         assert mgr.restore(model=model2, optimizer=opt2).step == 1
-    with pytest.raises(savepoint.CorruptCheckpointError, match="model.safetensors"):
+    with pytest.raises(savepoint.CorruptCheckpointError, match=r"model.safetensors"):
         mgr.restore(model=model2, step=2)
 
 
@@ -149,7 +150,7 @@ def test_verify_names_each_damaged_file(tmp_path, damage: str) -> None:  # type:
         os.remove(target)
     else:
         target = os.path.join(path, "extra.pkl")
-        open(target, "wb").write(b"\x80\x04N.")
+        Path(target).write_bytes(b"\x80\x04N.")
     with pytest.raises(savepoint.CorruptCheckpointError) as info:
         savepoint.verify(path)
     assert [p.path for p in info.value.problems] == [os.path.relpath(target, path)]
@@ -181,7 +182,7 @@ def test_unsupported_state_fails_the_save_and_leaves_nothing(tmp_path) -> None: 
     model, _, _ = make_run()
     mgr = savepoint.CheckpointManager(tmp_path)
     mgr.save(1, model=model)
-    with pytest.raises(savepoint.UnsupportedStateError, match="extra.fn"):
+    with pytest.raises(savepoint.UnsupportedStateError, match=r"extra.fn"):
         mgr.save(2, model=model, extra={"fn": print})
     assert sorted(os.listdir(tmp_path)) == [".savepoint.lock", "step-00000001"]
 
@@ -189,10 +190,10 @@ def test_unsupported_state_fails_the_save_and_leaves_nothing(tmp_path) -> None: 
 def test_newer_format_version_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model, _, _ = make_run()
     path = savepoint.CheckpointManager(tmp_path).save(1, model=model)
-    manifest = json.loads(open(os.path.join(path, MANIFEST_NAME)).read())
+    manifest = json.loads(Path(os.path.join(path, MANIFEST_NAME)).read_text())
     manifest["format_version"] = 99
-    open(os.path.join(path, MANIFEST_NAME), "w").write(json.dumps(manifest))
-    with pytest.raises(savepoint.IncompatibleCheckpointError, match="version 99.*upgrade savepoint"):
+    Path(path, MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(savepoint.IncompatibleCheckpointError, match=r"version 99.*upgrade savepoint"):
         savepoint.CheckpointManager(tmp_path).restore(model=model, step=1)
     with warnings.catch_warnings(record=True):
         assert savepoint.CheckpointManager(tmp_path).checkpoints == []

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from savepoint.policy import CheckpointInfo, RetentionPolicy, best_step, should_save, steps_to_delete, steps_to_keep
+from savepoint.policy import (
+    CheckpointInfo,
+    RetentionPolicy,
+    best_step,
+    should_save,
+    steps_to_delete,
+    steps_to_keep,
+)
 
 
 def infos(losses: dict[int, float]) -> list[CheckpointInfo]:

@@ -116,7 +116,7 @@ def test_unsupported_values_are_refused_with_their_path(obj: object, where: str)
     ],
 )
 def test_malformed_documents_raise_corrupt_checkpoint(doc: object) -> None:
-    with pytest.raises(CorruptCheckpointError, match="r.json"):
+    with pytest.raises(CorruptCheckpointError, match=r"r.json"):
         codec.decode(doc, {"0": torch.zeros(2)}, ckpt="c", relpath="r.json")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,7 +54,8 @@ def test_tied_weights_are_stored_once_like_transformers(arch: str, tmp_path) -> 
         tmp_path / "theirs" / "model.safetensors", "pt"
     ) as b:
         assert sorted(a.keys()) == sorted(b.keys())
-    assert "lm_head.weight" not in safe_open(os.path.join(ours, "model.safetensors"), "pt").keys()
+    with safe_open(os.path.join(ours, "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
 
 
 def test_shards_and_index_are_named_as_transformers_names_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -63,7 +65,7 @@ def test_shards_and_index_are_named_as_transformers_names_them(tmp_path) -> None
     ours_files = sorted(f for f in os.listdir(ours) if f.startswith("model"))
     theirs_files = sorted(f for f in os.listdir(tmp_path / "theirs") if f.startswith("model"))
     assert ours_files == theirs_files and len(ours_files) > 3
-    ours_index = json.loads(open(os.path.join(ours, "model.safetensors.index.json")).read())
+    ours_index = json.loads(Path(os.path.join(ours, "model.safetensors.index.json")).read_text())
     theirs_index = json.loads((tmp_path / "theirs" / "model.safetensors.index.json").read_text())
     assert ours_index["weight_map"] == theirs_index["weight_map"]
     loaded = AutoModelForCausalLM.from_pretrained(ours)
@@ -76,7 +78,7 @@ def test_dtype_cast_on_export(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = savepoint.save_pretrained(model, tmp_path / "bf16", dtype="bf16")
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
-    assert json.loads(open(os.path.join(out, "config.json")).read())["dtype"] == "bfloat16"
+    assert json.loads(Path(os.path.join(out, "config.json")).read_text())["dtype"] == "bfloat16"
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     expected = model.model.embed_tokens.weight.to(torch.bfloat16)
     assert torch.equal(loaded.model.embed_tokens.weight, expected)
@@ -97,7 +99,7 @@ def test_plain_module_export(tmp_path) -> None:  # type: ignore[no-untyped-def]
     module = torch.nn.ModuleDict({"emb": emb, "head": torch.nn.Linear(4, 10, bias=False)})
     module["head"].weight = emb.weight  # tied
     out = savepoint.save_pretrained(module, tmp_path / "mod")
-    info = json.loads(open(os.path.join(out, "savepoint_module.json")).read())
+    info = json.loads(Path(os.path.join(out, "savepoint_module.json")).read_text())
     assert info["aliases"] == {"head.weight": "emb.weight"}
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         assert list(f.keys()) == ["emb.weight"]

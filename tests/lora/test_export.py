@@ -6,13 +6,13 @@ import os
 
 import pytest
 import torch
+from tests.helpers.lora_models import BUILDERS, adapter_checkpoint, make_adapter, model_checkpoint, sample_ids
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from savepoint.errors import CorruptCheckpointError, MergeError
 from savepoint.lora import export_checkpoint
 from savepoint.manifest import find_problems, read_manifest
-from tests.helpers.lora_models import BUILDERS, adapter_checkpoint, make_adapter, model_checkpoint, sample_ids
 
 
 def _logits(model):
@@ -74,11 +74,15 @@ def test_lora_export_without_merge_is_an_adapter(bases, tmp_path):
 
 
 def test_lora_export_reuses_the_final_merge(bases, tmp_path):
-    model = make_adapter("gpt2", bases["gpt2"], str(tmp_path / "peft"), target_modules=["c_attn"], fan_in_fan_out=True)
+    model = make_adapter(
+        "gpt2", bases["gpt2"], str(tmp_path / "peft"), target_modules=["c_attn"], fan_in_fan_out=True
+    )
     ckpt = adapter_checkpoint(model, str(tmp_path / "run"), final=True)
     out = export_checkpoint(ckpt, str(tmp_path / "out"), merge_lora=True)
     assert sorted(os.listdir(out)) == sorted([*os.listdir(os.path.join(ckpt, "merged")), "savepoint.json"])
-    assert torch.allclose(_logits(AutoModelForCausalLM.from_pretrained(out)), _logits(model.merge_and_unload()), atol=1e-5)
+    assert torch.allclose(
+        _logits(AutoModelForCausalLM.from_pretrained(out)), _logits(model.merge_and_unload()), atol=1e-5
+    )
 
 
 def test_merge_lora_on_full_model_is_refused(full_ckpt, tmp_path):
@@ -96,8 +100,19 @@ def cli():
 
 
 def test_cli_merge_lora(cli, bases, tmp_path):
-    model = make_adapter("qwen2", bases["qwen2"], str(tmp_path / "peft"), target_modules=["q_proj"], lora_bias=True)
-    result = cli("merge-lora", tmp_path / "peft", "--base", bases["qwen2"], "--out", tmp_path / "out", "--dtype", "fp32")
+    model = make_adapter(
+        "qwen2", bases["qwen2"], str(tmp_path / "peft"), target_modules=["q_proj"], lora_bias=True
+    )
+    result = cli(
+        "merge-lora",
+        tmp_path / "peft",
+        "--base",
+        bases["qwen2"],
+        "--out",
+        tmp_path / "out",
+        "--dtype",
+        "fp32",
+    )
     assert result.exit_code == 0, result.output
     assert "merged model written" in result.output
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))

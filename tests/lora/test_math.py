@@ -58,7 +58,11 @@ def test_transposed_layout_is_the_transpose(out, inp, r, seed, dora):
 @given(num=dims, dim=dims, r=dims, seed=st.integers(0, 1000))
 def test_embedding_equals_lookup_plus_lora(num, dim, r, seed):
     gen = torch.Generator().manual_seed(seed)
-    e, a, b = torch.randn(num, dim, generator=gen), torch.randn(r, num, generator=gen), torch.randn(dim, r, generator=gen)
+    e, a, b = (
+        torch.randn(num, dim, generator=gen),
+        torch.randn(r, num, generator=gen),
+        torch.randn(dim, r, generator=gen),
+    )
     ids = torch.arange(num)
     expected = e[ids] + 0.3 * (a.T[ids] @ b.T)  # how peft's forward adds an embedding LoRA
     assert torch.allclose(merge_embedding(e, a, b, scaling=0.3)[ids], expected, atol=1e-5)
@@ -78,7 +82,10 @@ def test_first_non_finite_names_the_place():
 
 
 def test_split_key_and_patterns():
-    assert split_key("base_model.model.model.layers.0.q_proj.lora_A.weight") == ("model.layers.0.q_proj", "lora_A.weight")
+    assert split_key("base_model.model.model.layers.0.q_proj.lora_A.weight") == (
+        "model.layers.0.q_proj",
+        "lora_A.weight",
+    )
     assert split_key("base_model.model.lm_head.weight") == ("lm_head.weight", "")
     tensors = {
         "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": torch.zeros(2, 4),
@@ -86,7 +93,13 @@ def test_split_key_and_patterns():
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 4),
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(4, 4),
     }
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": {"k_proj": 2}, "alpha_pattern": {"k_proj": 6}}
+    config = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "rank_pattern": {"k_proj": 2},
+        "alpha_pattern": {"k_proj": 6},
+    }
     plan = build_plan(config, tensors)
     assert plan.weights["model.layers.0.self_attn.k_proj.weight"].scaling == 3.0  # alpha 6 / rank 2
     assert plan.weights["model.layers.0.self_attn.q_proj.weight"].scaling == 2.0

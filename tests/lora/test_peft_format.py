@@ -9,13 +9,20 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
+from tests.helpers.lora_models import (
+    BUILDERS,
+    adapter_checkpoint,
+    make_adapter,
+    perturb,
+    sample_ids,
+    save_base,
+)
 from transformers import AutoModelForCausalLM
 
 from savepoint.errors import IncompatibleCheckpointError, MergeError
 from savepoint.formats import peft as peft_format
 from savepoint.lora import describe_adapter, fingerprint_dir, fingerprint_model, merge_into_staged, merge_lora
 from savepoint.manifest import find_problems
-from tests.helpers.lora_models import BUILDERS, adapter_checkpoint, make_adapter, perturb, sample_ids, save_base
 
 VARIANTS = {
     "llama": {"target_modules": ["embed_tokens", "q_proj"], "use_dora": True, "modules_to_save": ["lm_head"]},
@@ -29,20 +36,26 @@ def _logits(model):
         return model(input_ids=sample_ids()).logits
 
 
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 @pytest.mark.parametrize("family", sorted(VARIANTS))
 def test_checkpoint_is_what_peft_writes(family, bases, tmp_path):
     model = make_adapter(family, bases[family], str(tmp_path / "peft"), **VARIANTS[family])
     ckpt = adapter_checkpoint(model, tmp_path / "run")
 
-    with safe_open(os.path.join(ckpt, "adapter_model.safetensors"), "pt") as ours, safe_open(
-        str(tmp_path / "peft" / "adapter_model.safetensors"), "pt"
-    ) as theirs:
+    with (
+        safe_open(os.path.join(ckpt, "adapter_model.safetensors"), "pt") as ours,
+        safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "pt") as theirs,
+    ):
         assert sorted(ours.keys()) == sorted(theirs.keys())
         assert ours.metadata() == theirs.metadata()
-        for k in theirs.keys():
+        for k in theirs.keys():  # noqa: SIM118 (safe_open is not a dict)
             assert torch.equal(ours.get_tensor(k), theirs.get_tensor(k)), k
-    assert json.load(open(os.path.join(ckpt, "adapter_config.json"))) == json.load(
-        open(tmp_path / "peft" / "adapter_config.json")
+    assert _json(os.path.join(ckpt, "adapter_config.json")) == _json(
+        tmp_path / "peft" / "adapter_config.json"
     )
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bases[family]), ckpt).eval()
     assert torch.allclose(_logits(reloaded), _logits(model), rtol=0, atol=1e-6)
@@ -101,13 +114,17 @@ def test_restore_with_other_rank_is_refused(bases, tmp_path):
 
     model = make_adapter("llama", bases["llama"], str(tmp_path / "peft"), target_modules=["q_proj"])
     ckpt = adapter_checkpoint(model, tmp_path / "run")
-    other = get_peft_model(AutoModelForCausalLM.from_pretrained(bases["llama"]), LoraConfig(target_modules=["q_proj"], r=2))
+    other = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(bases["llama"]), LoraConfig(target_modules=["q_proj"], r=2)
+    )
     with pytest.raises(IncompatibleCheckpointError, match="LoRA layout"):
         peft_format.load_adapter_into(other, ckpt)
 
 
 def test_final_save_merges_in_memory(bases, tmp_path):
-    model = make_adapter("gpt2", bases["gpt2"], str(tmp_path / "peft"), target_modules=["c_attn", "wte"], fan_in_fan_out=True)
+    model = make_adapter(
+        "gpt2", bases["gpt2"], str(tmp_path / "peft"), target_modules=["c_attn", "wte"], fan_in_fan_out=True
+    )
     ckpt = adapter_checkpoint(model, tmp_path / "run", final=True)
     assert find_problems(ckpt) == []
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "merged")).eval()
@@ -129,7 +146,15 @@ def test_savepoint_adapter_checkpoint_checks_the_base_fingerprint(bases, tmp_pat
 
 
 def test_describe_adapter(bases, tmp_path):
-    make_adapter("qwen2", bases["qwen2"], str(tmp_path / "a"), target_modules=["q_proj"], r=8, lora_alpha=16, use_dora=True)
+    make_adapter(
+        "qwen2",
+        bases["qwen2"],
+        str(tmp_path / "a"),
+        target_modules=["q_proj"],
+        r=8,
+        lora_alpha=16,
+        use_dora=True,
+    )
     info = describe_adapter(str(tmp_path / "a"))
     assert (info["r"], info["lora_alpha"], info["scaling"]) == (8, 16, 2.0)
     assert info["use_dora"] and not info["use_rslora"] and info["mergeable"]

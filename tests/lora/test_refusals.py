@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tests.helpers.lora_models import make_adapter
 
 from savepoint.errors import IncompatibleCheckpointError, MergeError, SavepointError, UnsafeCheckpointError
 from savepoint.lora import merge_lora
-from tests.helpers.lora_models import make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,10 @@ def _refused(tmp_path, adapter, base, error=SavepointError, match=None, **kwargs
 def _edit_adapter(src, dst, *, tensors=None, config=None):
     shutil.copytree(src, dst)
     if tensors is not None:
-        save_file(tensors(load_file(os.path.join(src, "adapter_model.safetensors"))), os.path.join(dst, "adapter_model.safetensors"))
+        save_file(
+            tensors(load_file(os.path.join(src, "adapter_model.safetensors"))),
+            os.path.join(dst, "adapter_model.safetensors"),
+        )
     if config is not None:
         with open(os.path.join(src, "adapter_config.json")) as f:
             doc = json.load(f)
@@ -43,7 +46,13 @@ def _edit_adapter(src, dst, *, tensors=None, config=None):
 
 
 def test_wrong_base_names_the_missing_keys(tmp_path, llama_adapter, bases):
-    _refused(tmp_path, llama_adapter, bases["gpt2"], IncompatibleCheckpointError, "model.layers.0.self_attn.q_proj.weight")
+    _refused(
+        tmp_path,
+        llama_adapter,
+        bases["gpt2"],
+        IncompatibleCheckpointError,
+        "model.layers.0.self_attn.q_proj.weight",
+    )
 
 
 def test_quantized_base(tmp_path, llama_adapter, bases):
@@ -146,7 +155,14 @@ def test_lora_bias_without_base_bias(tmp_path, bases):
 
 def test_tied_head_is_refused_clearly(tmp_path, bases):
     adapter = str(tmp_path / "gpt2")
-    make_adapter("gpt2", bases["gpt2"], adapter, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["lm_head"])
+    make_adapter(
+        "gpt2",
+        bases["gpt2"],
+        adapter,
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+        modules_to_save=["lm_head"],
+    )
     _refused(tmp_path, adapter, bases["gpt2"], IncompatibleCheckpointError, "ties its output embedding")
 
 

@@ -8,11 +8,16 @@ import weakref
 
 import torch
 from safetensors import safe_open as real_safe_open
+from tests.helpers.lora_models import make_adapter, save_base
 
 import savepoint.lora.base as base_module
 from savepoint.lora import merge_lora
 from savepoint.manifest import find_problems, read_manifest
-from tests.helpers.lora_models import make_adapter, save_base
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 class _Spy:
@@ -58,16 +63,20 @@ class _Spy:
 
 def test_one_file_and_one_tensor_at_a_time(tmp_path, monkeypatch):
     base = save_base("llama", str(tmp_path / "base"), max_shard_size="40KB")
-    make_adapter("llama", base, str(tmp_path / "adapter"), target_modules="all-linear", modules_to_save=["lm_head"])
+    make_adapter(
+        "llama", base, str(tmp_path / "adapter"), target_modules="all-linear", modules_to_save=["lm_head"]
+    )
     spy = _Spy()
     monkeypatch.setattr(base_module, "safe_open", spy)
 
     merge_lora(str(tmp_path / "adapter"), base=base, out=str(tmp_path / "out"), max_shard_size="40KB")
 
-    shard_sizes = [os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors")]
+    shard_sizes = [
+        os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors")
+    ]
     assert len(shard_sizes) >= 3
     assert spy.max_open == 1
-    index = json.load(open(os.path.join(base, "model.safetensors.index.json")))
+    index = _json(os.path.join(base, "model.safetensors.index.json"))
     assert sorted(spy.reads) == sorted(index["weight_map"]), "each base tensor is read exactly once"
     assert spy.max_live <= max(shard_sizes), "held more base bytes than one shard"
     assert spy.open_now == 0
@@ -75,12 +84,14 @@ def test_one_file_and_one_tensor_at_a_time(tmp_path, monkeypatch):
 
 def test_output_is_sharded_like_transformers(tmp_path, bases):
     make_adapter("qwen2", bases["qwen2"], str(tmp_path / "adapter"), target_modules=["q_proj"])
-    out = merge_lora(str(tmp_path / "adapter"), base=bases["qwen2"], out=str(tmp_path / "out"), max_shard_size="30KB")
+    out = merge_lora(
+        str(tmp_path / "adapter"), base=bases["qwen2"], out=str(tmp_path / "out"), max_shard_size="30KB"
+    )
 
     names = sorted(os.listdir(out))
     shards = [n for n in names if n.endswith(".safetensors")]
     assert all(n == f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, n in enumerate(shards))
-    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    index = _json(os.path.join(out, "model.safetensors.index.json"))
     assert set(index["weight_map"].values()) == set(shards)
     for shard in shards:
         with real_safe_open(os.path.join(out, shard), framework="pt") as f:
@@ -103,11 +114,13 @@ def test_single_file_when_small(tmp_path, bases):
 def test_dtype_cast_and_config(tmp_path, bases):
     from transformers import AutoModelForCausalLM
 
-    peft_model = make_adapter("llama", bases["llama"], str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"])
+    peft_model = make_adapter(
+        "llama", bases["llama"], str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"]
+    )
     out = merge_lora(str(tmp_path / "adapter"), base=bases["llama"], out=str(tmp_path / "out"), dtype="bf16")
-    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+    assert _json(os.path.join(out, "config.json"))["dtype"] == "bfloat16"
     with real_safe_open(os.path.join(out, "model.safetensors"), framework="pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 == {"BF16"}
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     reference = peft_model.merge_and_unload()
     ids = torch.arange(10).view(1, -1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 
@@ -33,6 +35,19 @@ def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
     z = Zygote(str(tmp_path_factory.mktemp("zygote")))
     yield z
     z.close()
+
+
+@pytest.fixture
+def torture_tmp(tmp_path: pytest.TempPathFactory) -> Iterator[str]:
+    """A scratch directory on tmpfs when there is one: thousands of saves fsync, and on a real disk
+    each fsync costs milliseconds. Process crashes (what the harness simulates) do not depend on it."""
+    shm = "/dev/shm"
+    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
+        yield str(tmp_path)
+        return
+    path = tempfile.mkdtemp(prefix="savepoint-torture-", dir=shm)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

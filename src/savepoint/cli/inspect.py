@@ -24,7 +24,7 @@ from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, Pr
 from savepoint.formats import state as state_codec
 from savepoint.formats.safetensors_io import DTYPE_NAMES, read_header
 from savepoint.manifest import Manifest, find_problems, read_manifest, resolve_inside
-from savepoint.storage.local import MANIFEST_NAME
+from savepoint.storage.local import MANIFEST_NAME, TMP_PREFIX
 
 DEFAULT_TENSOR_LIMIT = 25
 ADAPTER_CONFIG = "adapter_config.json"
@@ -46,8 +46,43 @@ def inspect_path(path: str) -> dict[str, Any]:
     if os.path.isfile(path):
         return _inspect_safetensors_file(path)
     if is_checkpoint_dir(path):
-        return _inspect_checkpoint(path)
+        try:
+            manifest = read_manifest(path)
+        except CorruptCheckpointError as exc:
+            return _inspect_unverifiable(path, exc.problems)
+        return _inspect_checkpoint(path, manifest)
+    if _looks_like_savepoint_dir(path):
+        missing = Problem(
+            MANIFEST_NAME, "missing: not a committed checkpoint (an interrupted or damaged save)"
+        )
+        return _inspect_unverifiable(path, [missing])
     return _inspect_plain_dir(path)
+
+
+def _looks_like_savepoint_dir(path: str) -> bool:
+    """A step directory or staging directory of savepoint's, or one holding training state."""
+    name = os.path.basename(os.path.normpath(path))
+    return (
+        bool(STEP_DIR.match(name))
+        or name.startswith(TMP_PREFIX)
+        or os.path.isdir(os.path.join(path, TRAIN_STATE))
+    )
+
+
+def _inspect_unverifiable(path: str, problems: list[Problem]) -> dict[str, Any]:
+    """A savepoint directory whose manifest is missing or damaged: list its files, parse none of them.
+
+    Without a manifest nothing in it can be checked, and savepoint never reads what it cannot check.
+    """
+    rels = sorted(_walk_files(path))
+    files = [{**_plain_file_row(path, rel), "status": "unverified"} for rel in rels if rel != MANIFEST_NAME]
+    return {
+        "path": path,
+        "layout": "savepoint checkpoint (unverifiable: nothing in it was parsed)",
+        "files": files,
+        "tensors": {},
+        "problems": _problem_dicts(problems),
+    }
 
 
 def _inspect_safetensors_file(path: str) -> dict[str, Any]:
@@ -66,9 +101,8 @@ def _inspect_safetensors_file(path: str) -> dict[str, Any]:
     }
 
 
-def _inspect_checkpoint(path: str) -> dict[str, Any]:
+def _inspect_checkpoint(path: str, manifest: Manifest) -> dict[str, Any]:
     """A savepoint checkpoint: verify every file, then parse only those that verified."""
-    manifest = read_manifest(path)
     problems = find_problems(path, manifest)
     damaged = {p.path: p.reason for p in problems}
     trusted = [rel for rel in sorted(manifest.files) if rel not in damaged]
@@ -98,10 +132,7 @@ def _inspect_plain_dir(path: str) -> dict[str, Any]:
     if not any(n in _MODEL_DIR_MARKERS or n.endswith(".safetensors") for n in names):
         raise SavepointError(_not_a_model_dir_message(path, names))
     rels = sorted(_walk_files(path))
-    files = [
-        {"path": rel, "size": os.path.getsize(os.path.join(path, rel)), "checksum": None, "status": "ok"}
-        for rel in rels
-    ]
+    files = [_plain_file_row(path, rel) for rel in rels]
     report: dict[str, Any] = {
         "path": path,
         "layout": "model directory (no savepoint manifest)",
@@ -114,6 +145,15 @@ def _inspect_plain_dir(path: str) -> dict[str, Any]:
     return report
 
 
+def _plain_file_row(path: str, rel: str) -> dict[str, Any]:
+    try:
+        size: int | None = os.path.getsize(os.path.join(path, rel))
+        status = "ok"
+    except OSError as exc:  # a dangling symlink (a half-downloaded HF cache) must not end the listing
+        size, status = None, f"unreadable: {exc.strerror}"
+    return {"path": rel, "size": size, "checksum": None, "status": status}
+
+
 def _not_a_model_dir_message(path: str, names: list[str]) -> str:
     steps = sorted(n for n in names if STEP_DIR.match(n))
     if steps:
@@ -121,8 +161,6 @@ def _not_a_model_dir_message(path: str, names: list[str]) -> str:
             f"{path} is a run root holding {len(steps)} checkpoint(s); inspect one of them, e.g. "
             f"`savepoint inspect {os.path.join(path, steps[-1])}` (or list them with `savepoint ls {path}`)"
         )
-    if STEP_DIR.match(os.path.basename(os.path.normpath(path))):
-        return f"{path} has no {MANIFEST_NAME}: it is not a committed checkpoint (an interrupted or damaged save)"
     return f"{path} is not a checkpoint or model directory (no {MANIFEST_NAME}, config.json or safetensors files)"
 
 

@@ -60,6 +60,9 @@ def checkpoints_to_verify(path: str) -> list[str]:
 
 def verify_one(ckpt_dir: str) -> Verdict:
     """Verify one checkpoint directory; problems are named relative to it."""
+    if not os.path.isdir(ckpt_dir):
+        # A file named like a checkpoint: savepoint.verify would fail with a raw NotADirectoryError.
+        return Verdict(ckpt_dir, [Problem("", "is a file, not a checkpoint directory")])
     try:
         verify(ckpt_dir)
     except CorruptCheckpointError as exc:
@@ -80,7 +83,8 @@ def _print_verdict(verdict: Verdict) -> None:
         return
     console.print(f"[bold red]✗ {name}: damaged[/]", highlight=False)
     for problem in verdict.problems:
-        console.print(f"  [red]{name}/{problem.path}: {problem.reason}[/]", highlight=False, soft_wrap=True)
+        where = f"{name}/{problem.path}" if problem.path else name
+        console.print(f"  [red]{where}: {problem.reason}[/]", highlight=False, soft_wrap=True)
 
 
 def _verify_all(dirs: list[str]) -> list[Verdict]:

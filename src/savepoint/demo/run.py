@@ -100,6 +100,10 @@ def run_children(out: Path, cfg: TrainConfig, kill_at: int, console: Console) ->
             for w in active:  # a failure in one child must not leave the others running
                 w.proc.kill()
                 w.proc.wait()
+    if not children["resumed"].records:
+        raise DemoError(
+            f"the training run ended before it reached the save of step {kill_at} to be killed in"
+        )
     return children
 
 
@@ -107,7 +111,7 @@ def describe_kill(root: Path, kill_at: int, console: Console) -> None:
     """What SIGKILL left on disk: committed checkpoints, and any half-written temp directory."""
     committed = sorted(p.name for p in root.glob("step-*"))
     partial = sorted(p.name for p in root.glob(".tmp-*"))
-    console.print(f"[bold]SIGKILL[/] sent as step {kill_at} began saving. Left on disk in {root}:")
+    console.print(f"[bold]SIGKILL[/] sent during the save of step {kill_at}. Left on disk in {root}:")
     console.print(f"  committed checkpoints: {', '.join(committed) or 'none'}")
     if partial:
         console.print(f"  half-written (ignored, swept on next open): {', '.join(partial)}")

@@ -12,7 +12,6 @@ import collections
 import copy
 import json
 import os
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -70,7 +69,7 @@ def savable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         # transformers decides which name of a tied pair it expects on reload; ask it.
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-        return remove_tied_weights_from_state_dict(dict(state), model)
+        return remove_tied_weights_from_state_dict(dict(state), model)  # type: ignore[arg-type]
     return _drop_aliases(state)[0]
 
 
@@ -144,7 +143,7 @@ def write_weights(
 
 
 def _write_config(model: torch.nn.Module, staged: StagedDir, dtype: torch.dtype | None) -> None:
-    config = copy.deepcopy(model.config)  # type: ignore[union-attr]
+    config: Any = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     saved_dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if saved_dtype is not None:

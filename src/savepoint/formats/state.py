@@ -94,7 +94,7 @@ def decode(doc: Any, tensors: Mapping[str, torch.Tensor], *, ckpt: str, relpath:
             raise CorruptCheckpointError(ckpt, [Problem(relpath, "a mapping must be stored as a list of pairs")])
         items = decode(doc[_ITEMS], tensors, ckpt=ckpt, relpath=relpath, depth=depth + 1)
         try:
-            return {k: v for k, v in items}  # noqa: C416 (pairs are validated by the unpacking)
+            return {k: v for k, v in items}
         except (TypeError, ValueError) as exc:
             raise CorruptCheckpointError(ckpt, [Problem(relpath, f"malformed key/value pairs ({exc})")]) from exc
     return {k: decode(v, tensors, ckpt=ckpt, relpath=relpath, depth=depth + 1) for k, v in doc.items()}

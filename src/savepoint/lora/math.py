@@ -46,13 +46,17 @@ def merge_linear(
     row of the merged weight to the trained magnitude: `m / ||W + s B A||_row * (W + s B A)`, the norm
     taken over the *unmerged* weight plus delta, as peft's forward does.
     """
-    w = _f32(weight)
-    w = w.T if transposed else w
-    merged = w + scaling * (_f32(lora_b) @ _f32(lora_a))
+    a, b = _f32(lora_a), _f32(lora_b)
+    # One fused pass (addmm) in the stored layout: no transposed copy of the big weight is made.
+    if transposed:
+        merged = torch.addmm(_f32(weight), a.T, b.T, alpha=scaling)
+    else:
+        merged = torch.addmm(_f32(weight), b, a, alpha=scaling)
     if magnitude is not None:
-        norm = torch.linalg.norm(merged, dim=1)
-        merged = (_f32(magnitude) / norm).view(-1, 1) * merged
-    return merged.T.contiguous() if transposed else merged
+        row_dim = 0 if transposed else 1  # the output features are columns in Conv1D's layout
+        factor = _f32(magnitude) / torch.linalg.norm(merged, dim=row_dim)
+        merged *= factor.view(1, -1) if transposed else factor.view(-1, 1)
+    return merged
 
 
 def merge_embedding(
@@ -68,16 +72,27 @@ def merge_embedding(
     peft stores `lora_embedding_A` as (r, num_embeddings) and `lora_embedding_B` as (dim, r). DoRA on
     an embedding normalizes each embedding *column* (over the vocabulary), unlike a linear layer.
     """
-    merged = _f32(weight) + scaling * (_f32(lora_b) @ _f32(lora_a)).T
+    merged = torch.addmm(_f32(weight), _f32(lora_a).T, _f32(lora_b).T, alpha=scaling)
     if magnitude is not None:
-        norm = torch.linalg.norm(merged, dim=0)
-        merged = (_f32(magnitude) / norm).view(1, -1) * merged
+        merged *= (_f32(magnitude) / torch.linalg.norm(merged, dim=0)).view(1, -1)
     return merged
 
 
 def merge_bias(bias: torch.Tensor, lora_bias: torch.Tensor, *, scaling: float) -> torch.Tensor:
     """A base-layer bias plus the scaled bias of `lora_B` (peft's `lora_bias=True`)."""
     return _f32(bias) + scaling * _f32(lora_bias)
+
+
+def fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether float32 `t` is all finite and stays finite when cast to `dtype`.
+
+    One vectorized max-reduction in float32 (NaN propagates through it): much faster than
+    `isfinite` on bfloat16, which CPUs do not vectorize.
+    """
+    if t.numel() == 0 or not dtype.is_floating_point:
+        return True
+    peak = float(t.abs().amax())
+    return peak <= torch.finfo(dtype).max  # False for NaN and Inf too
 
 
 def first_non_finite(t: torch.Tensor) -> str | None:

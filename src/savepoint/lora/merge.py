@@ -236,13 +236,14 @@ def merged_tensor(key: str, base: torch.Tensor, plan: MergePlan, dtype: torch.dt
         merged = lora_math.merge_bias(base, edit.bias, scaling=edit.scaling)
     else:
         return base.to(dtype)
-    merged = merged.to(dtype)
-    bad = lora_math.first_non_finite(merged)
+    if lora_math.fits(merged, dtype):
+        return merged.to(dtype)
+    bad = lora_math.first_non_finite(merged.to(dtype))
     if bad:
         raise MergeError(
             f"merged tensor {key!r} is not finite: {bad}; the adapter or base is broken. Nothing was committed."
         )
-    return merged
+    return merged.to(dtype)  # finite after all: it sat within half an ulp of the dtype's maximum
 
 
 def _claim_output(out: str) -> tuple[str, bool]:
