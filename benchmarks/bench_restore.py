@@ -13,13 +13,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import savepoint
-from savepoint.restoring import restore_checkpoint
-
 from benchmarks.bench_save import dcp_save, flat_tensors, torch_save
 from benchmarks.common import GB, Table, drop_caches, median, remove, spread
+from savepoint.restoring import restore_checkpoint
 
 
-def restore(model: torch.nn.Module, opt: torch.optim.Optimizer, workdir: str, reps: int) -> tuple[Table, dict[str, float]]:
+def restore(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, workdir: str, reps: int
+) -> tuple[Table, dict[str, float]]:
     """Restore model + optimizer state, cold (page cache dropped) and warm, alternating methods."""
     paths = _write_sources(model, opt, workdir)
     size = sum(t.numel() * t.element_size() for t in flat_tensors([model.state_dict(), opt.state_dict()]))
@@ -39,15 +40,24 @@ def restore(model: torch.nn.Module, opt: torch.optim.Optimizer, workdir: str, re
     for p in paths.values():
         remove(p)
     rows = [
-        {"method": name, "cache": temp, "median s": median(ts), "min–max s": spread(ts), "GB/s": size / GB / median(ts),
-         "× DCP load": median(ts) / median(times[("DCP load", temp)])}
+        {
+            "method": name,
+            "cache": temp,
+            "median s": median(ts),
+            "min–max s": spread(ts),
+            "GB/s": size / GB / median(ts),
+            "× DCP load": median(ts) / median(times[("DCP load", temp)]),
+        }
         for (name, temp), ts in times.items()
     ]
     notes = ["savepoint restore verifies every file's xxh3-128 checksum before it deserializes anything"]
     if not cold_ok:
         notes.append("could not drop the page cache (not root?): warm numbers only")
-    stats = {f"{temp}_ratio": median(times[("savepoint restore", temp)]) / median(times[("DCP load", temp)])
-             for temp in ("cold", "warm") if ("DCP load", temp) in times}
+    stats = {
+        f"{temp}_ratio": median(times[("savepoint restore", temp)]) / median(times[("DCP load", temp)])
+        for temp in ("cold", "warm")
+        if ("DCP load", temp) in times
+    }
     return Table(f"Restore model + AdamW state ({size / GB:.2f} GB)", rows, notes), stats
 
 
@@ -59,7 +69,9 @@ def _write_sources(model: torch.nn.Module, opt: torch.optim.Optimizer, workdir: 
     return paths
 
 
-def _methods(model: torch.nn.Module, opt: torch.optim.Optimizer, paths: dict[str, str]) -> dict[str, Callable[[], object]]:
+def _methods(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, paths: dict[str, str]
+) -> dict[str, Callable[[], object]]:
     ckpt = os.path.join(paths["savepoint"], "step-00000001")
     files = sorted(glob.glob(os.path.join(ckpt, "**", "*.safetensors"), recursive=True))
 
@@ -76,6 +88,8 @@ def _methods(model: torch.nn.Module, opt: torch.optim.Optimizer, paths: dict[str
     return {
         "savepoint restore": lambda: restore_checkpoint(ckpt, model=model, optimizer=opt),
         "DCP load": dcp_load,
-        "safetensors load_file (same files, into new tensors)": lambda: [safetensors.torch.load_file(f) for f in files],
+        "safetensors load_file (same files, into new tensors)": lambda: [
+            safetensors.torch.load_file(f) for f in files
+        ],
         "torch.load + load_state_dict": torch_load,
     }

@@ -17,14 +17,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import savepoint
+from benchmarks.common import GB, Table, alternate, fsync_tree, io_write_bytes, median, remove, spread
 from savepoint.formats.hf import write_model_files
-from savepoint.snapshot import release_buffers
 from savepoint.formats.safetensors_io import tensor_bytes
 from savepoint.manifest import build_manifest
+from savepoint.snapshot import release_buffers
 from savepoint.storage.dedupe import DedupingStagedDir
 from savepoint.storage.local import start_writeback
-
-from benchmarks.common import GB, Table, alternate, fsync_tree, io_write_bytes, median, remove, spread
 
 _CHUNK = 64 * 1024 * 1024
 
@@ -48,6 +47,11 @@ def raw_write(path: str, tensors: list[torch.Tensor], *, early_writeback: bool =
                 offset += piece.nbytes
         f.flush()
         os.fsync(f.fileno())
+
+
+def _then_fsync(path: str, save: Callable[..., object], *args: Any) -> None:
+    save(*args)
+    fsync_tree(path)
 
 
 def torch_save(path: str, obj: Any) -> None:
@@ -80,15 +84,19 @@ def save_model(model: torch.nn.Module, workdir: str, reps: int) -> tuple[Table, 
     size = sum(t.numel() * t.element_size() for t in state.values())
     methods: dict[str, Callable[[str], object]] = {
         "savepoint.save_pretrained": lambda p: savepoint.save_pretrained(model, p),
-        "safetensors save_file+fsync": lambda p: (safetensors.torch.save_file(state, p), fsync_tree(p)),
-        "transformers save_pretrained+fsync": lambda p: (model.save_pretrained(p), fsync_tree(p)),  # type: ignore[operator]
+        "safetensors save_file+fsync": lambda p: _then_fsync(p, safetensors.torch.save_file, state, p),
+        "transformers save_pretrained+fsync": lambda p: _then_fsync(p, model.save_pretrained, p),  # type: ignore[arg-type]
         "torch.save+fsync": lambda p: torch_save(p, state),
         "DCP save": lambda p: dcp_save(p, {"model": state}),
         "raw write+fsync": lambda p: raw_write(p, list(state.values())),
-        "raw write+fsync, early writeback": lambda p: raw_write(p, list(state.values()), early_writeback=True),
+        "raw write+fsync, early writeback": lambda p: raw_write(
+            p, list(state.values()), early_writeback=True
+        ),
     }
     times = alternate(methods, workdir, reps=reps)
-    return _throughput_table(f"Save a bf16 model ({size / GB:.2f} GB)", times, size), {k: median(v) for k, v in times.items()}
+    return _throughput_table(f"Save a bf16 model ({size / GB:.2f} GB)", times, size), {
+        k: median(v) for k, v in times.items()
+    }
 
 
 def save_train_state(
@@ -211,13 +219,18 @@ def dedupe(model: torch.nn.Module, workdir: str, shard: str) -> tuple[Table, dic
         total = sum(size for size, _ in staged.entries.values())
         linked = sum(staged.linked.values())
         stats[f"save{step}_fraction"] = (total - linked) / total
-        rows.append({
-            "save": f"#{step}" + (" (half the layers changed)" if step == 2 else ""),
-            "files": len(staged.entries), "linked files": len(staged.linked),
-            "logical GB": total / GB, "GB written": (total - linked) / GB,
-            "written / logical": (total - linked) / total,
-            "block-layer GB (/proc/self/io)": written_io / GB if before >= 0 else "n/a", "seconds": seconds,
-        })
+        rows.append(
+            {
+                "save": f"#{step}" + (" (half the layers changed)" if step == 2 else ""),
+                "files": len(staged.entries),
+                "linked files": len(staged.linked),
+                "logical GB": total / GB,
+                "GB written": (total - linked) / GB,
+                "written / logical": (total - linked) / total,
+                "block-layer GB (/proc/self/io)": written_io / GB if before >= 0 else "n/a",
+                "seconds": seconds,
+            }
+        )
     remove(root)
     notes = [
         f"shards of at most {shard} (huggingface_hub's splitter), so frozen layers sit in shards of their own",

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
 import torch
 
+from benchmarks.common import Table, median, remove
 from savepoint.saving import SaveRequest, capture, write_checkpoint
 from savepoint.snapshot import BackgroundWriter, release_buffers
-
-from benchmarks.common import Table, median, remove
 
 
 def slowdown(
@@ -18,7 +18,7 @@ def slowdown(
 ) -> tuple[Table, dict[str, float]]:
     """Steps/s of a small training loop with and without a save of the big state in flight."""
     loop_opt = torch.optim.AdamW(loop_model.parameters(), lr=1e-4)
-    vocab = loop_model.config.vocab_size  # type: ignore[union-attr]
+    vocab = int(loop_model.config.vocab_size)  # type: ignore[union-attr, arg-type]
     ids = torch.randint(0, vocab, (4, 128), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:
@@ -34,7 +34,7 @@ def slowdown(
         root = os.path.join(workdir, f"slowdown-{rep}")
         job = capture(SaveRequest(root=root, step=rep + 1, model=model, optimizer=opt), snapshot=True)
         cpu: list[float] = []
-        writer.submit(lambda job=job, cpu=cpu: _timed_write(job, cpu))
+        writer.submit(functools.partial(_timed_write, job, cpu))
         start, steps = time.perf_counter(), 0
         while writer.busy:
             step()
@@ -54,8 +54,11 @@ def slowdown(
         release_buffers(root)
     rows = [
         {"training loop": "no save in flight", "steps/s (median)": median(free)},
-        {"training loop": "async save in flight", "steps/s (median)": median(busy),
-         "relative": median(busy) / median(free)},
+        {
+            "training loop": "async save in flight",
+            "steps/s (median)": median(busy),
+            "relative": median(busy) / median(free),
+        },
     ]
     notes = [
         f"writer thread: {median(writer_cpu):.2f} s CPU over {median(writer_wall):.2f} s wall per save "

@@ -95,14 +95,16 @@ def spread(values: list[float]) -> str:
 class Table:
     """One results table: rows of {column: value}, plus notes printed under it."""
 
-    def __init__(self, title: str, rows: list[dict[str, object]] | None = None, notes: list[str] | None = None) -> None:
+    def __init__(
+        self, title: str, rows: list[dict[str, object]] | None = None, notes: list[str] | None = None
+    ) -> None:
         self.title = title
         self.rows = rows or []
         self.notes = notes or []
 
     def markdown(self) -> str:
         if not self.rows:
-            return f"### {self.title}\n\n(no rows)\n"
+            return f"### {self.title}\n\n" + "".join(f"- {n}\n" for n in self.notes or ["(no rows)"])
         cols = list(dict.fromkeys(c for r in self.rows for c in r))
         lines = [f"### {self.title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |" for r in self.rows]

@@ -38,8 +38,13 @@ QUICK = {
 
 def config(s: Sizes) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, num_key_value_heads=s.heads, max_position_embeddings=512,
+        vocab_size=s.vocab,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        max_position_embeddings=512,
         tie_word_embeddings=False,
     )
 
@@ -47,7 +52,8 @@ def config(s: Sizes) -> LlamaConfig:
 def noise_model(s: Sizes, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
     """A Llama of the given size whose weights are uniform noise (not trainable: no rotary buffers)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config(s)).to(dtype)
+        # transformers types `.to` as its dtype-check wrapper; the call is plain nn.Module.to.
+        model = LlamaForCausalLM(config(s)).to(dtype)  # type: ignore[arg-type]
     model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Run every benchmark side by side in one process and write BENCHMARKS.md (`make bench`).
 
-    python -m benchmarks.run                  # full size (~0.6 GB model, ~1.3 GB training state)
-    python -m benchmarks.run --quick --out /tmp/B.md --plot /tmp/B.png   # tiny smoke run
+python -m benchmarks.run                  # full size (~0.6 GB model, ~1.3 GB training state)
+python -m benchmarks.run --quick --out /tmp/B.md --plot /tmp/B.png   # tiny smoke run
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     targets = _targets(stats)
     with open(args.out, "w") as f:
         f.write(header + "\n" + targets.markdown() + "\n" + "\n".join(t.markdown() for t in tables))
-        f.write(f"\n![save throughput]({os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.out)))})\n")
+        f.write(
+            f"\n![save throughput]({os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.out)))})\n"
+        )
     bench_save.remove(workdir)
     print(f"wrote {args.out} and {args.plot} in {time.time() - started:.0f} s")
     return 0
@@ -53,11 +55,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=0, help="repetitions per method (default 5, quick 1)")
     parser.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
     parser.add_argument("--plot", default=os.path.join(REPO, "benchmarks", "save_throughput.png"))
-    parser.add_argument("--workdir", default=tempfile.gettempdir(), help="scratch space on the disk to measure")
+    parser.add_argument(
+        "--workdir", default=tempfile.gettempdir(), help="scratch space on the disk to measure"
+    )
     return parser.parse_args(argv)
 
 
-def run_all(sizes: dict[str, models.Sizes], workdir: str, *, reps: int, quick: bool) -> tuple[list[Table], dict[str, Any]]:
+def run_all(
+    sizes: dict[str, models.Sizes], workdir: str, *, reps: int, quick: bool
+) -> tuple[list[Table], dict[str, Any]]:
     stats: dict[str, Any] = {}
     bf16 = models.noise_model(sizes["bf16_model"], torch.bfloat16)
     model_table, stats["model"] = bench_save.save_model(bf16, workdir, reps)
@@ -92,14 +98,26 @@ def _targets(stats: dict[str, Any]) -> Table:
     m, s, a, r, d = stats["model"], stats["state"], stats["async"], stats["restore"], stats["dedupe"]
     sp_model, sp_state = m["savepoint.save_pretrained"], s["savepoint CheckpointManager.save"]
     rows = [
-        _target("save_pretrained no slower than save_file+fsync", sp_model / m["safetensors save_file+fsync"], 1.0),
+        _target(
+            "save_pretrained no slower than save_file+fsync", sp_model / m["safetensors save_file+fsync"], 1.0
+        ),
         _target("training-state save no slower than DCP", sp_state / s["DCP save"], 1.0),
         _target("training-state save clearly faster than torch.save", sp_state / s["torch.save+fsync"], 0.9),
         _target("restore ≤ 1.1× DCP load (warm)", r.get("warm_ratio", float("nan")), 1.1),
         _target("restore ≤ 1.1× DCP load (cold)", r.get("cold_ratio", float("nan")), 1.1),
         _target("async stall ≤ 0.1 of a sync save", a["stall"] / sp_state, 0.1),
-        _target("sync save ≥ 0.85 of raw write+fsync bandwidth (model)", m["raw write+fsync"] / sp_model, 0.85, low=True),
-        _target("sync save ≥ 0.85 of raw write+fsync bandwidth (train state)", s["raw write+fsync"] / sp_state, 0.85, low=True),
+        _target(
+            "sync save ≥ 0.85 of raw write+fsync bandwidth (model)",
+            m["raw write+fsync"] / sp_model,
+            0.85,
+            low=True,
+        ),
+        _target(
+            "sync save ≥ 0.85 of raw write+fsync bandwidth (train state)",
+            s["raw write+fsync"] / sp_state,
+            0.85,
+            low=True,
+        ),
         _target("second save of a half-frozen model writes ~half", d["save2_fraction"], 0.55),
     ]
     return Table("Targets", rows, ["ratios of medians; see the tables below for spreads"])
@@ -107,28 +125,39 @@ def _targets(stats: dict[str, Any]) -> Table:
 
 def _target(name: str, value: float, bound: float, *, low: bool = False) -> dict[str, object]:
     met = value >= bound if low else value <= bound
-    return {"target": name, "measured": round(value, 3), "bound": f"{'≥' if low else '≤'} {bound}", "met": "yes" if met else "NO"}
+    return {
+        "target": name,
+        "measured": round(value, 3),
+        "bound": f"{'≥' if low else '≤'} {bound}",
+        "met": "yes" if met else "NO",
+    }
 
 
 def _environment(argv: list[str] | None, started: float, load_before: tuple[float, ...], reps: int) -> str:
-    cmd = "python -m benchmarks.run" + ("" if not (argv or sys.argv[1:]) else " " + shlex.join(argv or sys.argv[1:]))
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cmd = "python -m benchmarks.run" + (
+        "" if not (argv or sys.argv[1:]) else " " + shlex.join(argv or sys.argv[1:])
+    )
+    commit = subprocess.run(
+        ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import transformers
 
-    return "\n".join([
-        "# savepoint benchmarks",
-        "",
-        f"Produced by `{cmd}` (what `make bench` runs) on {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, "
-        f"commit {commit or '?'} plus the working tree.",
-        "",
-        f"- machine: {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.platform()}; no GPU used",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- {reps} alternating repetitions per method, medians reported; load average at start "
-        f"{load_before[0]:.1f}, at end {os.getloadavg()[0]:.1f} (a shared machine: other jobs ran too)",
-        "- every save is timed until durable: libraries that do not fsync get an fsync of their files in the timing",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# savepoint benchmarks",
+            "",
+            f"Produced by `{cmd}` (what `make bench` runs) on {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, "
+            f"commit {commit or '?'} plus the working tree.",
+            "",
+            f"- machine: {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.platform()}; no GPU used",
+            f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
+            f"- {reps} alternating repetitions per method, medians reported; load average at start "
+            f"{load_before[0]:.1f}, at end {os.getloadavg()[0]:.1f} (a shared machine: other jobs ran too)",
+            "- every save is timed until durable: libraries that do not fsync get an fsync of their files in the timing",
+            "",
+        ]
+    )
 
 
 def _plot(tables: list[Table], path: str) -> None:
@@ -140,7 +169,11 @@ def _plot(tables: list[Table], path: str) -> None:
     fig, axes = plt.subplots(1, len(tables), figsize=(7 * len(tables), 4.5))
     for ax, table in zip(axes, tables, strict=True):
         names = [str(r["method"]) for r in table.rows]
-        ax.barh(names, [float(r["GB/s"]) for r in table.rows], color=["C0" if "savepoint" in n else "C7" for n in names])  # type: ignore[arg-type]
+        ax.barh(
+            names,
+            [float(r["GB/s"]) for r in table.rows],  # type: ignore[arg-type]
+            color=["C0" if "savepoint" in n else "C7" for n in names],
+        )
         ax.invert_yaxis()
         ax.set_xlabel("GB/s until durable (median)")
         ax.set_title(table.title, fontsize=10)

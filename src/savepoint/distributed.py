@@ -1,8 +1,39 @@
-"""Rank helpers. Everything works without torch.distributed: then this process is rank 0 of 1."""
+"""Rank helpers and the coordination a distributed save needs, on torch.distributed's own engine.
+
+Everything works without torch.distributed: then this process is rank 0 of 1 and every collective
+below is a no-op. Under `torchrun`, savepoint talks between ranks on a gloo group of its own, created
+with a timeout (`SAVEPOINT_DIST_TIMEOUT` seconds, or the manager's `dist_timeout`): gloo works for CPU
+objects whatever backend the training uses (NCCL included), and a dead or stuck rank then becomes an
+error on every survivor instead of a hang.
+
+    result = agree(error, payload, timeout=60.0, what="save of step 100")  # every rank, same order
+"""
 
 from __future__ import annotations
 
+import os
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import torch
 import torch.distributed as dist
+
+from savepoint.errors import SavepointError
+
+DEFAULT_TIMEOUT = float(os.environ.get("SAVEPOINT_DIST_TIMEOUT", "600"))
+_GROUPS: dict[float, Any] = {}
+
+
+class DistributedSaveError(SavepointError):
+    """A rank failed, died or timed out during a collective save; nothing was committed.
+
+    `failed` maps each rank that reported an error to its message (empty when a rank vanished).
+    """
+
+    def __init__(self, message: str, *, failed: dict[int, str] | None = None) -> None:
+        self.failed = dict(failed or {})
+        super().__init__(message)
 
 
 def is_distributed() -> bool:
@@ -15,3 +46,173 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+# ---------------------------------------------------------------- what kind of model
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer under Accelerate's `AcceleratedOptimizer` (which keeps it in `.optimizer`)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when some rank holds only part of the model: FSDP2 (`fully_shard`, DTensor) or FSDP1."""
+    from torch.distributed.tensor import DTensor
+
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without FSDP1
+        FullyShardedDataParallel = ()  # type: ignore[assignment,misc]  # noqa: N806
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return True
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def is_collective(model: torch.nn.Module) -> bool:
+    """Whether saving `model` takes every rank (a process group is up, or the model is sharded)."""
+    return (is_distributed() and world_size() > 1) or is_sharded(model)
+
+
+# ---------------------------------------------------------------- coordination
+
+
+def coordination_group(timeout: float | None = None) -> Any:
+    """savepoint's gloo group over all ranks, with `timeout` seconds on every collective (cached).
+
+    Creating a group is itself collective: every rank must ask for the same timeout, in the same order.
+    """
+    seconds = float(timeout if timeout is not None else DEFAULT_TIMEOUT)
+    if seconds <= 0:
+        raise ValueError(f"the distributed timeout must be positive, got {seconds}")
+    if seconds not in _GROUPS:
+        if dist.get_backend() == "gloo" and _default_timeout() == seconds:
+            _GROUPS[seconds] = dist.group.WORLD
+        else:
+            _GROUPS[seconds] = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+    return _GROUPS[seconds]
+
+
+def _default_timeout() -> float | None:
+    try:
+        from torch.distributed.distributed_c10d import _get_default_timeout  # private; a hint only
+
+        return _get_default_timeout(dist.get_backend()).total_seconds()
+    except Exception:
+        return None
+
+
+def agree(
+    error: BaseException | None, payload: Any = None, *, timeout: float | None = None, what: str
+) -> list[Any]:
+    """Every rank reports whether its part of `what` succeeded; return every rank's payload.
+
+    Raises `DistributedSaveError` on every rank if any rank failed, or if a rank died or did not
+    answer within `timeout` seconds. Payloads must be plain data (they travel through pickle between
+    our own ranks, never through a file).
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return [payload]
+    mine = (rank(), None, payload) if error is None else (rank(), _describe(error), None)
+    gathered: list[Any] = [None] * world_size()
+    try:
+        dist.all_gather_object(gathered, mine, group=coordination_group(timeout))
+    except Exception as exc:  # gloo: a peer closed its connection (died) or the timeout passed
+        raise DistributedSaveError(
+            f"{what} failed: rank {rank()} lost contact with the other ranks within the timeout ({exc}). "
+            "Another rank died or hangs; nothing was committed. Check the other ranks' logs.",
+        ) from (error or exc)
+    failed = {r: msg for r, msg, _ in gathered if msg is not None}
+    if failed:
+        lines = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
+        raise DistributedSaveError(f"{what} failed on {len(failed)} rank(s), nothing was committed: {lines}",
+                                   failed=failed) from error
+    return [p for _, _, p in gathered]
+
+
+def _describe(error: BaseException) -> str:
+    last = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ else []
+    where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
+    return f"{type(error).__name__}: {error}{where}"
+
+
+def broadcast(obj: Any, *, timeout: float | None = None, what: str) -> Any:
+    """Rank 0's `obj` on every rank (plain data only)."""
+    if not is_distributed():
+        return obj
+    box = [obj if rank() == 0 else None]
+    try:
+        dist.broadcast_object_list(box, src=0, group=coordination_group(timeout))
+    except Exception as exc:
+        raise DistributedSaveError(f"{what}: rank {rank()} lost contact with rank 0 ({exc})") from exc
+    return box[0]
+
+
+def on_rank0(fn: Any, *, timeout: float | None = None, what: str) -> Any:
+    """Run `fn()` on rank 0 alone; its result on every rank, or its error raised on every rank."""
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except BaseException as exc:
+            error = exc
+    outcome = agree(error, result, timeout=timeout, what=what)
+    return outcome[0]
+
+
+# ---------------------------------------------------------------- gathering
+
+
+def alias_names(model: torch.nn.Module) -> dict[str, str]:
+    """name -> first name of the same parameter or buffer (tied weights), for names that alias another."""
+    first: dict[int, str] = {}
+    out = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        if id(tensor) in first:
+            out[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return out
+
+
+def full_model_state(model: torch.nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's state dict, gathered to rank 0's CPU one tensor at a time (empty on other ranks).
+
+    Collective for sharded models: every rank calls it. Tied weights are gathered once and alias the
+    same tensor on rank 0, as they do in the live model, so peak host memory on rank 0 is the model
+    once. FSDP2 (DTensor) models are gathered here tensor by tensor; FSDP1 through torch's
+    `get_model_state_dict(full_state_dict=True, cpu_offload=True)`.
+    """
+    from torch.distributed.tensor import DTensor
+
+    aliases = alias_names(model)
+    if not any(isinstance(p, DTensor) for p in model.parameters()) and is_sharded(model):
+        return _full_state_fsdp1(model, aliases, trainable_only)
+    keep = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad or not trainable_only}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name in aliases or (trainable_only and name not in keep):
+            continue
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # collective, same order on all ranks
+        if rank() == 0:
+            out[name] = full.detach().cpu()
+        del full
+    if rank() == 0:
+        out.update({name: out[target] for name, target in aliases.items() if target in out})
+    return out
+
+
+def _full_state_fsdp1(model: torch.nn.Module, aliases: dict[str, str], trainable_only: bool) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
+    if rank() != 0:
+        return {}
+    state.update({name: state[target] for name, target in aliases.items() if target in state})
+    return state

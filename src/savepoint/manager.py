@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Mapping
@@ -22,6 +24,7 @@ from savepoint.restoring import RestoreResult, restore_checkpoint
 from savepoint.saving import SaveRequest, capture, write_checkpoint
 from savepoint.storage.local import delete_checkpoint_dir, sweep_stale
 from savepoint.storage.lock import RootLock
+from savepoint.storage.remote import RemoteRoot, is_remote_url
 
 
 class CheckpointManager:
@@ -56,7 +59,13 @@ class CheckpointManager:
             keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode, keep_every=keep_every
         )
         self.async_save = async_save
-        discovery.check_root(self.root, must_exist=False)
+        # Object stores (any fsspec URL but file://): saves are committed in a local staging dir, then
+        # uploaded with the manifest object last; see storage/remote.py. No root lock there.
+        self._remote = RemoteRoot(self.root) if is_remote_url(self.root) else None
+        self._write_root = self._remote.staging_dir if self._remote else self.root
+        self._remote_swept = False
+        if self._remote is None:
+            discovery.check_root(self.root, must_exist=False)
         self._lock = RootLock(self.root)
         self._writer: Any = None
         if async_save:
@@ -69,6 +78,8 @@ class CheckpointManager:
     @property
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first (read from the manifests on disk)."""
+        if self._remote is not None:
+            return self._remote.list_checkpoints()
         return discovery.list_checkpoints(self.root)
 
     @property
@@ -110,7 +121,7 @@ class CheckpointManager:
         self.wait()
         self._open_for_writing()
         request = SaveRequest(
-            root=self.root,
+            root=self._write_root,
             step=step,
             model=model,
             optimizer=optimizer,
@@ -149,6 +160,11 @@ class CheckpointManager:
         self.close()
 
     def _open_for_writing(self) -> None:
+        if self._remote is not None:
+            if not self._remote_swept:  # one writer per remote root: what has no manifest is a dead upload
+                self._remote.sweep()
+                self._remote_swept = True
+            return
         if self._lock.held:
             return
         os.makedirs(self.root, exist_ok=True)
@@ -161,7 +177,12 @@ class CheckpointManager:
         return os.path.basename(earlier[-1].path) if earlier else None
 
     def _write_and_prune(self, job: Any) -> None:
-        write_checkpoint(job)
+        path = write_checkpoint(job)
+        if self._remote is not None:
+            try:
+                self._remote.upload_checkpoint(path)
+            finally:
+                delete_checkpoint_dir(path)
         self._apply_retention(protect=job.request.step)
 
     def _apply_retention(self, *, protect: int) -> None:
@@ -171,7 +192,7 @@ class CheckpointManager:
                 continue
             info = next(i for i in infos if i.step == step)
             try:
-                delete_checkpoint_dir(info.path)
+                (self._remote.delete if self._remote else delete_checkpoint_dir)(info.path)
             except OSError as exc:  # a failed deletion must never fail the save that just committed
                 warnings.warn(f"could not delete {info.path} ({exc}); it will be retried on the next save", stacklevel=3)
 
@@ -197,18 +218,24 @@ class CheckpointManager:
         if step == "latest":
             return self._restore_latest(targets)
         path = self._resolve_step(step)
-        return restore_checkpoint(path, **targets)
+        with self._local_copy(path) as local:
+            return dataclasses.replace(restore_checkpoint(local, **targets), path=path)
+
+    def _local_copy(self, path: str) -> contextlib.AbstractContextManager[str]:
+        """A local directory holding checkpoint `path` (downloaded for remote roots, for the `with` only)."""
+        return self._remote.local_copy(path) if self._remote else contextlib.nullcontext(path)
 
     def _restore_latest(self, targets: dict[str, Any]) -> RestoreResult:
         for info in reversed(self.checkpoints):
-            problems = find_problems(info.path, check_unlisted=False)
-            if problems:
-                warnings.warn(
-                    f"{CorruptCheckpointError(info.path, problems, hint='falling back to the previous checkpoint')}",
-                    stacklevel=3,
-                )
-                continue
-            return restore_checkpoint(info.path, **targets, verified=True)
+            with self._local_copy(info.path) as local:
+                problems = find_problems(local, check_unlisted=False)
+                if problems:
+                    warnings.warn(
+                        f"{CorruptCheckpointError(info.path, problems, hint='falling back to the previous checkpoint')}",
+                        stacklevel=3,
+                    )
+                    continue
+                return dataclasses.replace(restore_checkpoint(local, **targets, verified=True), path=info.path)
         return RestoreResult(step=0)
 
     def _resolve_step(self, step: int | str) -> str:
@@ -225,6 +252,11 @@ class CheckpointManager:
         if not isinstance(step, int) or isinstance(step, bool):
             raise ValueError(f"step must be 'latest', 'best' or an integer, got {step!r}")
         path = os.path.join(self.root, discovery.step_dir_name(step))
+        if self._remote is not None:
+            if all(i.step != step for i in infos):
+                available = ", ".join(str(i.step) for i in infos) or "none"
+                raise CheckpointNotFoundError(f"no checkpoint for step {step} under {self.root} (available: {available})")
+            return path  # its manifest is read (and a bad one refused) when it is downloaded
         if not os.path.isdir(path):
             available = ", ".join(str(i.step) for i in infos) or "none"
             raise CheckpointNotFoundError(f"no checkpoint for step {step} under {self.root} (available: {available})")

@@ -189,6 +189,10 @@ def read_manifest(ckpt_dir: str) -> Manifest:
         raise _fail(ckpt_dir, "missing: this directory is not a committed savepoint checkpoint") from exc
     except IsADirectoryError as exc:
         raise _fail(ckpt_dir, "is a directory, not a file") from exc
+    except NotADirectoryError as exc:
+        raise _fail(ckpt_dir, "the checkpoint path is a file, not a directory") from exc
+    except OSError as exc:
+        raise _fail(ckpt_dir, f"unreadable ({exc.strerror or exc})") from exc
     return parse_manifest(raw, ckpt_dir)
 
 
@@ -253,6 +257,9 @@ def _unlisted(ckpt_dir: str, manifest: Manifest) -> list[Problem]:
     problems = []
     for dirpath, dirs, files in os.walk(ckpt_dir):
         dirs.sort()
+        for name in [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            rel = os.path.relpath(os.path.join(dirpath, name), ckpt_dir).replace(os.sep, "/")
+            problems.append(Problem(rel, "a symbolic link to a directory (planted: savepoint writes none)"))
         for name in sorted(files):
             rel = os.path.relpath(os.path.join(dirpath, name), ckpt_dir).replace(os.sep, "/")
             if rel != MANIFEST_NAME and rel not in manifest.files:

@@ -173,7 +173,11 @@ class BackgroundWriter:
     def _finish(self, reason: str) -> None:
         """Finish the save in flight without raising (exit paths); report an uncollected error."""
         if self.busy:
-            print(f"savepoint: finishing the checkpoint being written before {reason}", file=sys.stderr, flush=True)
+            print(
+                f"savepoint: finishing the checkpoint being written before {reason}",
+                file=sys.stderr,
+                flush=True,
+            )
         self._join()
         error, self._error = self._error, None
         if error is not None:

@@ -7,6 +7,7 @@ import os
 from savepoint.discovery import STEP_DIR, check_root, is_checkpoint_dir
 from savepoint.errors import CorruptCheckpointError, Problem
 from savepoint.manifest import find_problems
+from savepoint.storage.remote import is_remote_url, verify_remote
 
 
 def checkpoint_dirs(path: str) -> list[str]:
@@ -15,6 +16,7 @@ def checkpoint_dirs(path: str) -> list[str]:
     if is_checkpoint_dir(path):
         return [path]
     dirs = sorted(os.path.join(path, n) for n in os.listdir(path) if STEP_DIR.match(n))
+    # a `step-N` that is a file or lacks its manifest is reported by find_problems, not skipped
     if not dirs:
         raise CorruptCheckpointError(path, [Problem("savepoint.json", "missing: not a checkpoint, and no step-N checkpoints under it")])
     return dirs
@@ -30,6 +32,8 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
         ['runs/exp1/step-00000500', 'runs/exp1/step-00001000']
     """
     path = os.fspath(path)
+    if is_remote_url(path):  # s3://, memory://, ...: checked on a downloaded copy
+        return verify_remote(path)
     dirs = checkpoint_dirs(path)
     problems: list[Problem] = []
     for d in dirs:

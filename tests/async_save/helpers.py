@@ -30,7 +30,10 @@ def clone_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str,
     """Deep copies of the weights and the optimizer's tensors, to compare against later."""
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     moments = {
-        (i, k): v.detach().clone() for i, s in enumerate(opt.state.values()) for k, v in s.items() if torch.is_tensor(v)
+        (i, k): v.detach().clone()
+        for i, s in enumerate(opt.state.values())
+        for k, v in s.items()
+        if torch.is_tensor(v)
     }
     return {"weights": weights, "moments": moments}
 

@@ -56,7 +56,9 @@ def test_second_save_links_unchanged_shards_and_writes_the_rest(tmp_path):
     assert savepoint.verify(os.path.join(root, "step-2"))
     with open(os.path.join(root, "step-2", "savepoint.json")) as f:
         listed = json.load(f)["files"]
-    assert {rel: e["checksum"] for rel, e in listed.items()} == {rel: c for rel, (_, c) in second.entries.items()}
+    assert {rel: e["checksum"] for rel, e in listed.items()} == {
+        rel: c for rel, (_, c) in second.entries.items()
+    }
 
 
 def test_deleting_the_parent_keeps_the_linked_files(tmp_path):
@@ -121,7 +123,8 @@ def test_an_uncommitted_parent_is_never_linked_into(tmp_path):
 
 
 @pytest.mark.skipif(
-    not hasattr(saving, "DedupingStagedDir"), reason="saving.write_checkpoint does not use DedupingStagedDir yet"
+    not hasattr(saving, "DedupingStagedDir"),
+    reason="saving.write_checkpoint does not use DedupingStagedDir yet",
 )
 def test_manager_links_what_did_not_change_between_saves(tmp_path):
     model = torch.nn.Linear(256, 256)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.async_save.helpers import WriterGate, clone_state, mutate, trained_llama
 
 import savepoint
 from savepoint import snapshot
 from savepoint.errors import SavepointError
 from savepoint.saving import SaveRequest, capture
-from tests.async_save.helpers import WriterGate, clone_state, mutate, trained_llama
 
 
 def test_checkpoint_holds_save_time_values_although_training_changed_them(tmp_path, monkeypatch):

@@ -11,11 +11,11 @@ import threading
 
 import pytest
 import torch
+from tests.async_save.helpers import WriterGate
 
 import savepoint
 from savepoint.errors import StorageError
 from savepoint.snapshot import BackgroundWriter
-from tests.async_save.helpers import WriterGate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -103,7 +103,10 @@ def run_child(tmp_path, mode: str) -> tuple[subprocess.CompletedProcess[str], st
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(REPO, "src"), REPO])}
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, mode, root],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -258,3 +258,23 @@ def test_full_disk_gives_a_clear_error_and_keeps_older_checkpoints(tmp_path) -> 
         savepoint.verify(root)
     finally:
         subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+def test_saving_consumes_no_randomness(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import random
+
+    import numpy as np
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    model, opt, sched = make_run()
+    train_steps(model, opt, 1)
+    loader = StatefulDataLoader(list(range(10)), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0))
+    next(iter(loader))
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state(), loader.generator.get_state())
+    savepoint.CheckpointManager(tmp_path).save(
+        1, model=model, optimizer=opt, scheduler=sched, stateful={"data": loader}, metrics={"loss": 1.0}
+    )
+    after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state(), loader.generator.get_state())
+    assert before[0] == after[0]
+    assert np.array_equal(before[1], after[1])
+    assert torch.equal(before[2], after[2]) and torch.equal(before[3], after[3])

@@ -14,3 +14,9 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Crash-safe, Hugging Face-compatible training checkpoints."""
+    # An explicit callback keeps typer in multi-command mode even if only one command is registered.

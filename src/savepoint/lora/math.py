@@ -86,13 +86,14 @@ def merge_bias(bias: torch.Tensor, lora_bias: torch.Tensor, *, scaling: float) -
 def fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether float32 `t` is all finite and stays finite when cast to `dtype`.
 
-    One vectorized max-reduction in float32 (NaN propagates through it): much faster than
-    `isfinite` on bfloat16, which CPUs do not vectorize.
+    One vectorized min/max pass in float32: several times faster than `isfinite` (or `abs().amax()`),
+    which matters because it runs over every merged weight.
     """
     if t.numel() == 0 or not dtype.is_floating_point:
         return True
-    peak = float(t.abs().amax())
-    return peak <= torch.finfo(dtype).max  # False for NaN and Inf too
+    low, high = torch.aminmax(t)  # NaN propagates into both
+    limit = torch.finfo(dtype).max
+    return bool(-limit <= float(low)) and bool(float(high) <= limit)  # False for NaN and Inf too
 
 
 def first_non_finite(t: torch.Tensor) -> str | None:

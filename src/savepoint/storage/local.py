@@ -45,7 +45,12 @@ def storage_error(exc: OSError, path: str, action: str) -> StorageError:
         errno.EACCES: "check the directory's permissions",
         errno.EROFS: "the file system is read-only; choose a writable root",
     }.get(exc.errno or 0, "check the storage and try again")
-    return StorageError(f"{action} {path} failed: {what} (errno {exc.errno}); {fix}. Earlier checkpoints are intact.")
+    # Name the file or directory the call failed on too, when it is not `path` itself (a directory
+    # fsync inside a commit, say): "where" is half of what the user needs.
+    at = f" at {os.fsdecode(exc.filename)}" if exc.filename and os.fsdecode(exc.filename) != path else ""
+    return StorageError(
+        f"{action} {path} failed{at}: {what} (errno {exc.errno}); {fix}. Earlier checkpoints are intact."
+    )
 
 
 def fsync_dir(path: str) -> None:
@@ -53,6 +58,9 @@ def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        exc.filename = exc.filename or path  # the kernel's error does not say which directory
+        raise
     finally:
         os.close(fd)
 
@@ -187,7 +195,13 @@ class StagedDir:
                 self._swap_into(final)
             else:
                 os.rename(self.path, final)
-            fsync_dir(self.parent)
+                try:
+                    fsync_dir(self.parent)
+                except OSError:
+                    # The rename may not be durable, and the caller is about to hear that the save
+                    # failed: take it back, so that a failed save never leaves a listed checkpoint.
+                    _quietly(os.rename, final, self.path)
+                    raise
         except OSError as exc:
             raise storage_error(exc, final, "committing") from exc
         return final
@@ -196,7 +210,11 @@ class StagedDir:
         if _exchange(self.path, final):
             # One atomic step: `final` now holds the new checkpoint and our temp name the old one, so
             # `final` lists at every instant (a crash leaves only a `.tmp-` directory for the sweep).
-            fsync_dir(self.parent)
+            try:
+                fsync_dir(self.parent)
+            except OSError:
+                _quietly(_exchange, self.path, final)  # the save fails: the old checkpoint goes back
+                raise
             shutil.rmtree(self.path, ignore_errors=True)
             return
         # Without RENAME_EXCHANGE there is no atomic "replace a non-empty directory" on POSIX: move the
@@ -211,6 +229,14 @@ class StagedDir:
     def abort(self) -> None:
         """Remove everything written so far. Never raises: it runs while another error propagates."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _quietly(undo: Callable[..., object], *args: str) -> None:
+    """Best-effort rollback while another error propagates (that error is the one to report)."""
+    try:
+        undo(*args)
+    except OSError:
+        pass
 
 
 _AT_FDCWD = -100
@@ -260,8 +286,11 @@ def sweep_stale(root: str) -> list[str]:
         if name.startswith(REPLACED_PREFIX):
             original = name[len(REPLACED_PREFIX) :].rsplit("-", 1)[0]
             if not os.path.lexists(os.path.join(root, original)):
-                os.rename(path, os.path.join(root, original))  # the replacement never landed: keep the old
-                fsync_dir(root)
+                try:
+                    os.rename(path, os.path.join(root, original))  # the replacement never landed: keep the old
+                    fsync_dir(root)
+                except OSError as exc:  # a save that cannot sweep must fail as a StorageError, not a bare OSError
+                    raise storage_error(exc, path, "putting back") from exc
                 continue
         if name.startswith((TMP_PREFIX, DELETE_PREFIX, REPLACED_PREFIX)):
             shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,250 @@
+"""Checkpoint roots on object stores and other fsspec URLs (`s3://bucket/run`, `memory://run`, ...).
+
+There is no rename on an object store, so the manifest object is the commit:
+
+    ROOT/step-00000042/model.safetensors ...     uploading: no manifest, so it does not list
+    ROOT/step-00000042/savepoint.json            uploaded last: from now on the checkpoint lists
+    ROOT/step-00000042/model.safetensors ...     deleting: the manifest goes first, so it stops
+                                                 listing at once; the rest follows
+
+A save is written and committed in a local staging directory by the ordinary local code, then
+uploaded (on the background thread when the manager is async). Restoring downloads the files the
+manifest lists into a local temporary directory, where the ordinary local code checksums and loads
+them. A prefix without a manifest (an upload that was interrupted) is never listed, and the writer
+sweeps it when it next opens the root.
+
+One writer per root: object stores have no advisory locks, so nothing stops two writers here
+(locally a second writer is refused). Give every run its own root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from savepoint.discovery import STEP_DIR, info_from_manifest
+from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError, Problem
+from savepoint.manifest import MAX_MANIFEST_BYTES, Manifest, find_problems, parse_manifest
+from savepoint.policy import CheckpointInfo
+from savepoint.storage.local import MANIFEST_NAME
+
+CACHE_ENV = "SAVEPOINT_CACHE"
+
+
+def is_remote_url(root: str | os.PathLike[str]) -> bool:
+    """True for fsspec URLs other than plain local paths and `file://`."""
+    root = os.fspath(root)
+    return "://" in root and not root.startswith("file://")
+
+
+def cache_dir() -> str:
+    """Where remote checkpoints are staged and downloaded: `$SAVEPOINT_CACHE`, else the system temp dir."""
+    return os.environ.get(CACHE_ENV) or tempfile.gettempdir()
+
+
+class RemoteRoot:
+    """The checkpoints of one run under an fsspec URL.
+
+        >>> root = RemoteRoot("s3://bucket/run")            # doctest: +SKIP
+        >>> root.upload_checkpoint("/tmp/stage/step-00000010")
+        >>> [i.step for i in root.list_checkpoints()]
+        [10]
+    """
+
+    def __init__(self, url: str, **storage_options: Any) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.url, **storage_options)
+        self.path = self.path.rstrip("/")
+        self._staging: str | None = None
+
+    # ------------------------------------------------------------ names
+
+    def step_url(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def _key(self, *parts: str) -> str:
+        return "/".join((self.path, *parts))
+
+    @property
+    def staging_dir(self) -> str:
+        """A local directory of this process where saves are written and committed before upload."""
+        if self._staging is None:
+            os.makedirs(cache_dir(), exist_ok=True)
+            self._staging = tempfile.mkdtemp(prefix="savepoint-stage-", dir=cache_dir())
+            weakref.finalize(self, shutil.rmtree, self._staging, True)
+        return self._staging
+
+    # ------------------------------------------------------------ listing
+
+    def _step_names(self) -> list[str]:
+        self.fs.invalidate_cache()  # s3fs caches listings; a stale one could hide a commit or a delete
+        try:
+            entries = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return []
+        names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
+        return sorted(n for n in names if STEP_DIR.match(n))
+
+    def read_manifest(self, name: str) -> Manifest:
+        """Fetch and parse one checkpoint's manifest; CorruptCheckpointError when it is absent or bad."""
+        return parse_manifest(self._manifest_bytes(name), self.step_url(name))
+
+    def _manifest_bytes(self, name: str) -> bytes:
+        key = self._key(name, MANIFEST_NAME)
+        try:
+            size = self.fs.size(key)
+            if size is not None and size > MAX_MANIFEST_BYTES:
+                raise CorruptCheckpointError(self.step_url(name), [Problem(MANIFEST_NAME, f"is {size} bytes")])
+            return bytes(self.fs.cat_file(key))
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(
+                self.step_url(name), [Problem(MANIFEST_NAME, "missing: not a committed checkpoint")]
+            ) from exc
+
+    def list_checkpoints(self, *, warn: bool = True) -> list[CheckpointInfo]:
+        """Committed checkpoints (prefixes holding a manifest that parses), oldest step first."""
+        infos = []
+        for name in self._step_names():
+            if not self.fs.exists(self._key(name, MANIFEST_NAME)):
+                continue  # an upload in progress or interrupted: not a checkpoint
+            try:
+                manifest = self.read_manifest(name)
+            except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
+                if warn:
+                    warnings.warn(f"skipping {self.step_url(name)}: {exc}", stacklevel=2)
+                continue
+            if manifest.step != int(STEP_DIR.match(name).group(1)):  # type: ignore[union-attr]
+                continue
+            infos.append(info_from_manifest(self.step_url(name), manifest))
+        return sorted(infos, key=lambda i: i.step)
+
+    # ------------------------------------------------------------ writing
+
+    def upload_checkpoint(self, local_dir: str) -> str:
+        """Upload a committed local checkpoint: every file, then the manifest object last. Returns its URL.
+
+        Anything already under that prefix (an older checkpoint of the same step, or what an
+        interrupted upload left) is deleted first, manifest first, so no mix of old and new ever lists.
+        """
+        name = os.path.basename(os.path.normpath(local_dir))
+        self.delete(name)
+        files = []
+        for dirpath, _dirs, names in os.walk(local_dir):
+            for fname in names:
+                rel = os.path.relpath(os.path.join(dirpath, fname), local_dir).replace(os.sep, "/")
+                if rel != MANIFEST_NAME:
+                    files.append(rel)
+        for rel in sorted(files):
+            self._put(os.path.join(local_dir, rel), self._key(name, rel))
+        self._put(os.path.join(local_dir, MANIFEST_NAME), self._key(name, MANIFEST_NAME))  # the commit
+        return self.step_url(name)
+
+    def _put(self, local: str, key: str) -> None:
+        # One object at a time, in order: the manifest must not race ahead of the files it lists.
+        self.fs.put_file(local, key)
+
+    def delete(self, name_or_url: str) -> None:
+        """Delete one checkpoint: its manifest first (it stops listing at once), then everything else."""
+        name = name_or_url.rstrip("/").rsplit("/", 1)[-1]
+        prefix = self._key(name)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._key(name, MANIFEST_NAME))
+        self.fs.invalidate_cache()
+        with contextlib.suppress(FileNotFoundError):
+            if self.fs.exists(prefix):
+                self.fs.rm(prefix, recursive=True)
+
+    def sweep(self) -> list[str]:
+        """Delete the prefixes interrupted uploads left (no manifest). Only the root's one writer may call this."""
+        removed = []
+        for name in self._step_names():
+            if not self.fs.exists(self._key(name, MANIFEST_NAME)):
+                self.delete(name)
+                removed.append(name)
+        return removed
+
+    # ------------------------------------------------------------ reading
+
+    def _name_of(self, step_url: str) -> str:
+        name = step_url.rstrip("/").rsplit("/", 1)[-1]
+        if not STEP_DIR.match(name) or self.step_url(name) != step_url.rstrip("/"):
+            raise CheckpointNotFoundError(f"{step_url} is not a checkpoint of {self.url}")
+        return name
+
+    def download(self, step_url: str, dest: str) -> str:
+        """Download a checkpoint's manifest and the files it lists (only those) into `dest`/NAME.
+
+        Files are not checked here: the caller checksums the local copy (`find_problems`), so a
+        damaged or missing object is reported by name exactly as on local disk.
+        """
+        name = self._name_of(step_url)
+        raw = self._manifest_bytes(name)
+        manifest = parse_manifest(raw, step_url)  # refuses paths that climb out of the checkpoint
+        local = os.path.join(dest, name)
+        os.makedirs(local, exist_ok=True)
+        for rel in sorted(manifest.files):
+            target = os.path.join(local, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # reported as "missing" by the check
+                self.fs.get_file(self._key(name, rel), target)
+        with open(os.path.join(local, MANIFEST_NAME), "wb") as f:
+            f.write(raw)  # the very bytes the files were fetched by
+        return local
+
+    @contextlib.contextmanager
+    def local_copy(self, step_url: str) -> Iterator[str]:
+        """Download a checkpoint into a fresh temporary directory, yield its path, then remove it."""
+        os.makedirs(cache_dir(), exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="savepoint-fetch-", dir=cache_dir()) as tmp:
+            yield self.download(step_url, tmp)
+
+    def unlisted(self, name: str, manifest: Manifest) -> list[Problem]:
+        """Objects under a checkpoint's prefix that its manifest does not list."""
+        prefix = self._key(name) + "/"
+        self.fs.invalidate_cache()
+        keys = self.fs.find(self._key(name))
+        rels = sorted(k[len(prefix) :] for k in keys if k.startswith(prefix))
+        return [
+            Problem(rel, "present but not listed in the manifest (planted or left over)")
+            for rel in rels
+            if rel != MANIFEST_NAME and rel not in manifest.files
+        ]
+
+
+def verify_remote(url: str) -> list[str]:
+    """`savepoint.verify` for an fsspec URL: one checkpoint, or every committed checkpoint under a root.
+
+    Prefixes without a manifest are uploads in progress (or interrupted ones), not damaged
+    checkpoints, so they are not verified.
+    """
+    url = url.rstrip("/")
+    parent, _, last = url.rpartition("/")
+    if STEP_DIR.match(last) and RemoteRoot(parent).fs.exists(RemoteRoot(parent)._key(last, MANIFEST_NAME)):
+        root, names = RemoteRoot(parent), [last]
+    else:
+        root = RemoteRoot(url)
+        names = [i.path.rsplit("/", 1)[-1] for i in root.list_checkpoints()]
+        if not names:
+            raise CheckpointNotFoundError(f"no committed checkpoint under {url} (no step-N/savepoint.json object)")
+    problems: list[Problem] = []
+    for name in names:
+        prefix = "" if len(names) == 1 and root.step_url(name) == url else name + "/"
+        try:
+            manifest = root.read_manifest(name)
+        except CorruptCheckpointError as exc:
+            problems += [Problem(prefix + p.path, p.reason) for p in exc.problems]
+            continue
+        with root.local_copy(root.step_url(name)) as local:
+            found = find_problems(local, check_unlisted=False) + root.unlisted(name, manifest)
+        problems += [Problem(prefix + p.path, p.reason) for p in found]
+    if problems:
+        raise CorruptCheckpointError(url, problems, hint="restore an earlier checkpoint or delete the damaged one")
+    return [root.step_url(n) for n in names]
