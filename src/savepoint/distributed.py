@@ -109,15 +109,16 @@ def agree(
 ) -> list[Any]:
     """Every rank reports whether its part of `what` succeeded; return every rank's payload.
 
-    Raises `DistributedSaveError` on every rank if any rank failed, or if a rank died or did not
-    answer within `timeout` seconds. Payloads must be plain data (they travel through pickle between
+    If any rank failed, that rank re-raises its own error and every other rank raises
+    `DistributedSaveError` naming it; the same when a rank died or did not answer within `timeout`
+    seconds. Payloads must be plain data (they travel through pickle between
     our own ranks, never through a file).
     """
     if not is_distributed():
         if error is not None:
             raise error
         return [payload]
-    mine = (rank(), None, payload) if error is None else (rank(), _describe(error), None)
+    mine = (rank(), None, payload) if error is None else (rank(), describe_error(error), None)
     gathered: list[Any] = [None] * world_size()
     try:
         dist.all_gather_object(gathered, mine, group=coordination_group(timeout))
@@ -127,6 +128,8 @@ def agree(
             "Another rank died or hangs; nothing was committed. Check the other ranks' logs.",
         ) from (error or exc)
     failed = {r: msg for r, msg, _ in gathered if msg is not None}
+    if error is not None:
+        raise error  # the failing rank raises its own error; the others learn about it below
     if failed:
         lines = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
         raise DistributedSaveError(f"{what} failed on {len(failed)} rank(s), nothing was committed: {lines}",
@@ -134,7 +137,7 @@ def agree(
     return [p for _, _, p in gathered]
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     last = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ else []
     where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
     return f"{type(error).__name__}: {error}{where}"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from savepoint import discovery, policy
+from savepoint import discovery, distributed, policy
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from savepoint.manifest import clean_metrics, find_problems, read_manifest
 from savepoint.policy import BestMode, CheckpointInfo, RetentionPolicy
@@ -37,6 +37,9 @@ class CheckpointManager:
             and the best checkpoint are never deleted.
         best_metric / best_mode: which metric ranks checkpoints, and whether lower or higher is better.
         async_save: return from `save()` after a memory snapshot and write in the background.
+        dist_timeout: under torchrun, seconds a rank waits for the others at each step of a save
+            before it raises instead of hanging (a rank died or stalled); it must exceed the longest
+            time one rank spends writing its part. Default: $SAVEPOINT_DIST_TIMEOUT or 600.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class CheckpointManager:
         best_mode: BestMode = "min",
         keep_every: int | None = None,
         async_save: bool = False,
+        dist_timeout: float | None = None,
     ) -> None:
         self.root = os.fspath(root)
         if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
@@ -59,6 +63,8 @@ class CheckpointManager:
             keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode, keep_every=keep_every
         )
         self.async_save = async_save
+        self.dist_timeout = dist_timeout
+        self._opened = False
         # Object stores (any fsspec URL but file://): saves are committed in a local staging dir, then
         # uploaded with the manifest object last; see storage/remote.py. No root lock there.
         self._remote = RemoteRoot(self.root) if is_remote_url(self.root) else None
@@ -133,6 +139,13 @@ class CheckpointManager:
             final=final,
             parent=self._parent_name(step),
         )
+        if distributed.is_collective(model):  # every rank calls save(); savepoint decides who writes what
+            from savepoint.collective import save_collective
+
+            path = save_collective(request, timeout=self.dist_timeout)
+            if distributed.rank() == 0:
+                self._publish_and_prune(path, step)
+            return os.path.join(self.root, discovery.step_dir_name(step))
         job = capture(request, snapshot=self._writer is not None)
         final_path = os.path.join(self.root, discovery.step_dir_name(step))
         if self._writer is not None:
@@ -165,25 +178,34 @@ class CheckpointManager:
                 self._remote.sweep()
                 self._remote_swept = True
             return
-        if self._lock.held:
+        if self._opened:
             return
-        os.makedirs(self.root, exist_ok=True)
-        self._lock.acquire()
-        # Only the lock holder may sweep: anything temporary here is ours or a dead writer's.
-        sweep_stale(self.root)
+
+        def open_root() -> None:
+            os.makedirs(self.root, exist_ok=True)
+            self._lock.acquire()
+            # Only the lock holder may sweep: anything temporary here is ours or a dead writer's.
+            sweep_stale(self.root)
+
+        # Under torchrun rank 0 alone locks and sweeps, and the others wait for it (no rank may start
+        # writing into a temp dir the sweep could remove).
+        distributed.on_rank0(open_root, timeout=self.dist_timeout, what=f"opening {self.root} for writing")
+        self._opened = True
 
     def _parent_name(self, step: int) -> str | None:
         earlier = [i for i in self.checkpoints if i.step < step]
         return os.path.basename(earlier[-1].path) if earlier else None
 
     def _write_and_prune(self, job: Any) -> None:
-        path = write_checkpoint(job)
+        self._publish_and_prune(write_checkpoint(job), job.request.step)
+
+    def _publish_and_prune(self, path: str, step: int) -> None:
         if self._remote is not None:
             try:
                 self._remote.upload_checkpoint(path)
             finally:
                 delete_checkpoint_dir(path)
-        self._apply_retention(protect=job.request.step)
+        self._apply_retention(protect=step)
 
     def _apply_retention(self, *, protect: int) -> None:
         infos = self.checkpoints

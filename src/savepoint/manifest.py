@@ -124,7 +124,9 @@ def parse_manifest(raw: bytes, ckpt: str) -> Manifest:
     """Parse and validate manifest bytes; any malformation is a CorruptCheckpointError."""
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError also covers what json raises besides JSONDecodeError: an integer literal longer than
+    # Python's 4300-digit limit (found by tests/reliability/test_fuzz_readers.py).
+    except (ValueError, RecursionError) as exc:
         raise _fail(ckpt, f"not valid JSON ({exc})") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise _fail(ckpt, "not a savepoint manifest (missing 'format': 'savepoint')")

@@ -19,7 +19,7 @@ from tests.reliability import faults
 from tests.reliability.harness import FULL, Zygote, replay, run_once, sample, trace_run
 from tests.reliability.scenarios import SCENARIOS, Scenario
 
-FAST_CASES = 14  # per scenario in `make test`; `make torture` tries every k
+FAST_CASES = 9  # per scenario in `make test`; `make torture` tries every k
 
 
 def _scenario(name: str) -> Scenario:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import RandomSampler
 from transformers import PreTrainedTokenizerBase
 
 
@@ -51,22 +50,18 @@ def split_blocks(blocks: torch.Tensor, *, eval_fraction: float = 0.05) -> tuple[
 
 
 def resumable_loader(dataset: Dataset[torch.Tensor], *, batch_size: int, seed: int) -> StatefulDataLoader:
-    """A shuffling `StatefulDataLoader` whose position survives `state_dict()` / `load_state_dict()`.
+    """A shuffling `StatefulDataLoader`, set up the way most training scripts do it.
 
-    The sampler gets a generator of its own, separate from the loader's. With the usual
-    `shuffle=True, generator=g` the two share `g`, and torchdata 0.11 then resumes exactly only until
-    the end of the current epoch: at each epoch start torch's loader iterator draws a base seed from
-    `g` right after the sampler's permutation, and a resumed iterator does not replay that draw, so
-    every later epoch is shuffled differently from the uninterrupted run. The loader's own generator
-    is still given, so that nothing here ever draws from torch's global RNG (dropout's stream).
+    Its position (and shuffle order, across epochs) comes back exactly through savepoint's
+    `stateful=`; savepoint.formats.stateful explains the torchdata quirks that it corrects. The
+    seeded generator keeps the shuffle away from torch's global RNG, which dropout draws from.
     """
-    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        shuffle=True,
         drop_last=True,  # equal batch shapes: every step costs the same and losses are comparable
-        generator=torch.Generator().manual_seed(seed + 1),
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -117,5 +117,7 @@ def dumps(doc: Any) -> bytes:
 def loads(raw: bytes, *, ckpt: str, relpath: str) -> Any:
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError also covers what json raises besides JSONDecodeError: an integer literal longer than
+    # Python's 4300-digit limit (found by tests/reliability/test_fuzz_readers.py).
+    except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(ckpt, [Problem(relpath, f"not valid JSON ({exc})")]) from exc

@@ -1,0 +1,390 @@
+"""Saving and restoring inside a `torchrun` job: every rank calls the same API, savepoint decides who
+writes what, and nothing is committed unless every rank wrote its part.
+
+What each rank writes into the one temporary directory (its name is chosen by rank 0 and broadcast):
+
+    rank 0       config.json, model*.safetensors (the full state dict, gathered to its CPU),
+                 tokenizer files, metrics.json, train_state/{scheduler,extra,optimizer_groups}.json,
+                 train_state/dcp/.metadata, then savepoint.json (the manifest) and the rename
+    every rank   train_state/dcp/__<rank>_0.distcp (its optimizer shards, written in parallel through
+                 DCP; never gathered), train_state/rng/rank-<rank>.*, train_state/stateful/rank-<rank>/*
+
+A save runs in phases separated by votes on savepoint's gloo group (`distributed.agree`): capture
+(user code runs: state_dict() of stateful objects), gather + DCP write (collectives), local writes,
+then the vote that carries each rank's (path, size, checksum) list to rank 0, which writes the
+manifest and commits. A rank that raises or dies makes every other rank raise within the timeout;
+rank 0 removes the temporary directory, and the previous checkpoint is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from savepoint import distributed
+from savepoint.discovery import step_dir_name
+from savepoint.distributed import DistributedSaveError, agree, broadcast, is_sharded, rank, unwrap_optimizer
+from savepoint.errors import IncompatibleCheckpointError
+from savepoint.formats import hf, sharded, train_state
+from savepoint.formats import stateful as stateful_format
+from savepoint.manifest import Manifest, build_manifest, verify_files
+from savepoint.storage.local import StagedDir
+
+_TS = train_state.TRAIN_STATE_DIR
+
+
+class SharedStagedDir(StagedDir):
+    """The temporary directory every rank writes into: rank 0 creates and commits it, the others join it."""
+
+    @classmethod
+    def join(cls, parent: str, final_name: str, path: str) -> SharedStagedDir:
+        staged = cls.__new__(cls)
+        staged.parent, staged.final_name, staged.path, staged.entries = parent, final_name, path, {}
+        return staged
+
+    def record_unlisted(self) -> None:
+        # Other ranks write train_state/ at the same time; each records its own files there.
+        for dirpath, dirs, files in os.walk(self.path):
+            if dirpath == self.path and _TS in dirs:
+                dirs.remove(_TS)
+            for name in files:
+                rel = os.path.relpath(os.path.join(dirpath, name), self.path).replace(os.sep, "/")
+                if rel not in self.entries:
+                    self.record(rel)
+
+    def cover_everything(self, reported: Mapping[str, tuple[int, str]]) -> None:
+        """Take every rank's entries; hash whatever file no rank reported, so the manifest covers all."""
+        self.entries.update(reported)
+        StagedDir.record_unlisted(self)
+
+
+def per_rank_stateful_relbase(name: str, rank_: int) -> str:
+    from savepoint.saving import stateful_relbase
+
+    base = stateful_relbase(name)
+    return f"{os.path.dirname(base)}/rank-{rank_:05d}/{os.path.basename(base)}"
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _open_staged(parent: str, final_name: str, *, timeout: float | None, what: str) -> SharedStagedDir:
+    path, error = None, None
+    if rank() == 0:
+        try:
+            path = SharedStagedDir(parent, final_name).path
+        except BaseException as exc:
+            error = exc
+    path = agree(error, path, timeout=timeout, what=what)[0]
+    return SharedStagedDir.join(parent, final_name, path)
+
+
+def _capture_local(request: Any) -> dict[str, tuple[bytes, dict[str, torch.Tensor]]]:
+    """This rank's small state (user code runs here): RNG and stateful objects; on rank 0 also scheduler/extra."""
+    from savepoint.saving import rng_relbase, stateful_relbase
+
+    many = distributed.world_size() > 1
+    blobs = {rng_relbase(rank()): train_state.encode_blob(train_state.rng_state(), "rng")}
+    for name, obj in request.stateful.items():
+        relbase = per_rank_stateful_relbase(name, rank()) if many else stateful_relbase(name)
+        blobs[relbase] = train_state.encode_blob(stateful_format.capture(obj), f"stateful[{name!r}]")
+    if rank() == 0:
+        if request.scheduler is not None:
+            blobs[f"{_TS}/scheduler"] = train_state.encode_blob(request.scheduler.state_dict(), "scheduler")
+        if request.extra:
+            blobs[f"{_TS}/extra"] = train_state.encode_blob(request.extra, "extra")
+    return blobs
+
+
+def _optimizer_parts(model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, torch.Tensor] | None, Any]:
+    """(DCP tensors, JSON rest) for sharded models; (None, name-keyed blob state) for replicated ones."""
+    optimizer = unwrap_optimizer(optimizer)
+    if is_sharded(model):
+        tensors, rest = sharded.split_optimizer_state(sharded.optimizer_state(model, optimizer))
+        return tensors, rest
+    return None, train_state.optimizer_state(optimizer, model) if rank() == 0 else None
+
+
+def save_collective(request: Any, *, timeout: float | None = None) -> str:
+    """Write checkpoint `request.step` from every rank; rank 0 commits once all ranks wrote their part."""
+    what = f"save of step {request.step} under {request.root}"
+    model = hf.unwrap_model(request.model)
+    staged = _open_staged(request.root, step_dir_name(request.step), timeout=timeout, what=what)
+    try:
+        blobs, error = {}, None
+        try:
+            blobs = _capture_local(request)
+        except BaseException as exc:
+            error = exc
+        agree(error, timeout=timeout, what=what)  # nobody enters a collective after a rank failed
+        full = distributed.full_model_state(model) if is_sharded(model) else None  # collective
+        opt_tensors, opt_rest = (None, None)
+        if request.optimizer is not None:
+            opt_tensors, opt_rest = _optimizer_parts(model, request.optimizer)
+        error = None
+        try:
+            if opt_tensors is not None:
+                sharded.write_dcp(staged, opt_tensors, timeout=timeout)  # collective; DCP raises on all ranks
+            if rank() == 0:
+                _write_rank0(request, model, staged, full, opt_rest, sharded_optimizer=opt_tensors is not None)
+            for relbase, (doc, tensors) in blobs.items():
+                train_state.write_blob(staged, relbase, doc, tensors)
+        except BaseException as exc:
+            error = exc
+        reported = agree(error, dict(staged.entries), timeout=timeout, what=what)
+        return _commit(staged, reported, request, timeout=timeout, what=what)
+    except BaseException:
+        if rank() == 0:
+            staged.abort()
+        raise
+
+
+def _write_rank0(
+    request: Any, model: torch.nn.Module, staged: StagedDir, full: dict[str, torch.Tensor] | None, opt_rest: Any,
+    *, sharded_optimizer: bool,
+) -> None:
+    state = savable(model, full) if full is not None else hf.savable_state_dict(model)
+    hf.write_model_files(model, staged, tokenizer=request.tokenizer, state=state)
+    del state, full
+    if request.optimizer is not None:
+        relbase = sharded.GROUPS_BLOB if sharded_optimizer else f"{_TS}/optimizer"
+        train_state.write_blob(staged, relbase, *train_state.encode_blob(opt_rest, "optimizer"))
+    metrics = {"step": request.step, **request.metrics}
+    staged.write_bytes("metrics.json", json.dumps(metrics, indent=1).encode())
+
+
+def savable(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A gathered full state dict as it goes on disk: tied weights once, named as transformers expects."""
+    if hf.is_transformers_model(model):
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        return remove_tied_weights_from_state_dict(full, model)
+    return hf._drop_aliases(full)[0]
+
+
+def _commit(
+    staged: SharedStagedDir, reported: list[dict[str, tuple[int, str]]], request: Any, *, timeout: float | None, what: str
+) -> str:
+    """Rank 0 writes the manifest over every rank's files and renames; every rank learns the outcome."""
+    final, failure = None, None
+    if rank() == 0:
+        try:
+            for entries in reported:
+                staged.cover_everything(entries)
+            manifest = build_manifest(
+                "model" if hf.is_transformers_model(hf.unwrap_model(request.model)) else "module",
+                staged.entries,
+                step=request.step,
+                metrics=request.metrics,
+                parent=request.parent,
+                world_size=distributed.world_size(),
+            )
+            final = staged.commit(manifest.to_json(), replace=True)
+        except BaseException as exc:
+            failure = exc
+    try:
+        final_seen, message = broadcast((final, failure and distributed.describe_error(failure)), timeout=timeout, what=what)
+    except DistributedSaveError:
+        if final is not None:  # committed: the checkpoint is whole even if a peer vanished since its vote
+            warnings.warn(f"{what}: committed, but another rank stopped answering afterwards", stacklevel=3)
+            return final
+        raise
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise DistributedSaveError(f"{what} failed on rank 0 while committing, nothing was committed: {message}",
+                                   failed={0: message})
+    return final_seen
+
+
+# ---------------------------------------------------------------- export
+
+
+def save_pretrained_collective(model: torch.nn.Module, out: str, *, timeout: float | None = None, **options: Any) -> str:
+    """`save_pretrained` under torchrun: the full state dict is gathered to rank 0's CPU, rank 0 writes."""
+    inner = hf.unwrap_model(model)
+    full = distributed.full_model_state(inner) if is_sharded(inner) else None  # collective
+
+    def write() -> str:
+        staged = StagedDir(os.path.dirname(out), os.path.basename(out))
+        try:
+            state = savable(inner, full) if full is not None else None
+            kind = hf.write_model_files(inner, staged, state=state, **options)
+            manifest = build_manifest("export" if kind == "model" else kind, staged.entries)
+            return staged.commit(manifest.to_json(), replace=True)
+        except BaseException:
+            staged.abort()
+            raise
+
+    return distributed.on_rank0(write, timeout=timeout, what=f"save_pretrained to {out}")
+
+
+# ---------------------------------------------------------------- restoring
+
+
+def restore_collective(
+    path: str,
+    manifest: Manifest,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    stateful: Mapping[str, Any] | None = None,
+) -> Any:
+    """Restore a checkpoint written at any world size into this rank (or a plain process).
+
+    Checks first (files, keys, shapes), then changes state: the model from the HF files (each rank
+    keeps its shard), the optimizer through DCP (resharded), scheduler, stateful objects and RNG per rank.
+    """
+    from savepoint.restoring import RestoreResult
+
+    model = hf.unwrap_model(model)
+    optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
+    stateful = dict(stateful or {})
+    _warn_world_size(path, manifest, stateful)
+    load_model = _plan_model(model, path, manifest)
+    blobs = _read_blobs(path, manifest, optimizer=optimizer, scheduler=scheduler, stateful=stateful)
+    load_optimizer = _plan_optimizer(model, optimizer, path, manifest, blobs) if optimizer is not None else None
+    # Everything is checked: from here on, state changes.
+    if load_optimizer is not None:
+        load_optimizer()  # before the model: initialising empty optimizer state runs a (zero-lr) step
+    load_model()
+    if scheduler is not None:
+        scheduler.load_state_dict(blobs["scheduler"])
+    for name, obj in stateful.items():
+        stateful_format.restore(obj, blobs[f"stateful/{name}"])
+    if "rng" in blobs:
+        train_state.set_rng_state(blobs["rng"])
+    return RestoreResult(step=manifest.step or 0, metrics=dict(manifest.metrics), extra=blobs.get("extra") or {}, path=path)
+
+
+def _warn_world_size(path: str, manifest: Manifest, stateful: Mapping[str, Any]) -> None:
+    now = distributed.world_size()
+    if manifest.world_size == now or rank() != 0:
+        return
+    lost = [f"RNG state of rank(s) {', '.join(map(str, range(now, manifest.world_size)))} is dropped"] if now < manifest.world_size else [
+        f"ranks {manifest.world_size}..{now - 1} have no RNG state of their own and keep their current one"
+    ]
+    if stateful and manifest.world_size > 1:
+        lost.append(f"stateful objects ({', '.join(sorted(stateful))}) get their own rank's saved state where one "
+                    "exists, else rank 0's: data-loader positions do not match the new sharding of the data")
+    warnings.warn(
+        f"{path} was saved by {manifest.world_size} rank(s) and is restored at {now}: model and optimizer state "
+        f"are resharded exactly, but the continued run cannot be bit-identical: {'; '.join(lost)}",
+        stacklevel=4,
+    )
+
+
+def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
+    from savepoint.saving import is_peft_model
+
+    if manifest.kind == "adapter" or is_peft_model(model):
+        raise IncompatibleCheckpointError(
+            f"{path}: restoring a LoRA adapter into a sharded or multi-rank model is not supported yet; "
+            "restore it in a single process and shard afterwards"
+        )
+    if not is_sharded(model):
+        files, targets = hf.check_model_files(model, path, manifest)
+        return lambda: hf.copy_model_files(path, files, targets)
+    files = hf.weight_files(path, manifest)
+    verify_files(path, manifest, files)
+    expected = _expected_shapes(model)
+    found: dict[str, tuple[str, list[int]]] = {}
+    for rel in files:
+        found.update(hf.read_header(os.path.join(path, rel), checkpoint=path, relpath=rel))
+    mismatches = hf._compare(expected, found)
+    if mismatches:
+        raise IncompatibleCheckpointError(
+            f"the model does not match checkpoint {path}; nothing was loaded:", mismatches=mismatches
+        )
+    return lambda: _load_full_files(model, path, files)
+
+
+def _expected_shapes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The savable names of a sharded model with their full shapes, as meta tensors."""
+    meta = {n: torch.empty(tuple(t.shape), dtype=t.dtype, device="meta") for n, t in model.state_dict().items()}
+    if hf.is_transformers_model(model):
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        return remove_tied_weights_from_state_dict(meta, model)
+    aliases = distributed.alias_names(model)
+    return {n: t for n, t in meta.items() if n not in aliases}
+
+
+def _load_full_files(model: torch.nn.Module, path: str, files: list[str]) -> None:
+    """Each rank reads the full weight files, one at a time, and keeps its own shard of each tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    for rel in files:
+        part = hf.read_safetensors(os.path.join(path, rel), checkpoint=path, relpath=rel)
+        set_model_state_dict(model, part, options=options)
+
+
+def _read_blobs(path: str, manifest: Manifest, *, optimizer: Any, scheduler: Any, stateful: Mapping[str, Any]) -> dict[str, Any]:
+    from savepoint.saving import rng_relbase, stateful_relbase
+
+    wanted: dict[str, str] = {}
+    if optimizer is not None:
+        wanted["optimizer"] = sharded.GROUPS_BLOB if sharded.has_sharded_optimizer(manifest) else f"{_TS}/optimizer"
+    if scheduler is not None:
+        wanted["scheduler"] = f"{_TS}/scheduler"
+    for name in stateful:
+        candidates = [per_rank_stateful_relbase(name, rank()), per_rank_stateful_relbase(name, 0), stateful_relbase(name)]
+        wanted[f"stateful/{name}"] = next((c for c in candidates if train_state.has_blob(manifest, c)), candidates[-1])
+    missing = [f"{k} (no {rb}.json: it was saved without it)" for k, rb in wanted.items() if not train_state.has_blob(manifest, rb)]
+    if missing:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {path} lacks state that restore() was asked for; pass only what was saved:", mismatches=missing
+        )
+    for key, relbase in {"extra": f"{_TS}/extra", "rng": rng_relbase(rank())}.items():
+        if train_state.has_blob(manifest, relbase):
+            wanted[key] = relbase
+    return {key: train_state.read_blob(path, manifest, relbase) for key, relbase in wanted.items()}
+
+
+def _plan_optimizer(model: torch.nn.Module, optimizer: Any, path: str, manifest: Manifest, blobs: dict[str, Any]) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    saved = blobs["optimizer"]
+    if not sharded.has_sharded_optimizer(manifest):
+        if not is_sharded(model):
+            prepared = train_state.prepare_optimizer_state(optimizer, model, saved, path)
+            return lambda: optimizer.load_state_dict(prepared)
+        # Saved unsharded (name-keyed, full tensors): torch shards it into this rank's optimizer.
+        options = StateDictOptions(full_state_dict=True)
+        return lambda: set_optimizer_state_dict(model, optimizer, saved, options=options)
+    current = [sorted(n) for n in _group_names(optimizer, model)]
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or current != [sorted(g.get("params", [])) for g in groups]:
+        raise IncompatibleCheckpointError(
+            f"the optimizer's parameters differ from those saved in {path}; nothing was loaded. Build the "
+            "optimizer over the same parameters, in the same groups, as the run that saved it."
+        )
+    metadata = sharded.read_metadata(path, manifest)
+    stored = metadata.state_dict_metadata
+
+    def load() -> None:
+        template = sharded.optimizer_state(model, optimizer)  # initialises empty state (zero-lr step)
+        tensors, _ = sharded.split_optimizer_state(template)
+        problems = [f"missing in checkpoint: {k}" for k in sorted(tensors.keys() - stored.keys())]
+        problems += [
+            f"shape of {k}: checkpoint {list(stored[k].size)}, optimizer {list(t.shape)}"
+            for k, t in tensors.items() if k in stored and list(getattr(stored[k], "size", [])) != list(t.shape)
+        ]
+        if problems:
+            raise IncompatibleCheckpointError(f"the optimizer does not match checkpoint {path}:", mismatches=problems)
+        sharded.read_dcp(path, manifest, tensors)
+        set_optimizer_state_dict(model, optimizer, sharded.join_optimizer_state(template, tensors, saved))
+
+    return load
+
+
+def _group_names(optimizer: Any, model: torch.nn.Module) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    return [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]

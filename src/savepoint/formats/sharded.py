@@ -1,0 +1,134 @@
+"""Sharded training state: a DCP directory inside the checkpoint, written by every rank in parallel.
+
+    train_state/dcp/.metadata          torch's index of every chunk (a pickle: read only after its
+                                       checksum matched the manifest, DESIGN.md promise 4)
+    train_state/dcp/__0_0.distcp ...   each rank's own chunks, raw tensor bytes
+    train_state/optimizer_groups.json  param_groups and non-tensor optimizer state, keyed by name
+
+Only tensors go through DCP (keys `optim.<param fqn>.<state key>`, and `model.<fqn>` when the model
+itself is stored sharded), so the `.distcp` files hold no pickled objects. Optimizer state is keyed
+by parameter name (torch's `get_optimizer_state_dict`), exactly like the non-sharded blob, so a
+checkpoint written by N ranks loads at M ranks, or in a plain process without torch.distributed:
+DCP reshards on load.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from savepoint import distributed
+from savepoint.errors import CorruptCheckpointError, Problem
+from savepoint.formats import train_state
+from savepoint.manifest import Manifest, verify_files
+from savepoint.storage.local import StagedDir
+
+DCP_DIR = f"{train_state.TRAIN_STATE_DIR}/dcp"
+METADATA = f"{DCP_DIR}/.metadata"
+GROUPS_BLOB = f"{train_state.TRAIN_STATE_DIR}/optimizer_groups"
+MODEL_PREFIX = "model."
+OPTIM_PREFIX = "optim."
+
+
+def has_dcp(manifest: Manifest) -> bool:
+    return METADATA in manifest.files
+
+
+def has_sharded_optimizer(manifest: Manifest) -> bool:
+    return has_dcp(manifest) and train_state.has_blob(manifest, GROUPS_BLOB)
+
+
+def dcp_files(manifest: Manifest) -> list[str]:
+    return sorted(p for p in manifest.files if p.startswith(DCP_DIR + "/"))
+
+
+# ---------------------------------------------------------------- optimizer state <-> tensors + JSON
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name; sharded tensors stay sharded (DTensor)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def split_optimizer_state(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors for DCP, the rest for JSON): the rest holds param_groups and non-tensor state values."""
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, dict[str, Any]] = {}
+    for fqn, entry in osd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIM_PREFIX}{fqn}.{key}"] = value
+            else:
+                rest.setdefault(fqn, {})[key] = value
+    return tensors, {"state": rest, "param_groups": osd["param_groups"]}
+
+
+def join_optimizer_state(template: dict[str, Any], loaded: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    """Put DCP-loaded tensors and the JSON part back together into what `set_optimizer_state_dict` takes."""
+    state: dict[str, dict[str, Any]] = {}
+    for fqn, entry in template["state"].items():
+        state[fqn] = {k: loaded.get(f"{OPTIM_PREFIX}{fqn}.{k}", v) for k, v in entry.items()}
+        state[fqn].update(rest["state"].get(fqn, {}))
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_dcp(staged: StagedDir, tensors: dict[str, torch.Tensor], *, timeout: float | None) -> None:
+    """Write `tensors` (this rank's shards) into `staged`'s DCP directory; record this rank's files.
+
+    Collective: every rank calls it, with the same keys. DCP runs its planning on savepoint's gloo
+    group, so an error on one rank is raised on all of them.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = staged.abspath(DCP_DIR)
+    os.makedirs(path, exist_ok=True)
+    writer = dcp.FileSystemWriter(path, sync_files=True)
+    if distributed.is_distributed():
+        dcp.save(tensors, storage_writer=writer, process_group=distributed.coordination_group(timeout))
+    else:
+        dcp.save(tensors, storage_writer=writer, no_dist=True)
+    # FileSystemWriter names each rank's files `__<rank>_<n>.distcp`; whatever else is there (a layout
+    # change in a later torch) is hashed by rank 0 at commit, so the manifest always covers every file.
+    mine = f"__{distributed.rank()}_"
+    for name in sorted(os.listdir(path)):
+        if name.startswith(mine) or (name == ".metadata" and distributed.rank() == 0):
+            staged.record(f"{DCP_DIR}/{name}")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_dcp(ckpt_dir: str, manifest: Manifest, targets: dict[str, torch.Tensor], *, timeout: float | None = None) -> None:
+    """Load checkpointed tensors into `targets` in place (plain tensors or DTensors: DCP reshards).
+
+    Every DCP file is checked against the manifest first; torch's pickled `.metadata` is never read
+    from a checkpoint whose checksums do not match.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    if not has_dcp(manifest):
+        raise CorruptCheckpointError(ckpt_dir, [Problem(METADATA, "needed for sharded state but not in the manifest")])
+    verify_files(ckpt_dir, manifest, dcp_files(manifest))
+    reader = dcp.FileSystemReader(os.path.join(ckpt_dir, DCP_DIR))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        if distributed.is_distributed():
+            dcp.load(targets, storage_reader=reader, process_group=distributed.coordination_group(timeout))
+        else:
+            dcp.load(targets, storage_reader=reader, no_dist=True)
+
+
+def read_metadata(ckpt_dir: str, manifest: Manifest) -> Any:
+    """torch's DCP `Metadata` of a checkpoint (verified against the manifest before unpickling)."""
+    import torch.distributed.checkpoint as dcp
+
+    verify_files(ckpt_dir, manifest, [METADATA])
+    return dcp.FileSystemReader(os.path.join(ckpt_dir, DCP_DIR)).read_metadata()
