@@ -63,7 +63,11 @@ def slowdown(
     notes = [
         f"writer thread: {median(writer_cpu):.2f} s CPU over {median(writer_wall):.2f} s wall per save "
         f"({median(writer_cpu) / median(writer_wall):.0%} of one core: hashing and copying into the page cache)",
-        f"torch intra-op threads: {torch.get_num_threads()} on {os.cpu_count()} cores",
+        f"torch intra-op threads: {torch.get_num_threads()} on {os.cpu_count()} cores. What limits it: the writer "
+        "thread and the kernel's writeback threads take CPU from torch's intra-op threads, and a parallel op "
+        "waits for its slowest thread, so a save that needs part of one core can stall whole ops; memory "
+        "bandwidth is shared with the page-cache copies too. With a GPU doing the math the loop is far less "
+        "exposed (its CPU threads mostly launch kernels).",
     ]
     return Table("Training steps/s while a background save is written", rows, notes), {
         "relative": median(busy) / median(free)

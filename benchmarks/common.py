@@ -67,11 +67,14 @@ def alternate(
     reps: int,
     before: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
-    """Time each method `reps` times, interleaved (A B C A B C ...) so drift in a noisy disk or a
+    """Time each method `reps` times, interleaved (A B C, B C A, ...) so drift in a noisy disk or a
     busy machine hits every method alike. Each call gets a fresh output path, removed afterwards."""
     times: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
     for rep in range(reps):
-        for name, fn in methods.items():
+        # Rotate the order too, so no method always runs right after the same neighbour's deletion.
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            fn = methods[name]
             out = os.path.join(workdir, f"{name.replace(' ', '_').replace('/', '_')}-{rep}")
             if before is not None:
                 before()

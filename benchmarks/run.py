@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     sizes = models.QUICK if args.quick else models.FULL
-    reps = args.reps or (1 if args.quick else 5)
+    reps = args.reps or (1 if args.quick else 6)
     os.makedirs(args.workdir, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="savepoint-bench-", dir=args.workdir)
     started, load_before = time.time(), os.getloadavg()
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke test)")
-    parser.add_argument("--reps", type=int, default=0, help="repetitions per method (default 5, quick 1)")
+    parser.add_argument("--reps", type=int, default=0, help="repetitions per method (default 6, quick 1)")
     parser.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
     parser.add_argument("--plot", default=os.path.join(REPO, "benchmarks", "save_throughput.png"))
     parser.add_argument(

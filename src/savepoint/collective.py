@@ -29,10 +29,11 @@ import torch
 from savepoint import distributed
 from savepoint.discovery import step_dir_name
 from savepoint.distributed import DistributedSaveError, agree, broadcast, is_sharded, rank, unwrap_optimizer
-from savepoint.errors import IncompatibleCheckpointError
+from savepoint.errors import IncompatibleCheckpointError, UnsupportedStateError
 from savepoint.formats import hf, sharded, train_state
 from savepoint.formats import stateful as stateful_format
 from savepoint.manifest import Manifest, build_manifest, verify_files
+from savepoint.saving import is_peft_model
 from savepoint.storage.local import StagedDir
 
 _TS = train_state.TRAIN_STATE_DIR
@@ -110,10 +111,21 @@ def _optimizer_parts(model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, 
     return None, train_state.optimizer_state(optimizer, model) if rank() == 0 else None
 
 
-def save_collective(request: Any, *, timeout: float | None = None) -> str:
-    """Write checkpoint `request.step` from every rank; rank 0 commits once all ranks wrote their part."""
+def save_collective(request: Any, *, timeout: float | None = None, sharded_model: bool = False) -> str:
+    """Write checkpoint `request.step` from every rank; rank 0 commits once all ranks wrote their part.
+
+    With `sharded_model` (and a sharded model) the weights go into the DCP directory as each rank's
+    shards instead of being gathered to rank 0; the manifest's kind is then "sharded".
+    """
     what = f"save of step {request.step} under {request.root}"
     model = hf.unwrap_model(request.model)
+    sharded_model = sharded_model and is_sharded(model)
+    adapter = is_peft_model(model)
+    if adapter and is_sharded(model):  # the same verdict on every rank, before anything collective
+        raise UnsupportedStateError(
+            "saving the LoRA adapter of a sharded (FSDP) model is not supported yet; wrap the PeftModel "
+            "with DDP instead (adapters are small), or save from a single process"
+        )
     staged = _open_staged(request.root, step_dir_name(request.step), timeout=timeout, what=what)
     try:
         blobs, error = {}, None
@@ -122,22 +134,41 @@ def save_collective(request: Any, *, timeout: float | None = None) -> str:
         except BaseException as exc:
             error = exc
         agree(error, timeout=timeout, what=what)  # nobody enters a collective after a rank failed
-        full = distributed.full_model_state(model) if is_sharded(model) else None  # collective
+        gather = is_sharded(model) and not sharded_model
+        full = distributed.full_model_state(model) if gather else None  # collective
         opt_tensors, opt_rest = (None, None)
         if request.optimizer is not None:
             opt_tensors, opt_rest = _optimizer_parts(model, request.optimizer)
-        error = None
+        dcp_tensors = {**(sharded.model_tensors(model) if sharded_model else {}), **(opt_tensors or {})}
+        error, base_model = None, None
         try:
-            if opt_tensors is not None:
-                sharded.write_dcp(staged, opt_tensors, timeout=timeout)  # collective; DCP raises on all ranks
+            if dcp_tensors:
+                sharded.write_dcp(staged, dcp_tensors, timeout=timeout)  # collective; DCP raises on all ranks
             if rank() == 0:
-                _write_rank0(request, model, staged, full, opt_rest, sharded_optimizer=opt_tensors is not None)
+                base_model = _write_rank0(
+                    request,
+                    model,
+                    staged,
+                    full,
+                    opt_rest,
+                    sharded_optimizer=opt_tensors is not None,
+                    sharded_model=sharded_model,
+                )
             for relbase, (doc, tensors) in blobs.items():
                 train_state.write_blob(staged, relbase, doc, tensors)
         except BaseException as exc:
             error = exc
         reported = agree(error, dict(staged.entries), timeout=timeout, what=what)
-        return _commit(staged, reported, request, timeout=timeout, what=what)
+        kind = (
+            "sharded"
+            if sharded_model
+            else "adapter"
+            if adapter
+            else "model"
+            if hf.is_transformers_model(model)
+            else "module"
+        )
+        return _commit(staged, reported, request, kind, base_model, timeout=timeout, what=what)
     except BaseException:
         if rank() == 0:
             staged.abort()
@@ -145,17 +176,44 @@ def save_collective(request: Any, *, timeout: float | None = None) -> str:
 
 
 def _write_rank0(
-    request: Any, model: torch.nn.Module, staged: StagedDir, full: dict[str, torch.Tensor] | None, opt_rest: Any,
-    *, sharded_optimizer: bool,
-) -> None:
-    state = savable(model, full) if full is not None else hf.savable_state_dict(model)
-    hf.write_model_files(model, staged, tokenizer=request.tokenizer, state=state)
-    del state, full
+    request: Any,
+    model: torch.nn.Module,
+    staged: StagedDir,
+    full: dict[str, torch.Tensor] | None,
+    opt_rest: Any,
+    *,
+    sharded_optimizer: bool,
+    sharded_model: bool,
+) -> dict[str, Any] | None:
+    """Rank 0's files; returns the manifest's `base_model` for LoRA adapters."""
+    base_model = None
+    if sharded_model:
+        _write_config_only(model, staged, request.tokenizer)
+    elif is_peft_model(model):
+        from savepoint.saving import SaveJob, _write_adapter
+
+        base_model = _write_adapter(
+            SaveJob(request=request, model_state=None, blobs={}, adapter=model), staged
+        )
+    else:
+        state = savable(model, full) if full is not None else hf.savable_state_dict(model)
+        hf.write_model_files(model, staged, tokenizer=request.tokenizer, state=state)
+        del state, full
     if request.optimizer is not None:
         relbase = sharded.GROUPS_BLOB if sharded_optimizer else f"{_TS}/optimizer"
         train_state.write_blob(staged, relbase, *train_state.encode_blob(opt_rest, "optimizer"))
     metrics = {"step": request.step, **request.metrics}
     staged.write_bytes("metrics.json", json.dumps(metrics, indent=1).encode())
+    return base_model
+
+
+def _write_config_only(model: torch.nn.Module, staged: StagedDir, tokenizer: Any) -> None:
+    """config.json, generation_config.json and the tokenizer, for `savepoint consolidate` to complete."""
+    if hf.is_transformers_model(model):
+        hf._write_config(model, staged, None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staged.path)
+    staged.record_unlisted()
 
 
 def savable(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,12 +221,19 @@ def savable(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, 
     if hf.is_transformers_model(model):
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-        return remove_tied_weights_from_state_dict(full, model)
+        return remove_tied_weights_from_state_dict(full, model)  # type: ignore[arg-type]
     return hf._drop_aliases(full)[0]
 
 
 def _commit(
-    staged: SharedStagedDir, reported: list[dict[str, tuple[int, str]]], request: Any, *, timeout: float | None, what: str
+    staged: SharedStagedDir,
+    reported: list[dict[str, tuple[int, str]]],
+    request: Any,
+    kind: str,
+    base_model: dict[str, Any] | None,
+    *,
+    timeout: float | None,
+    what: str,
 ) -> str:
     """Rank 0 writes the manifest over every rank's files and renames; every rank learns the outcome."""
     final, failure = None, None
@@ -177,18 +242,21 @@ def _commit(
             for entries in reported:
                 staged.cover_everything(entries)
             manifest = build_manifest(
-                "model" if hf.is_transformers_model(hf.unwrap_model(request.model)) else "module",
+                kind,
                 staged.entries,
                 step=request.step,
                 metrics=request.metrics,
                 parent=request.parent,
+                base_model=base_model,
                 world_size=distributed.world_size(),
             )
             final = staged.commit(manifest.to_json(), replace=True)
         except BaseException as exc:
             failure = exc
     try:
-        final_seen, message = broadcast((final, failure and distributed.describe_error(failure)), timeout=timeout, what=what)
+        final_seen, message = broadcast(
+            (final, failure and distributed.describe_error(failure)), timeout=timeout, what=what
+        )
     except DistributedSaveError:
         if final is not None:  # committed: the checkpoint is whole even if a peer vanished since its vote
             warnings.warn(f"{what}: committed, but another rank stopped answering afterwards", stacklevel=3)
@@ -197,15 +265,18 @@ def _commit(
     if failure is not None:
         raise failure
     if message is not None:
-        raise DistributedSaveError(f"{what} failed on rank 0 while committing, nothing was committed: {message}",
-                                   failed={0: message})
+        raise DistributedSaveError(
+            f"{what} failed on rank 0 while committing, nothing was committed: {message}", failed={0: message}
+        )
     return final_seen
 
 
 # ---------------------------------------------------------------- export
 
 
-def save_pretrained_collective(model: torch.nn.Module, out: str, *, timeout: float | None = None, **options: Any) -> str:
+def save_pretrained_collective(
+    model: torch.nn.Module, out: str, *, timeout: float | None = None, **options: Any
+) -> str:
     """`save_pretrained` under torchrun: the full state dict is gathered to rank 0's CPU, rank 0 writes."""
     inner = hf.unwrap_model(model)
     full = distributed.full_model_state(inner) if is_sharded(inner) else None  # collective
@@ -249,7 +320,9 @@ def restore_collective(
     _warn_world_size(path, manifest, stateful)
     load_model = _plan_model(model, path, manifest)
     blobs = _read_blobs(path, manifest, optimizer=optimizer, scheduler=scheduler, stateful=stateful)
-    load_optimizer = _plan_optimizer(model, optimizer, path, manifest, blobs) if optimizer is not None else None
+    load_optimizer = (
+        _plan_optimizer(model, optimizer, path, manifest, blobs) if optimizer is not None else None
+    )
     # Everything is checked: from here on, state changes.
     if load_optimizer is not None:
         load_optimizer()  # before the model: initialising empty optimizer state runs a (zero-lr) step
@@ -260,19 +333,27 @@ def restore_collective(
         stateful_format.restore(obj, blobs[f"stateful/{name}"])
     if "rng" in blobs:
         train_state.set_rng_state(blobs["rng"])
-    return RestoreResult(step=manifest.step or 0, metrics=dict(manifest.metrics), extra=blobs.get("extra") or {}, path=path)
+    return RestoreResult(
+        step=manifest.step or 0, metrics=dict(manifest.metrics), extra=blobs.get("extra") or {}, path=path
+    )
 
 
 def _warn_world_size(path: str, manifest: Manifest, stateful: Mapping[str, Any]) -> None:
     now = distributed.world_size()
     if manifest.world_size == now or rank() != 0:
         return
-    lost = [f"RNG state of rank(s) {', '.join(map(str, range(now, manifest.world_size)))} is dropped"] if now < manifest.world_size else [
-        f"ranks {manifest.world_size}..{now - 1} have no RNG state of their own and keep their current one"
-    ]
+    lost = (
+        [f"RNG state of rank(s) {', '.join(map(str, range(now, manifest.world_size)))} is dropped"]
+        if now < manifest.world_size
+        else [
+            f"ranks {manifest.world_size}..{now - 1} have no RNG state of their own and keep their current one"
+        ]
+    )
     if stateful and manifest.world_size > 1:
-        lost.append(f"stateful objects ({', '.join(sorted(stateful))}) get their own rank's saved state where one "
-                    "exists, else rank 0's: data-loader positions do not match the new sharding of the data")
+        lost.append(
+            f"stateful objects ({', '.join(sorted(stateful))}) get their own rank's saved state where one "
+            "exists, else rank 0's: data-loader positions do not match the new sharding of the data"
+        )
     warnings.warn(
         f"{path} was saved by {manifest.world_size} rank(s) and is restored at {now}: model and optimizer state "
         f"are resharded exactly, but the continued run cannot be bit-identical: {'; '.join(lost)}",
@@ -281,13 +362,17 @@ def _warn_world_size(path: str, manifest: Manifest, stateful: Mapping[str, Any])
 
 
 def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
-    from savepoint.saving import is_peft_model
-
     if manifest.kind == "adapter" or is_peft_model(model):
-        raise IncompatibleCheckpointError(
-            f"{path}: restoring a LoRA adapter into a sharded or multi-rank model is not supported yet; "
-            "restore it in a single process and shard afterwards"
-        )
+        if manifest.kind != "adapter" or not is_peft_model(model) or is_sharded(model):
+            raise IncompatibleCheckpointError(
+                f"{path} holds a {'LoRA adapter' if manifest.kind == 'adapter' else 'full model'}: restore it into "
+                f"{'a (not sharded) peft PeftModel' if manifest.kind == 'adapter' else 'a model that is no PeftModel'}"
+            )
+        from savepoint.formats import peft as peft_format
+
+        return lambda: peft_format.load_adapter_into(model, path, manifest)
+    if manifest.kind == "sharded":
+        return _plan_model_from_dcp(model, path, manifest)
     if not is_sharded(model):
         files, targets = hf.check_model_files(model, path, manifest)
         return lambda: hf.copy_model_files(path, files, targets)
@@ -305,13 +390,43 @@ def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
     return lambda: _load_full_files(model, path, files)
 
 
+def _plan_model_from_dcp(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    stored = sharded.read_metadata(path, manifest).state_dict_metadata
+    targets = sharded.model_tensors(model)
+    problems = [f"missing in checkpoint: {k}" for k in sorted(targets.keys() - stored.keys())]
+    problems += [
+        f"unexpected in checkpoint: {k}"
+        for k in sorted(k for k in stored.keys() - targets.keys() if k.startswith(sharded.MODEL_PREFIX))
+    ]
+    problems += [
+        f"shape of {k}: checkpoint {list(stored[k].size)}, model {list(t.shape)}"
+        for k, t in targets.items()
+        if k in stored and list(getattr(stored[k], "size", [])) != list(t.shape)
+    ]
+    if problems:
+        raise IncompatibleCheckpointError(
+            f"the model does not match checkpoint {path}; nothing was loaded:", mismatches=problems
+        )
+
+    def load() -> None:
+        sharded.read_dcp(path, manifest, targets)
+        prefix = len(sharded.MODEL_PREFIX)
+        set_model_state_dict(model, {k[prefix:]: v for k, v in targets.items()})
+
+    return load
+
+
 def _expected_shapes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The savable names of a sharded model with their full shapes, as meta tensors."""
-    meta = {n: torch.empty(tuple(t.shape), dtype=t.dtype, device="meta") for n, t in model.state_dict().items()}
+    meta = {
+        n: torch.empty(tuple(t.shape), dtype=t.dtype, device="meta") for n, t in model.state_dict().items()
+    }
     if hf.is_transformers_model(model):
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-        return remove_tied_weights_from_state_dict(meta, model)
+        return remove_tied_weights_from_state_dict(meta, model)  # type: ignore[arg-type]
     aliases = distributed.alias_names(model)
     return {n: t for n, t in meta.items() if n not in aliases}
 
@@ -322,25 +437,40 @@ def _load_full_files(model: torch.nn.Module, path: str, files: list[str]) -> Non
 
     options = StateDictOptions(full_state_dict=True, strict=False)
     for rel in files:
-        part = hf.read_safetensors(os.path.join(path, rel), checkpoint=path, relpath=rel)
+        part: dict[str, Any] = hf.read_safetensors(os.path.join(path, rel), checkpoint=path, relpath=rel)
         set_model_state_dict(model, part, options=options)
 
 
-def _read_blobs(path: str, manifest: Manifest, *, optimizer: Any, scheduler: Any, stateful: Mapping[str, Any]) -> dict[str, Any]:
+def _read_blobs(
+    path: str, manifest: Manifest, *, optimizer: Any, scheduler: Any, stateful: Mapping[str, Any]
+) -> dict[str, Any]:
     from savepoint.saving import rng_relbase, stateful_relbase
 
     wanted: dict[str, str] = {}
     if optimizer is not None:
-        wanted["optimizer"] = sharded.GROUPS_BLOB if sharded.has_sharded_optimizer(manifest) else f"{_TS}/optimizer"
+        wanted["optimizer"] = (
+            sharded.GROUPS_BLOB if sharded.has_sharded_optimizer(manifest) else f"{_TS}/optimizer"
+        )
     if scheduler is not None:
         wanted["scheduler"] = f"{_TS}/scheduler"
     for name in stateful:
-        candidates = [per_rank_stateful_relbase(name, rank()), per_rank_stateful_relbase(name, 0), stateful_relbase(name)]
-        wanted[f"stateful/{name}"] = next((c for c in candidates if train_state.has_blob(manifest, c)), candidates[-1])
-    missing = [f"{k} (no {rb}.json: it was saved without it)" for k, rb in wanted.items() if not train_state.has_blob(manifest, rb)]
+        candidates = [
+            per_rank_stateful_relbase(name, rank()),
+            per_rank_stateful_relbase(name, 0),
+            stateful_relbase(name),
+        ]
+        wanted[f"stateful/{name}"] = next(
+            (c for c in candidates if train_state.has_blob(manifest, c)), candidates[-1]
+        )
+    missing = [
+        f"{k} (no {rb}.json: it was saved without it)"
+        for k, rb in wanted.items()
+        if not train_state.has_blob(manifest, rb)
+    ]
     if missing:
         raise IncompatibleCheckpointError(
-            f"checkpoint {path} lacks state that restore() was asked for; pass only what was saved:", mismatches=missing
+            f"checkpoint {path} lacks state that restore() was asked for; pass only what was saved:",
+            mismatches=missing,
         )
     for key, relbase in {"extra": f"{_TS}/extra", "rng": rng_relbase(rank())}.items():
         if train_state.has_blob(manifest, relbase):
@@ -348,7 +478,9 @@ def _read_blobs(path: str, manifest: Manifest, *, optimizer: Any, scheduler: Any
     return {key: train_state.read_blob(path, manifest, relbase) for key, relbase in wanted.items()}
 
 
-def _plan_optimizer(model: torch.nn.Module, optimizer: Any, path: str, manifest: Manifest, blobs: dict[str, Any]) -> Any:
+def _plan_optimizer(
+    model: torch.nn.Module, optimizer: Any, path: str, manifest: Manifest, blobs: dict[str, Any]
+) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     saved = blobs["optimizer"]
@@ -375,10 +507,13 @@ def _plan_optimizer(model: torch.nn.Module, optimizer: Any, path: str, manifest:
         problems = [f"missing in checkpoint: {k}" for k in sorted(tensors.keys() - stored.keys())]
         problems += [
             f"shape of {k}: checkpoint {list(stored[k].size)}, optimizer {list(t.shape)}"
-            for k, t in tensors.items() if k in stored and list(getattr(stored[k], "size", [])) != list(t.shape)
+            for k, t in tensors.items()
+            if k in stored and list(getattr(stored[k], "size", [])) != list(t.shape)
         ]
         if problems:
-            raise IncompatibleCheckpointError(f"the optimizer does not match checkpoint {path}:", mismatches=problems)
+            raise IncompatibleCheckpointError(
+                f"the optimizer does not match checkpoint {path}:", mismatches=problems
+            )
         sharded.read_dcp(path, manifest, tensors)
         set_optimizer_state_dict(model, optimizer, sharded.join_optimizer_state(template, tensors, saved))
 

@@ -60,12 +60,9 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """True when some rank holds only part of the model: FSDP2 (`fully_shard`, DTensor) or FSDP1."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch without FSDP1
-        FullyShardedDataParallel = ()  # type: ignore[assignment,misc]  # noqa: N806
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         return True
     return any(isinstance(p, DTensor) for p in model.parameters())
@@ -132,8 +129,9 @@ def agree(
         raise error  # the failing rank raises its own error; the others learn about it below
     if failed:
         lines = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
-        raise DistributedSaveError(f"{what} failed on {len(failed)} rank(s), nothing was committed: {lines}",
-                                   failed=failed) from error
+        raise DistributedSaveError(
+            f"{what} failed on {len(failed)} rank(s), nothing was committed: {lines}", failed=failed
+        ) from error
     return [p for _, _, p in gathered]
 
 
@@ -196,12 +194,16 @@ def full_model_state(model: torch.nn.Module, *, trainable_only: bool = False) ->
     aliases = alias_names(model)
     if not any(isinstance(p, DTensor) for p in model.parameters()) and is_sharded(model):
         return _full_state_fsdp1(model, aliases, trainable_only)
-    keep = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad or not trainable_only}
+    keep = {
+        n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad or not trainable_only
+    }
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if name in aliases or (trainable_only and name not in keep):
             continue
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # collective, same order on all ranks
+        full = (
+            tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        )  # collective, same order on all ranks
         if rank() == 0:
             out[name] = full.detach().cpu()
         del full
@@ -210,7 +212,9 @@ def full_model_state(model: torch.nn.Module, *, trainable_only: bool = False) ->
     return out
 
 
-def _full_state_fsdp1(model: torch.nn.Module, aliases: dict[str, str], trainable_only: bool) -> dict[str, torch.Tensor]:
+def _full_state_fsdp1(
+    model: torch.nn.Module, aliases: dict[str, str], trainable_only: bool
+) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
@@ -218,4 +222,4 @@ def _full_state_fsdp1(model: torch.nn.Module, aliases: dict[str, str], trainable
     if rank() != 0:
         return {}
     state.update({name: state[target] for name, target in aliases.items() if target in state})
-    return state
+    return state  # type: ignore[return-value]  # full_state_dict: every value is a tensor

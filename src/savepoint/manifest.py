@@ -28,7 +28,9 @@ from savepoint.storage.local import MANIFEST_NAME
 FORMAT_NAME = "savepoint"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # far above any real manifest; refuses absurd files unread
-KINDS = ("model", "module", "adapter", "export")
+# "sharded": weights only in train_state/dcp/ (a torchrun save with sharded_model=True); `savepoint consolidate`
+# turns it into a model directory.
+KINDS = ("model", "module", "adapter", "export", "sharded")
 _VERSIONED = ("savepoint", "torch", "safetensors", "transformers", "peft", "accelerate")
 
 
@@ -120,10 +122,26 @@ def _expect(doc: Mapping[str, Any], key: str, types: tuple[type, ...], ckpt: str
     return value
 
 
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object hook refusing repeated keys: parsers disagree on which one wins, so a manifest
+    with two `format_version`s (or two entries for one file) could mean different things to different
+    readers (tests/reliability: hostile inputs)."""
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _DuplicateKeyError(f"duplicate key {dup!r:.80}")
+    return doc
+
+
 def parse_manifest(raw: bytes, ckpt: str) -> Manifest:
     """Parse and validate manifest bytes; any malformation is a CorruptCheckpointError."""
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, object_pairs_hook=_no_duplicates)
     # ValueError also covers what json raises besides JSONDecodeError: an integer literal longer than
     # Python's 4300-digit limit (found by tests/reliability/test_fuzz_readers.py).
     except (ValueError, RecursionError) as exc:
@@ -182,6 +200,9 @@ def read_manifest(ckpt_dir: str) -> Manifest:
     try:
         if os.path.islink(path):
             raise UnsafeCheckpointError(ckpt_dir, [Problem(MANIFEST_NAME, "is a symbolic link")])
+        if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+            # A FIFO or device would block `open` forever (tests/reliability: hostile inputs).
+            raise _fail(ckpt_dir, "is not a regular file (a FIFO or device?)")
         size = os.path.getsize(path)
         if size > MAX_MANIFEST_BYTES:
             raise _fail(ckpt_dir, f"is {size} bytes, larger than any manifest savepoint writes")

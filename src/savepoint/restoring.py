@@ -18,6 +18,7 @@ from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from savepoint.formats import stateful as stateful_format
 from savepoint.formats import train_state
 from savepoint.formats.hf import check_model_files, copy_model_files, unwrap_model
+from savepoint.formats.sharded import has_dcp
 from savepoint.manifest import Manifest, find_problems, read_manifest
 from savepoint.saving import is_peft_model, rng_relbase, stateful_relbase
 
@@ -46,6 +47,10 @@ def restore_checkpoint(
         problems = find_problems(path, manifest, check_unlisted=False)
         if problems:
             raise CorruptCheckpointError(path, problems)
+    if distributed.is_collective(model) or has_dcp(manifest) or manifest.world_size > 1:  # torchrun or its output
+        from savepoint.collective import restore_collective
+
+        return restore_collective(path, manifest, model=model, optimizer=optimizer, scheduler=scheduler, stateful=stateful)
     model = unwrap_model(model)
     stateful = dict(stateful or {})
     load_model = _plan_model_load(model, path, manifest)

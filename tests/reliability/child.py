@@ -34,12 +34,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # rayon threads and fo
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)  # one intra-op thread: nothing is left mid-flight when the zygote forks
 
-from savepoint.errors import SavepointError  # noqa: E402
 from tests.reliability import faults, scenarios  # noqa: E402
+
+from savepoint.errors import SavepointError  # noqa: E402
 
 
 def _act(req: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Iterator
 
 import pytest
-
 from tests.reliability.harness import FULL, Tally, Zygote
 
 _TALLIES: list[Tally] = []
@@ -63,6 +62,25 @@ def tally(request: pytest.FixtureRequest) -> Iterator[callable]:
 
     yield make
     _TALLIES.extend(made)
+
+
+_HOSTILE: dict[str, Tally] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count each hostile-input test (one case per parameter) into the ledger, by function."""
+    if "test_hostile_inputs.py" not in report.nodeid or report.when != "call":
+        return
+    func = report.nodeid.split("::")[-1].split("[")[0]
+    env = "SAVEPOINT_TORTURE=full " if FULL else ""
+    t = _HOSTILE.get(func)
+    if t is None:
+        t = _HOSTILE[func] = Tally(f"hostile: {func.removeprefix('test_')}", f"{env}pytest -q 'tests/reliability/"
+                                   f"test_hostile_inputs.py::{func}'", xfail=False)
+        _TALLIES.append(t)
+    xfailed = hasattr(report, "wasxfail")
+    t.xfail = t.xfail or xfailed
+    t.case(report.nodeid, [] if report.passed and not xfailed else [report.longreprtext[:200] or "xfail"])
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

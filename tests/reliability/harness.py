@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,9 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from savepoint.discovery import STEP_DIR
+import pytest
 from tests.reliability import faults
-from tests.reliability.scenarios import Scenario
+from tests.reliability.scenarios import SCENARIOS, Scenario
+
+from savepoint.discovery import STEP_DIR, list_checkpoints
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 FULL = os.environ.get("SAVEPOINT_TORTURE", "").lower() == "full"
@@ -41,11 +44,12 @@ class Zygote:
 
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
+        self._log = open(os.path.join(workdir, "zygote.log"), "w")  # noqa: SIM115 (lives with the process)
         self.proc = subprocess.Popen(
             [sys.executable, CHILD, "serve"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=open(os.path.join(workdir, "zygote.log"), "w"),  # noqa: SIM115 (lives with the process)
+            stderr=self._log,
             text=True,
             bufsize=1,
         )
@@ -78,6 +82,7 @@ class Zygote:
         if self.proc.stdin:
             self.proc.stdin.close()
         self.proc.wait(timeout=30)
+        self._log.close()
 
 
 def run_once(request: dict[str, Any], workdir: str, *, timeout: float = 300) -> dict[str, Any]:
@@ -137,12 +142,28 @@ class Tally:
         return f"{self.fault_class}: {self.survived}/{self.tried} survived\n" + "\n".join(self.failures[:30])
 
 
-def trace_run(zygote: Zygote, scenario: Scenario, root: str, workdir: str) -> tuple[list[dict[str, Any]], set[int]]:
-    """Set up `root`, run the act once without faults, tracing it. Returns the trace and the setup's listing."""
-    listed = set(zygote.request("setup", scenario=scenario.name, root=root)["listed"])
-    trace_path = os.path.join(workdir, "dry-trace.jsonl")
+def scenario_or_skip(name: str) -> Scenario:
+    scenario = SCENARIOS[name]
+    if not scenario.available:
+        pytest.skip(f"{scenario.requires} does not exist yet; the scenario runs once it does")
+    return scenario
+
+
+def prepare(zygote: Zygote, scenario: Scenario, tmp: str) -> tuple[str, list[dict], set[int]]:
+    """The root as setup leaves it (kept pristine), the fault-free trace of the act, and the listing."""
+    template = os.path.join(tmp, "template")
+    zygote.request("setup", scenario=scenario.name, root=template)
+    dry = os.path.join(tmp, "dry")
+    shutil.copytree(template, dry)
+    trace, _ = trace_act(zygote, scenario, dry, tmp)
+    listed = {i.step for i in list_checkpoints(template, warn=False)}
+    shutil.rmtree(dry)
+    return template, trace, listed
+
+
+def trace_act(zygote: Zygote, scenario: Scenario, root: str, tmp: str) -> tuple[list[dict], dict]:
+    trace_path = os.path.join(tmp, "dry.jsonl")
     plan = faults.FaultPlan(root=root, trace=trace_path)
     answer = zygote.request("act", scenario=scenario.name, root=root, plan=plan.to_json())
-    if not answer.get("ok"):
-        raise RuntimeError(f"the fault-free {scenario.name} act failed: {answer}")
-    return faults.read_trace(trace_path), listed
+    assert answer.get("ok"), f"the fault-free act failed: {answer}"
+    return faults.read_trace(trace_path), answer

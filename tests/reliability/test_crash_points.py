@@ -14,41 +14,11 @@ import os
 import shutil
 
 import pytest
-
 from tests.reliability import faults
-from tests.reliability.harness import FULL, Zygote, replay, run_once, sample, trace_run
+from tests.reliability.harness import FULL, Zygote, prepare, replay, run_once, sample, scenario_or_skip
 from tests.reliability.scenarios import SCENARIOS, Scenario
 
 FAST_CASES = 9  # per scenario in `make test`; `make torture` tries every k
-
-
-def _scenario(name: str) -> Scenario:
-    scenario = SCENARIOS[name]
-    if not scenario.available:
-        pytest.skip(f"{scenario.requires} does not exist yet; the scenario runs once it does")
-    return scenario
-
-
-def _template(zygote: Zygote, scenario: Scenario, tmp: str) -> tuple[str, list[dict], set[int]]:
-    """The root as setup leaves it (kept pristine), the fault-free trace of the act, and the listing."""
-    template = os.path.join(tmp, "template")
-    zygote.request("setup", scenario=scenario.name, root=template)
-    dry = os.path.join(tmp, "dry")
-    shutil.copytree(template, dry)
-    trace, _ = _trace_on_copy(zygote, scenario, dry, tmp)
-    from savepoint.discovery import list_checkpoints
-
-    listed = {i.step for i in list_checkpoints(template, warn=False)}
-    shutil.rmtree(dry)
-    return template, trace, listed
-
-
-def _trace_on_copy(zygote: Zygote, scenario: Scenario, root: str, tmp: str) -> tuple[list[dict], dict]:
-    trace_path = os.path.join(tmp, "dry.jsonl")
-    plan = faults.FaultPlan(root=root, trace=trace_path)
-    answer = zygote.request("act", scenario=scenario.name, root=root, plan=plan.to_json())
-    assert answer.get("ok"), f"the fault-free act failed: {answer}"
-    return faults.read_trace(trace_path), answer
 
 
 def _commit_points(trace: list[dict]) -> list[int]:
@@ -91,8 +61,8 @@ def crash_case(zygote: Zygote, scenario: Scenario, template: str, listed: set[in
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_every_crash_point(name: str, zygote: Zygote, tally, torture_tmp) -> None:
-    scenario = _scenario(name)
-    template, trace, listed = _template(zygote, scenario, torture_tmp)
+    scenario = scenario_or_skip(name)
+    template, trace, listed = prepare(zygote, scenario, torture_tmp)
     assert trace, "the shim saw no operation under ROOT: it is not installed where the save writes"
     points = sample(list(range(1, len(trace) + 2)), keep=FAST_CASES, always=_commit_points(trace), seed=len(name))
     t = tally(f"crash points: {name}")
@@ -105,9 +75,9 @@ def test_every_crash_point(name: str, zygote: Zygote, tally, torture_tmp) -> Non
 def test_fresh_interpreter_agrees(zygote: Zygote, tmp_path) -> None:
     """The forked checker is a fresh process for savepoint; a brand-new interpreter finds the same."""
     scenario = SCENARIOS["train-state"]
-    template, trace, listed = _template(zygote, scenario, str(tmp_path))
+    template, trace, listed = prepare(zygote, scenario, str(tmp_path))
     commits = [op["i"] for op in trace if op["kind"] == "rename" and "/" not in op["dst"]]
-    points = [commits[-1], commits[-1] + 1] if not FULL else [1, commits[-1], commits[-1] + 1, len(trace)]
+    points = [commits[-1]] if not FULL else [1, commits[-1], commits[-1] + 1, len(trace)]
     for k in points:
         root = os.path.join(tmp_path, f"f{k}")
         shutil.copytree(template, root)

@@ -20,18 +20,20 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from tests.reliability.harness import FULL, Tally
 
 from savepoint.errors import SavepointError
 from savepoint.manifest import Manifest, parse_manifest, read_manifest
-from tests.reliability.harness import FULL
 
 EXAMPLES = 2500 if FULL else 120
 SLOW_SECONDS = 5.0
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
+# Known bugs (xfail) fail on their first inputs; shrinking those would only spend minutes.
+FUZZ_KNOWN_BUG = settings(FUZZ, phases=[Phase.explicit, Phase.generate])
 # Strings an attacker would try for a path or a key, mixed into the generated JSON.
 NASTY_TEXT = st.sampled_from(
     ["..", "../outside/secret.bin", "/etc/passwd", "a/../../x", "", "\x00", "model.safetensors", "C:\\x",
@@ -120,7 +122,7 @@ def audit_opens(allowed: str, outside: list[str]) -> Iterator[list[str]]:
             setattr(m, attr, real_safe_open)
 
 
-def judge(call: Callable[[], Any], allowed: str, tmp: str) -> None:
+def judge(call: Callable[[], Any], allowed: str, tmp: str, tally: Tally) -> None:
     """Run one parser call: a return or a SavepointError passes; anything else fails the property."""
     start = time.monotonic()
     with audit_opens(allowed, [tmp]) as bad:
@@ -128,8 +130,21 @@ def judge(call: Callable[[], Any], allowed: str, tmp: str) -> None:
             call()
         except SavepointError as exc:
             assert str(exc).strip(), "a SavepointError with no message"
-    assert not bad, f"read outside the checkpoint: {bad}"
-    assert time.monotonic() - start < SLOW_SECONDS, "parsing one small input took too long"
+        except Exception as exc:
+            tally.case("input", [f"{type(exc).__name__}: {exc}"[:200]])
+            raise
+    problems = [f"read outside the checkpoint: {bad}"] if bad else []
+    if time.monotonic() - start > SLOW_SECONDS:
+        problems.append("parsing one small input took too long")
+    tally.case("input", problems)
+    assert not problems, problems
+
+
+@pytest.fixture
+def fuzzed(request: pytest.FixtureRequest, tally) -> Tally:  # type: ignore[no-untyped-def]
+    """One Tally per fuzz test (fixtures run once per test, not per hypothesis example)."""
+    xfail = request.node.get_closest_marker("xfail") is not None
+    return tally(f"fuzz: {request.node.name.removeprefix('test_fuzz_')}", xfail=xfail)
 
 
 def _write(path: str, data: bytes) -> None:
@@ -160,18 +175,18 @@ def _valid_manifest() -> dict[str, Any]:
 
 @FUZZ
 @given(raw=inputs(_valid_manifest()))
-def test_fuzz_manifest(raw: bytes, ckpt: str, tmp_path) -> None:
+def test_fuzz_manifest(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> None:
     _write(os.path.join(ckpt, "savepoint.json"), raw)
-    judge(lambda: parse_manifest(raw, ckpt), ckpt, str(tmp_path))
-    judge(lambda: read_manifest(ckpt), ckpt, str(tmp_path))
+    judge(lambda: parse_manifest(raw, ckpt), ckpt, str(tmp_path), fuzzed)
+    judge(lambda: read_manifest(ckpt), ckpt, str(tmp_path), fuzzed)
 
 
 @FUZZ
 @given(metrics=JSON)
-def test_fuzz_manifest_metrics(metrics: Any, ckpt: str, tmp_path) -> None:
+def test_fuzz_manifest_metrics(metrics: Any, ckpt: str, tmp_path, fuzzed: Tally) -> None:
     doc = _valid_manifest()
     doc["metrics"] = metrics
-    judge(lambda: parse_manifest(_dumps(doc), ckpt), ckpt, str(tmp_path))
+    judge(lambda: parse_manifest(_dumps(doc), ckpt), ckpt, str(tmp_path), fuzzed)
 
 
 def _listed(ckpt: str, files: dict[str, bytes], kind: str = "model") -> Manifest:
@@ -189,7 +204,7 @@ _VALID_STATE = {"state": {"a": 1, "t": {"__tensor__": "0"}, "tup": {"__tuple__":
 
 @FUZZ
 @given(raw=inputs(_VALID_STATE))
-def test_fuzz_train_state_json(raw: bytes, ckpt: str, tmp_path) -> None:
+def test_fuzz_train_state_json(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> None:
     import torch
 
     from savepoint.formats.safetensors_io import write_safetensors
@@ -198,7 +213,7 @@ def test_fuzz_train_state_json(raw: bytes, ckpt: str, tmp_path) -> None:
     buf = io.BytesIO()
     write_safetensors(buf, {"0": torch.arange(4, dtype=torch.float32)})
     manifest = _listed(ckpt, {"train_state/x.json": raw, "train_state/x.safetensors": buf.getvalue()})
-    judge(lambda: read_blob(ckpt, manifest, "train_state/x"), ckpt, str(tmp_path))
+    judge(lambda: read_blob(ckpt, manifest, "train_state/x"), ckpt, str(tmp_path), fuzzed)
 
 
 def _header(doc: Any, data: bytes = b"\0" * 16, claimed: int | None = None) -> bytes:
@@ -215,13 +230,13 @@ _VALID_HEADER = {"__metadata__": {"format": "pt"}, "w": {"dtype": "F32", "shape"
     | st.builds(_header, JSON, st.binary(max_size=64), st.none() | st.integers(0, 2**64 - 1))
     | st.binary(max_size=64)
 )
-def test_fuzz_safetensors_header(raw: bytes, ckpt: str, tmp_path) -> None:
+def test_fuzz_safetensors_header(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> None:
     from savepoint.formats.safetensors_io import read_header, read_safetensors
 
     path = os.path.join(ckpt, "model.safetensors")
     _write(path, raw)
-    judge(lambda: read_header(path, checkpoint=ckpt, relpath="model.safetensors"), ckpt, str(tmp_path))
-    judge(lambda: read_safetensors(path, checkpoint=ckpt, relpath="model.safetensors"), ckpt, str(tmp_path))
+    judge(lambda: read_header(path, checkpoint=ckpt, relpath="model.safetensors"), ckpt, str(tmp_path), fuzzed)
+    judge(lambda: read_safetensors(path, checkpoint=ckpt, relpath="model.safetensors"), ckpt, str(tmp_path), fuzzed)
 
 
 _VALID_INDEX = {"metadata": {"total_size": 16}, "weight_map": {"w": "model-00001-of-00002.safetensors"}}
@@ -229,15 +244,17 @@ WEIGHT_FILES = st.sampled_from(["model-00001-of-00002.safetensors", "../outside/
                                 "../link-out", "sub/../../outside/secret.bin", "link-out"])
 
 
-@FUZZ
+@pytest.mark.xfail(strict=True, reason="BUG (formats/hf.py read_index): an integer literal over 4300 digits "
+                   "makes json raise a bare ValueError, not a CorruptCheckpointError")
+@FUZZ_KNOWN_BUG
 @given(raw=inputs(_VALID_INDEX) | st.dictionaries(st.text(max_size=5), WEIGHT_FILES, max_size=3).map(
     lambda m: _dumps({"weight_map": m})))
-def test_fuzz_model_index(raw: bytes, ckpt: str, tmp_path) -> None:
+def test_fuzz_model_index(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> None:
     from savepoint.formats.hf import read_index, weight_files
 
     manifest = _listed(ckpt, {"model.safetensors.index.json": raw, "model-00001-of-00002.safetensors": b"x"})
-    judge(lambda: read_index(ckpt), ckpt, str(tmp_path))
-    judge(lambda: weight_files(ckpt, manifest), ckpt, str(tmp_path))
+    judge(lambda: read_index(ckpt), ckpt, str(tmp_path), fuzzed)
+    judge(lambda: weight_files(ckpt, manifest), ckpt, str(tmp_path), fuzzed)
 
 
 LORA_XFAIL = pytest.mark.xfail(
@@ -247,9 +264,11 @@ LORA_XFAIL = pytest.mark.xfail(
 )
 
 
-@FUZZ
+@pytest.mark.xfail(strict=True, reason="BUG (lora/adapter.py read_adapter_config): deeply nested JSON raises "
+                   "RecursionError and a 4300+ digit integer a bare ValueError, not a SavepointError")
+@FUZZ_KNOWN_BUG
 @given(raw=inputs({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
-def test_fuzz_adapter_config(raw: bytes, ckpt: str, tmp_path) -> None:
+def test_fuzz_adapter_config(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> None:
     adapter = pytest.importorskip("savepoint.lora.adapter")
     _write(os.path.join(ckpt, adapter.CONFIG_NAME), raw)
 
@@ -257,15 +276,15 @@ def test_fuzz_adapter_config(raw: bytes, ckpt: str, tmp_path) -> None:
         config = adapter.read_adapter_config(ckpt)
         adapter.unsupported_reasons(config)
 
-    judge(parse, ckpt, str(tmp_path))
+    judge(parse, ckpt, str(tmp_path), fuzzed)
 
 
 @LORA_XFAIL
-@FUZZ
+@FUZZ_KNOWN_BUG
 @given(raw=inputs(_VALID_INDEX), config=inputs({"model_type": "llama", "hidden_size": 16}))
-def test_fuzz_base_model_index_and_config(raw: bytes, config: bytes, ckpt: str, tmp_path) -> None:
+def test_fuzz_base_model_index_and_config(raw: bytes, config: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> None:
     base = pytest.importorskip("savepoint.lora.base")
     _write(os.path.join(ckpt, "model.safetensors.index.json"), raw)
     _write(os.path.join(ckpt, "config.json"), config)
-    judge(lambda: base.weight_files(ckpt), ckpt, str(tmp_path))
-    judge(lambda: base.read_model_config(ckpt), ckpt, str(tmp_path))
+    judge(lambda: base.weight_files(ckpt), ckpt, str(tmp_path), fuzzed)
+    judge(lambda: base.read_model_config(ckpt), ckpt, str(tmp_path), fuzzed)

@@ -17,11 +17,9 @@ import os
 import shutil
 
 import pytest
-
 from tests.reliability import faults
-from tests.reliability.harness import FULL, Zygote, root_debris, sample
+from tests.reliability.harness import FULL, Zygote, prepare, root_debris, sample, scenario_or_skip
 from tests.reliability.scenarios import SCENARIOS, Scenario
-from tests.reliability.test_crash_points import _scenario, _template
 
 ERRNOS = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC, "EDQUOT": errno.EDQUOT}
 WHAT = {errno.EIO: "I/O error", errno.ENOSPC: "disk is full", errno.EDQUOT: "quota"}
@@ -89,8 +87,8 @@ def error_case(zygote: Zygote, scenario: Scenario, template: str, listed: set[in
 
 
 def run_errors(zygote: Zygote, tally, name: str, tmp: str, *, want_foreign: bool) -> None:
-    scenario = _scenario(name)
-    template, trace, listed = _template(zygote, scenario, tmp)
+    scenario = scenario_or_skip(name)
+    template, trace, listed = prepare(zygote, scenario, tmp)
     ops = data_ops(trace)
     points = [n for n, op in enumerate(ops, 1) if foreign(op["path"]) == want_foreign]
     if not points:

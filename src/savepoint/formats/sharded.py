@@ -55,6 +55,13 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return get_optimizer_state_dict(model, optimizer)
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as DCP keys (`model.<fqn>`); each rank holds only its shards (DTensor)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return {f"{MODEL_PREFIX}{k}": v for k, v in get_model_state_dict(model).items()}  # type: ignore[misc]
+
+
 def split_optimizer_state(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors for DCP, the rest for JSON): the rest holds param_groups and non-tensor state values."""
     tensors: dict[str, torch.Tensor] = {}
@@ -68,7 +75,9 @@ def split_optimizer_state(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor],
     return tensors, {"state": rest, "param_groups": osd["param_groups"]}
 
 
-def join_optimizer_state(template: dict[str, Any], loaded: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+def join_optimizer_state(
+    template: dict[str, Any], loaded: dict[str, torch.Tensor], rest: dict[str, Any]
+) -> dict[str, Any]:
     """Put DCP-loaded tensors and the JSON part back together into what `set_optimizer_state_dict` takes."""
     state: dict[str, dict[str, Any]] = {}
     for fqn, entry in template["state"].items():
@@ -106,7 +115,9 @@ def write_dcp(staged: StagedDir, tensors: dict[str, torch.Tensor], *, timeout: f
 # ---------------------------------------------------------------- reading
 
 
-def read_dcp(ckpt_dir: str, manifest: Manifest, targets: dict[str, torch.Tensor], *, timeout: float | None = None) -> None:
+def read_dcp(
+    ckpt_dir: str, manifest: Manifest, targets: dict[str, torch.Tensor], *, timeout: float | None = None
+) -> None:
     """Load checkpointed tensors into `targets` in place (plain tensors or DTensors: DCP reshards).
 
     Every DCP file is checked against the manifest first; torch's pickled `.metadata` is never read
@@ -115,7 +126,9 @@ def read_dcp(ckpt_dir: str, manifest: Manifest, targets: dict[str, torch.Tensor]
     import torch.distributed.checkpoint as dcp
 
     if not has_dcp(manifest):
-        raise CorruptCheckpointError(ckpt_dir, [Problem(METADATA, "needed for sharded state but not in the manifest")])
+        raise CorruptCheckpointError(
+            ckpt_dir, [Problem(METADATA, "needed for sharded state but not in the manifest")]
+        )
     verify_files(ckpt_dir, manifest, dcp_files(manifest))
     reader = dcp.FileSystemReader(os.path.join(ckpt_dir, DCP_DIR))
     with warnings.catch_warnings():

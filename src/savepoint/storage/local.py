@@ -21,7 +21,7 @@ import secrets
 import shutil
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import BinaryIO
 
 from savepoint._hashing import hash_file, new_hasher
@@ -233,10 +233,8 @@ class StagedDir:
 
 def _quietly(undo: Callable[..., object], *args: str) -> None:
     """Best-effort rollback while another error propagates (that error is the one to report)."""
-    try:
+    with suppress(OSError):
         undo(*args)
-    except OSError:
-        pass
 
 
 _AT_FDCWD = -100

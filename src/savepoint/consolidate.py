@@ -1,0 +1,186 @@
+"""`consolidate`: a sharded checkpoint into a plain Hugging Face safetensors model directory.
+
+Runs on one machine without a process group. The output is planned from DCP's metadata (names,
+shapes, dtypes) and split into shards by huggingface_hub's splitter; then each output shard is
+loaded from the rank shards (DCP reads exactly the chunks it needs) and written before the next one
+is touched, so memory is bounded by one output shard, not the model.
+
+    >>> consolidate("runs/x/step-00001000", "export/")  # doctest: +SKIP
+
+Sources: a savepoint checkpoint saved with `sharded_model=True` (verified against its manifest
+first), or, with `trust_metadata=True`, a bare DCP directory written by another tool (torch's
+`.metadata` is a pickle: only do this for directories you wrote yourself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+
+from savepoint.errors import (
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    Problem,
+    UnsafeCheckpointError,
+)
+from savepoint.formats import sharded
+from savepoint.formats.hf import WEIGHTS_INDEX_NAME, parse_dtype
+from savepoint.formats.safetensors_io import write_safetensors
+from savepoint.manifest import MANIFEST_NAME, build_manifest, find_problems, read_manifest
+from savepoint.storage.local import StagedDir
+
+# Files of a checkpoint that do not belong in a model directory.
+_NOT_MODEL_FILES = {MANIFEST_NAME, "metrics.json"}
+
+Progress = Callable[[str, int, int], None]  # (output file, shards done, shards in all)
+
+
+def consolidate(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: str | torch.dtype | None = None,
+    config_dir: str | os.PathLike[str] | None = None,
+    trust_metadata: bool = False,
+    progress: Progress | None = None,
+) -> str:
+    """Write the model weights of sharded checkpoint `source` as a transformers directory `out`.
+
+    config.json, generation_config.json and tokenizer files come along from the checkpoint (or
+    from `config_dir`). The output appears whole or not at all.
+    """
+    source, out = os.fspath(source), os.path.abspath(os.fspath(out))
+    dcp_dir, extra_dir = _locate(source, trust_metadata)
+    names = _tensor_plan(dcp_dir)
+    if not names:
+        raise IncompatibleCheckpointError(
+            f"{source} holds no model weights in its DCP directory (no `model.` tensors); it was saved "
+            "without sharded_model=True, so its model files are already a transformers directory"
+        )
+    target = parse_dtype(dtype)
+    staged = StagedDir(os.path.dirname(out), os.path.basename(out))
+    try:
+        _write_shards(dcp_dir, names, staged, max_shard_size, target, progress)
+        for directory in (extra_dir, os.fspath(config_dir) if config_dir else None):
+            if directory:
+                _copy_model_side_files(directory, staged)
+        if target is not None and os.path.exists(staged.abspath("config.json")):
+            _set_config_dtype(staged, target)
+        staged.record_unlisted()
+        return staged.commit(build_manifest("export", staged.entries).to_json(), replace=True)
+    except BaseException:
+        staged.abort()
+        raise
+
+
+def _locate(source: str, trust_metadata: bool) -> tuple[str, str | None]:
+    """(DCP directory, directory whose config/tokenizer files come along), after verification."""
+    if os.path.exists(os.path.join(source, MANIFEST_NAME)):
+        manifest = read_manifest(source)
+        if manifest.kind != "sharded":
+            raise IncompatibleCheckpointError(
+                f"{source} is a {manifest.kind!r} checkpoint: its model files already load with "
+                "from_pretrained, there is nothing to consolidate (use `savepoint export` to copy or cast them)"
+            )
+        problems = find_problems(source, manifest, check_unlisted=False)
+        if problems:
+            raise CorruptCheckpointError(source, problems)
+        return os.path.join(source, sharded.DCP_DIR), source
+    if os.path.exists(os.path.join(source, ".metadata")):
+        if not trust_metadata:
+            problem = Problem(
+                ".metadata", "a pickle (torch DCP metadata) that no savepoint manifest vouches for"
+            )
+            raise UnsafeCheckpointError(
+                source,
+                [problem],
+                hint=(
+                    "Pass trust_metadata=True (CLI: --trust-dcp-metadata) only for a directory you wrote yourself."
+                ),
+            )
+        return source, None
+    raise IncompatibleCheckpointError(
+        f"{source} is neither a savepoint checkpoint nor a DCP directory (no .metadata)"
+    )
+
+
+def _tensor_plan(dcp_dir: str) -> dict[str, tuple[str, torch.Size, torch.dtype]]:
+    """output name -> (DCP key, shape, dtype), for the model's tensors (`model.` keys, else all tensors)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(dcp_dir).read_metadata()
+    tensors = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    prefix = sharded.MODEL_PREFIX if any(k.startswith(sharded.MODEL_PREFIX) for k in tensors) else ""
+    if prefix == "" and any(k.startswith(sharded.OPTIM_PREFIX) for k in tensors):
+        return {}
+    return {
+        k[len(prefix) :]: (k, m.size, m.properties.dtype)
+        for k, m in sorted(tensors.items())
+        if k.startswith(prefix)
+    }
+
+
+def _write_shards(
+    dcp_dir: str,
+    names: dict[str, tuple[str, torch.Size, torch.dtype]],
+    staged: StagedDir,
+    max_shard_size: int | str,
+    dtype: torch.dtype | None,
+    progress: Progress | None,
+) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    def out_dtype(d: torch.dtype) -> torch.dtype:
+        return dtype if dtype is not None and d.is_floating_point else d
+
+    planned = {n: torch.empty(shape, dtype=out_dtype(d), device="meta") for n, (_, shape, d) in names.items()}
+    split = split_torch_state_dict_into_shards(
+        planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    total = len(split.filename_to_tensors)
+    for done, (filename, members) in enumerate(split.filename_to_tensors.items(), start=1):
+        buffers = {names[n][0]: torch.empty(names[n][1], dtype=names[n][2]) for n in members}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(buffers, storage_reader=dcp.FileSystemReader(dcp_dir), no_dist=True)
+        with staged.create(filename) as f:
+            write_safetensors(
+                f, {n: buffers[names[n][0]].to(out_dtype(names[n][2])) for n in members}, {"format": "pt"}
+            )
+        del buffers  # one output shard in memory at a time
+        if progress is not None:
+            progress(filename, done, total)
+    if split.is_sharded:
+        index = {
+            "metadata": dict(split.metadata),
+            "weight_map": dict(sorted(split.tensor_to_filename.items())),
+        }
+        staged.write_bytes(WEIGHTS_INDEX_NAME, json.dumps(index, indent=2).encode())
+
+
+def _copy_model_side_files(directory: str, staged: StagedDir) -> None:
+    """config, generation config and tokenizer files: every top-level JSON/text file but ours and weights."""
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name in _NOT_MODEL_FILES or name.endswith(".safetensors") or name == WEIGHTS_INDEX_NAME:
+            continue
+        if os.path.isfile(path) and not os.path.islink(path):
+            shutil.copyfile(path, staged.abspath(name))
+
+
+def _set_config_dtype(staged: StagedDir, dtype: torch.dtype) -> None:
+    path = staged.abspath("config.json")
+    with open(path, encoding="utf-8") as f:
+        config: dict[str, Any] = json.load(f)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)

@@ -1,0 +1,7 @@
+"""Drop-in integrations with the training loops people already run.
+
+- `savepoint.integrations.transformers.SavepointCallback`: the HF `Trainer` saves through savepoint.
+- `savepoint.integrations.accelerate.AcceleratorCheckpointer`: objects prepared by `Accelerator`.
+
+Each module imports its framework lazily, so importing this package needs neither.
+"""

@@ -1,0 +1,106 @@
+"""`AcceleratorCheckpointer`: save and restore what an `Accelerator` prepared, through savepoint.
+
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(
+        use_stateful_dataloader=True, use_seedable_sampler=True))
+    model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
+    ckpt = AcceleratorCheckpointer("runs/exp1", save_every=100, keep_last=3)
+    step = ckpt.restore(model=model, optimizer=opt, scheduler=sched, dataloader=loader).step
+    for batch in loader:
+        ...
+        step += 1
+        ckpt.maybe_save(step, model=model, optimizer=opt, scheduler=sched, dataloader=loader)
+
+Works in one process and under `accelerate launch` (every process calls `save` and `restore`:
+savepoint's collective save writes the replicated model and optimizer once, and each process's RNG
+states and data-loader position as its own part). The prepared model, optimizer and scheduler go
+to `CheckpointManager` as they are (savepoint unwraps DDP); what this module adds is the data
+loader: accelerate keeps the epoch outside the loader's `state_dict()`, and a resumed run needs it.
+
+The data loader must be prepared with `use_stateful_dataloader=True` (torchdata: a plain
+`DataLoader` has no position to save) and, when it shuffles, `use_seedable_sampler=True` (each
+epoch's order is then a function of the seed and the epoch, which the checkpoint records).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from savepoint.errors import SavepointError
+from savepoint.formats import stateful as stateful_format
+from savepoint.manager import CheckpointManager
+from savepoint.restoring import RestoreResult
+
+LOADER_KEY = "dataloader"
+_FIX = (
+    "prepare it with Accelerator(dataloader_config=DataLoaderConfiguration("
+    "use_stateful_dataloader=True, use_seedable_sampler=True))"
+)
+
+
+class LoaderPosition:
+    """A prepared data loader as a `stateful=` object: its position in the epoch, and the epoch."""
+
+    def __init__(self, loader: Any) -> None:
+        _check_loader(loader)
+        self.loader = loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": stateful_format.capture(self.loader), "epoch": int(getattr(self.loader, "iteration", 0))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(state["epoch"])  # the seedable sampler's order is a function of the epoch
+        stateful_format.restore(self.loader, state["position"])
+
+
+class AcceleratorCheckpointer:
+    """Checkpoints of one Accelerate run; `manager_options` go to `CheckpointManager` (root: path or URL)."""
+
+    def __init__(self, root: str | os.PathLike[str], **manager_options: Any) -> None:
+        self.manager = CheckpointManager(root, **manager_options)
+
+    def maybe_save(self, step: int, **kwargs: Any) -> str | None:
+        """`save` when the manager's `save_every` schedule says so (call it on every process alike)."""
+        return self.save(step, **kwargs) if self.manager.save_every and step > 0 and step % self.manager.save_every == 0 else None
+
+    def save(self, step: int, *, dataloader: Any = None, stateful: Mapping[str, Any] | None = None, **kwargs: Any) -> str:
+        """`CheckpointManager.save` with the data loader's position; call it on every process."""
+        return self.manager.save(step, stateful=_with_loader(stateful, dataloader), **kwargs)
+
+    def restore(
+        self, *, dataloader: Any = None, stateful: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> RestoreResult:
+        """`CheckpointManager.restore`, data loader included; call it on every process. Step 0 when empty."""
+        return self.manager.restore(stateful=_with_loader(stateful, dataloader), **kwargs)
+
+
+def _with_loader(stateful: Mapping[str, Any] | None, loader: Any) -> dict[str, Any]:
+    out = dict(stateful or {})
+    if loader is not None:
+        if LOADER_KEY in out:
+            raise ValueError(f"stateful[{LOADER_KEY!r}] is where the data loader goes; name your object otherwise")
+        out[LOADER_KEY] = LoaderPosition(loader)
+    return out
+
+
+def _check_loader(loader: Any) -> None:
+    if not callable(getattr(loader, "state_dict", None)) or not callable(getattr(loader, "load_state_dict", None)):
+        raise SavepointError(f"the data loader ({type(loader).__name__}) has no state_dict(): its position cannot be saved; {_FIX}")
+    from torch.utils.data import RandomSampler
+
+    sampler = _sampler(loader)
+    if isinstance(sampler, RandomSampler) and type(sampler).__name__ != "SeedableRandomSampler":
+        raise SavepointError(
+            "the data loader shuffles with a RandomSampler, whose order depends on its generator's history and "
+            f"cannot be replayed by a resumed run; {_FIX}"
+        )
+
+
+def _sampler(loader: Any) -> Any:
+    """The index sampler under accelerate's batch-sampler wrappers."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    while batch_sampler is not None and not hasattr(batch_sampler, "sampler"):
+        batch_sampler = getattr(batch_sampler, "batch_sampler", None)
+    return getattr(batch_sampler, "sampler", None) if batch_sampler is not None else getattr(loader, "sampler", None)
