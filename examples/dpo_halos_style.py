@@ -101,33 +101,32 @@ def run_round(root: str, round_: int, cfg: Config, tokenizer: Any, *, stop_at: i
     loader = StatefulDataLoader(pairs[: -cfg.batch_size], batch_size=cfg.batch_size, shuffle=True,  # type: ignore[arg-type]
                                 generator=torch.Generator().manual_seed(cfg.seed + round_))
     held_out = pairs[-cfg.batch_size :]
-    mgr = savepoint.CheckpointManager(os.path.join(root, f"round-{round_}"), keep_last=1,
-                                      best_metric="eval_reward_margin", best_mode="max", keep_best=1)
-    state = {"model": policy, "optimizer": optimizer, "scheduler": scheduler, "stateful": {"data": loader}}
-    step = mgr.restore(**state).step
-    while step < cfg.steps_per_round:
-        for batch in loader:
-            step += 1
-            loss, margin = halo_loss(policy, reference, batch, cfg)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            log(json.dumps({"round": round_, "step": step, "loss": loss.item(), "margin": margin.mean().item()}))
-            final = step == cfg.steps_per_round
-            if step % cfg.eval_every == 0 or final:
-                policy.eval()
-                with torch.no_grad():
-                    eval_loss, eval_margin = halo_loss(policy, reference, held_out, cfg)
-                policy.train()
-                metrics = {"eval_loss": eval_loss.item(), "eval_reward_margin": eval_margin.mean().item(),
-                           "eval_reward_accuracy": (eval_margin > 0).float().mean().item()}
-                mgr.save(step, **state, tokenizer=tokenizer, metrics=metrics, extra={"round": round_}, final=final)
-            if (round_, step) == stop_at:
-                raise KeyboardInterrupt(f"stopped at round {round_} step {step}")
-            if final:
-                break
-    mgr.close()
+    with savepoint.CheckpointManager(os.path.join(root, f"round-{round_}"), keep_last=1,
+                                     best_metric="eval_reward_margin", best_mode="max", keep_best=1) as mgr:
+        state = {"model": policy, "optimizer": optimizer, "scheduler": scheduler, "stateful": {"data": loader}}
+        step = mgr.restore(**state).step
+        while step < cfg.steps_per_round:
+            for batch in loader:
+                step += 1
+                loss, margin = halo_loss(policy, reference, batch, cfg)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                log(json.dumps({"round": round_, "step": step, "loss": loss.item(), "margin": margin.mean().item()}))
+                final = step == cfg.steps_per_round
+                if step % cfg.eval_every == 0 or final:
+                    policy.eval()
+                    with torch.no_grad():
+                        eval_loss, eval_margin = halo_loss(policy, reference, held_out, cfg)
+                    policy.train()
+                    metrics = {"eval_loss": eval_loss.item(), "eval_reward_margin": eval_margin.mean().item(),
+                               "eval_reward_accuracy": (eval_margin > 0).float().mean().item()}
+                    mgr.save(step, **state, tokenizer=tokenizer, metrics=metrics, extra={"round": round_}, final=final)
+                if (round_, step) == stop_at:
+                    raise KeyboardInterrupt(f"stopped at round {round_} step {step}")
+                if final:
+                    break
 
 
 def train(root: str, cfg: Config, *, stop_at: tuple[int, int] | None = None, log: Any = print) -> None:

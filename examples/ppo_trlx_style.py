@@ -188,20 +188,19 @@ def train(root: str, cfg: Config, *, stop_at: int | None = None, log: Any = prin
     """Train to `cfg.steps`, resuming from `root`; `stop_at` raises after that step (a crash, for tests)."""
     torch.set_num_threads(1)
     run = build(cfg)
-    mgr = savepoint.CheckpointManager(root, keep_last=2, best_metric="reward", best_mode="max", keep_best=1)
-    step = mgr.restore(**checkpoint_state(run)).step
-    while step < cfg.steps:
-        for prompts in run.prompts:
-            step += 1
-            stats = ppo_step(run, prompts, cfg)
-            log(json.dumps({"step": step, **stats}))
-            if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
-                mgr.save(step, **checkpoint_state(run), metrics={"reward": stats["reward"]})
-            if step == stop_at:
-                raise KeyboardInterrupt(f"stopped at step {step}")
-            if step == cfg.steps:
-                break
-    mgr.close()
+    with savepoint.CheckpointManager(root, keep_last=2, best_metric="reward", best_mode="max", keep_best=1) as mgr:
+        step = mgr.restore(**checkpoint_state(run)).step
+        while step < cfg.steps:
+            for prompts in run.prompts:
+                step += 1
+                stats = ppo_step(run, prompts, cfg)
+                log(json.dumps({"step": step, **stats}))
+                if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
+                    mgr.save(step, **checkpoint_state(run), metrics={"reward": stats["reward"]})
+                if step == stop_at:
+                    raise KeyboardInterrupt(f"stopped at step {step}")
+                if step == cfg.steps:
+                    break
     return run
 
 

@@ -267,10 +267,17 @@ def check_file(ckpt_dir: str, relpath: str, entry: FileEntry) -> Problem | None:
         return Problem(relpath, "missing")
     if not os.path.isfile(full):
         return Problem(relpath, "is not a regular file")
-    size = os.path.getsize(full)
-    if size != entry.size:
-        return Problem(relpath, f"size {size} bytes, manifest says {entry.size} (truncated or overwritten)")
-    _, digest = hash_file(full)
+    try:
+        size = os.path.getsize(full)
+        if size != entry.size:
+            return Problem(relpath, f"size {size} bytes, manifest says {entry.size} (truncated or overwritten)")
+        _, digest = hash_file(full)
+    except FileNotFoundError:
+        # Deleted between the checks above and the read: retention removing it while a reader verifies
+        # (tests/reliability/test_concurrency.py). A problem to report, not a crash of the reader.
+        return Problem(relpath, "missing (deleted while it was being checked)")
+    except OSError as exc:
+        return Problem(relpath, f"unreadable ({exc.strerror or exc})")
     if digest != entry.checksum:
         return Problem(relpath, f"checksum mismatch (xxh3-128 {digest}, manifest says {entry.checksum})")
     return None

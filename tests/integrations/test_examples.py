@@ -73,7 +73,7 @@ def test_halos_rounds_resume_exactly_and_merge(tmp_path: Path, loss: str) -> Non
     assert [(json.loads(x)["round"], json.loads(x)["step"]) for x in resumed] == [(2, 3), (2, 4)]
     assert resumed == ref_log[-2:], "round 2 diverged after resume"
     for round_ in (1, 2):
-        final = Path("round-%d" % round_) / "step-00000004"
+        final = Path(f"round-{round_}") / "step-00000004"
         assert (tmp_path / "run" / final / "merged" / "config.json").is_file()  # the final save merged LoRA
         same_files(tmp_path / "run" / final, tmp_path / "ref" / final, "adapter_model.safetensors")
         same_files(tmp_path / "run" / final / "merged", tmp_path / "ref" / final / "merged", "model.safetensors")

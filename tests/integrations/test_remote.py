@@ -15,11 +15,11 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from tests.integrations.upload_child import model_and_optimizer
 
 import savepoint
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from savepoint.storage.remote import RemoteRoot
-from tests.integrations.upload_child import model_and_optimizer
 
 CHILD = Path(__file__).with_name("upload_child.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -142,7 +142,7 @@ def test_damaged_object_is_named_and_latest_falls_back(memory_root: str) -> None
     with pytest.warns(UserWarning, match="step-00000002"):
         assert mgr.restore(model=target).step == 1
     assert same_weights(target, model)
-    with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors"):
         mgr.restore(model=fresh_model(), step=2)
 
 

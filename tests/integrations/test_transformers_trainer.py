@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.integrations import trainer_script
 from transformers import AutoModelForCausalLM
 
 import savepoint
-from tests.integrations import trainer_script
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 10

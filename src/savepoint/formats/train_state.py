@@ -56,8 +56,12 @@ def read_blob(ckpt_dir: str, manifest: Manifest, relbase: str) -> Any:
     json_rel, st_rel = blob_files(relbase)
     needed = [json_rel] + ([st_rel] if st_rel in manifest.files else [])
     verify_files(ckpt_dir, manifest, needed)
-    with open(os.path.join(ckpt_dir, json_rel), "rb") as f:
-        doc = state_codec.loads(f.read(), ckpt=ckpt_dir, relpath=json_rel)
+    try:
+        with open(os.path.join(ckpt_dir, json_rel), "rb") as f:
+            raw = f.read()
+    except OSError as exc:  # e.g. deleted by retention after it verified (tests/reliability: concurrency)
+        raise CorruptCheckpointError(ckpt_dir, [Problem(json_rel, f"unreadable ({exc.strerror or exc})")]) from exc
+    doc = state_codec.loads(raw, ckpt=ckpt_dir, relpath=json_rel)
     tensors = {}
     if st_rel in manifest.files:
         tensors = read_safetensors(os.path.join(ckpt_dir, st_rel), checkpoint=ckpt_dir, relpath=st_rel)

@@ -27,6 +27,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from savepoint import policy
 from savepoint.errors import SavepointError
 from savepoint.formats import stateful as stateful_format
 from savepoint.manager import CheckpointManager
@@ -63,7 +64,7 @@ class AcceleratorCheckpointer:
 
     def maybe_save(self, step: int, **kwargs: Any) -> str | None:
         """`save` when the manager's `save_every` schedule says so (call it on every process alike)."""
-        return self.save(step, **kwargs) if self.manager.save_every and step > 0 and step % self.manager.save_every == 0 else None
+        return self.save(step, **kwargs) if policy.should_save(step, self.manager.save_every) else None
 
     def save(self, step: int, *, dataloader: Any = None, stateful: Mapping[str, Any] | None = None, **kwargs: Any) -> str:
         """`CheckpointManager.save` with the data loader's position; call it on every process."""

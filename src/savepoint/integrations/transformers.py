@@ -75,9 +75,9 @@ def step_metrics(state: TrainerState) -> dict[str, float]:
         if entry.get("step") != state.global_step:
             continue
         for key, value in entry.items():
-            if key not in ("step", "epoch") and isinstance(value, int | float) and not isinstance(value, bool):
-                if math.isfinite(value):
-                    out[key] = float(value)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if key not in ("step", "epoch") and number and math.isfinite(value):
+                out[key] = float(value)
     return out
 
 

@@ -29,7 +29,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from savepoint.discovery import STEP_DIR, info_from_manifest
-from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError, Problem
+from savepoint.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    Problem,
+)
 from savepoint.manifest import MAX_MANIFEST_BYTES, Manifest, find_problems, parse_manifest
 from savepoint.policy import CheckpointInfo
 from savepoint.storage.local import MANIFEST_NAME
