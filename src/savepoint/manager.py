@@ -43,6 +43,9 @@ class CheckpointManager:
         sharded_model: for sharded (FSDP) models, write the weights as each rank's shards through
             DCP instead of gathering them to rank 0: faster saves of large models, but the checkpoint
             is no transformers directory until `savepoint consolidate` makes one.
+        max_shard_size: model weights are split into shards of at most this size, named as
+            transformers names them. Smaller shards let unchanged (frozen) parts of a model be
+            hardlinked from the previous checkpoint instead of written again.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class CheckpointManager:
         async_save: bool = False,
         dist_timeout: float | None = None,
         sharded_model: bool = False,
+        max_shard_size: int | str = "5GB",
     ) -> None:
         self.root = os.fspath(root)
         if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
@@ -69,6 +73,7 @@ class CheckpointManager:
         self.async_save = async_save
         self.dist_timeout = dist_timeout
         self.sharded_model = sharded_model
+        self.max_shard_size = max_shard_size
         self._opened = False
         # Object stores (any fsspec URL but file://): saves are committed in a local staging dir, then
         # uploaded with the manifest object last; see storage/remote.py. No root lock there.
@@ -143,6 +148,7 @@ class CheckpointManager:
             extra=dict(extra or {}),
             final=final,
             parent=self._parent_name(step),
+            max_shard_size=self.max_shard_size,
         )
         if distributed.is_collective(model):  # every rank calls save(); savepoint decides who writes what
             from savepoint.collective import save_collective
@@ -171,6 +177,10 @@ class CheckpointManager:
         finally:
             self._lock.release()
             self._opened = False
+            if self._writer is not None:
+                from savepoint.snapshot import release_buffers
+
+                release_buffers(self._write_root)  # the host copies are as large as the state
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -17,6 +17,7 @@ from savepoint.formats import stateful as stateful_format
 from savepoint.formats import train_state
 from savepoint.formats.hf import savable_state_dict, unwrap_model, write_model_files
 from savepoint.manifest import build_manifest
+from savepoint.storage.dedupe import DedupingStagedDir
 from savepoint.storage.local import StagedDir
 
 METRICS_NAME = "metrics.json"
@@ -36,6 +37,7 @@ class SaveRequest:
     extra: dict[str, Any] = field(default_factory=dict)
     final: bool = False
     parent: str | None = None
+    max_shard_size: int | str = "5GB"
 
 
 @dataclass
@@ -47,6 +49,8 @@ class SaveJob:
     # relative path without extension -> (JSON document, tensors it refers to)
     blobs: dict[str, tuple[bytes, dict[str, torch.Tensor]]]
     adapter: Any = None
+    # adapter name -> tensors, taken at capture time (the writer never reads a live adapter)
+    adapter_state: dict[str, dict[str, torch.Tensor]] | None = None
 
 
 def stateful_relbase(name: str) -> str:
@@ -63,10 +67,12 @@ def capture(request: SaveRequest, *, snapshot: bool) -> SaveJob:
     """Take everything the checkpoint holds. With `snapshot`, tensors are copied so training may go on."""
     model = unwrap_model(request.model)
     blobs: dict[str, tuple[bytes, dict[str, torch.Tensor]]] = {}
-    adapter = None
+    adapter = adapter_state = None
     model_state = None
     if is_peft_model(model):
-        adapter = model  # its adapter tensors are taken by the writer (snapshotted when async)
+        from savepoint.formats import peft as peft_format
+
+        adapter, adapter_state = model, peft_format.adapter_states(model)
     else:
         model_state = savable_state_dict(model)
     ts = train_state.TRAIN_STATE_DIR
@@ -81,7 +87,7 @@ def capture(request: SaveRequest, *, snapshot: bool) -> SaveJob:
     blobs[rng_relbase(distributed.rank())] = train_state.encode_blob(train_state.rng_state(), "rng")
     if request.extra:
         blobs[f"{ts}/extra"] = train_state.encode_blob(request.extra, "extra")
-    job = SaveJob(request=request, model_state=model_state, blobs=blobs, adapter=adapter)
+    job = SaveJob(request=request, model_state=model_state, blobs=blobs, adapter=adapter, adapter_state=adapter_state)
     if snapshot:
         from savepoint.snapshot import snapshot_job
 
@@ -100,7 +106,7 @@ def is_peft_model(model: torch.nn.Module) -> bool:
 def _write_adapter(job: SaveJob, staged: StagedDir) -> dict[str, Any]:
     from savepoint.formats import peft as peft_format
 
-    base_model: dict[str, Any] = peft_format.write_adapter_files(job.adapter, staged)
+    base_model: dict[str, Any] = peft_format.write_adapter_files(job.adapter, staged, states=job.adapter_state)
     if job.request.tokenizer is not None:
         job.request.tokenizer.save_pretrained(staged.path)
         staged.record_unlisted()
@@ -114,14 +120,21 @@ def _write_adapter(job: SaveJob, staged: StagedDir) -> dict[str, Any]:
 def write_checkpoint(job: SaveJob) -> str:
     """Write, checksum and commit one checkpoint; on any failure nothing is left behind."""
     request = job.request
-    staged = StagedDir(request.root, step_dir_name(request.step))
+    # Files equal to the parent checkpoint's (frozen shards, tokenizer) become hardlinks.
+    staged = DedupingStagedDir(request.root, step_dir_name(request.step), previous=request.parent)
     try:
         base_model = None
         if job.adapter is not None:
             base_model = _write_adapter(job, staged)
             kind = "adapter"
         else:
-            kind = write_model_files(request.model, staged, tokenizer=request.tokenizer, state=job.model_state)
+            kind = write_model_files(
+                request.model,
+                staged,
+                tokenizer=request.tokenizer,
+                state=job.model_state,
+                max_shard_size=request.max_shard_size,
+            )
         for relbase, (doc, tensors) in job.blobs.items():
             train_state.write_blob(staged, relbase, doc, tensors)
         staged.write_bytes(METRICS_NAME, json.dumps({"step": request.step, **request.metrics}, indent=1).encode())

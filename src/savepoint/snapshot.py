@@ -96,7 +96,7 @@ def snapshot_job(job: Any) -> None:
 
     When this returns the copies are complete: training may change the live tensors at once.
     """
-    if job.adapter is not None and getattr(job, "adapter_state", None) is None:
+    if job.adapter is not None and job.adapter_state is None:
         raise SavepointError(
             "async_save cannot snapshot this LoRA adapter: the save job carries no `adapter_state` to copy, "
             "so the background writer would read weights that training is changing. Use async_save=False."
@@ -108,7 +108,7 @@ def snapshot_job(job: Any) -> None:
             _copy_into(pool, "model", job.model_state)
         for relbase, (_doc, tensors) in job.blobs.items():
             _copy_into(pool, relbase, tensors)
-        for adapter_name, tensors in (getattr(job, "adapter_state", None) or {}).items():
+        for adapter_name, tensors in (job.adapter_state or {}).items():
             _copy_into(pool, f"adapter/{adapter_name}", tensors)
     finally:
         pool.end()

@@ -48,14 +48,25 @@ def adapter_config_json(model: Any, adapter_name: str) -> bytes:
     return json.dumps(doc, indent=2, sort_keys=True, default=list).encode()
 
 
-def write_adapter_files(model: Any, staged: StagedDir) -> dict[str, Any]:
-    """Write every adapter of `model` as peft does (`default` at the top, others in a subdirectory
-    named after them) and return the manifest's `base_model`: name or path, and weights fingerprint."""
+def adapter_states(model: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """adapter name -> the tensors peft saves for it (live references, not copies)."""
     from peft.utils import get_peft_model_state_dict
 
+    return {name: get_peft_model_state_dict(model, adapter_name=name) for name in model.peft_config}
+
+
+def write_adapter_files(
+    model: Any, staged: StagedDir, *, states: dict[str, dict[str, torch.Tensor]] | None = None
+) -> dict[str, Any]:
+    """Write every adapter of `model` as peft does (`default` at the top, others in a subdirectory
+    named after them) and return the manifest's `base_model`: name or path, and weights fingerprint.
+
+    `states` (from `adapter_states`, possibly snapshotted for an async save) is written instead of
+    the model's live adapter tensors."""
+    states = states if states is not None else adapter_states(model)
     for adapter_name in model.peft_config:
         prefix = "" if adapter_name == "default" else f"{adapter_name}/"
-        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        state = states[adapter_name]
         with staged.create(prefix + WEIGHTS_NAME) as out:
             write_safetensors(out, _unshared(state), {"format": "pt"})
         staged.write_bytes(prefix + CONFIG_NAME, adapter_config_json(model, adapter_name))
