@@ -1,4 +1,4 @@
-"""Every snippet of docs/integrations.md runs, each in a fresh process, with tiny stand-ins for the
+"""Every snippet of README.md runs, each in a fresh process, with tiny stand-ins for the
 objects the snippet assumes (`model`, `tokenizer`, datasets)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-DOC = REPO / "docs" / "integrations.md"
+DOC = REPO / "README.md"
 SNIPPET = re.compile(r"<!-- snippet: (\w+) -->\n```(python|bash)\n(.*?)```", re.S)
 
 MODEL = """

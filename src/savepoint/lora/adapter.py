@@ -10,7 +10,6 @@ a plain parameter name for `modules_to_save` copies, which replace the base tens
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from savepoint._json import read_json_file
 from savepoint.errors import MergeError
 from savepoint.formats.safetensors_io import read_safetensors
 from savepoint.lora.math import lora_scaling
@@ -88,13 +88,9 @@ class MergePlan:
 def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
     """Read `adapter_config.json`; MergeError if it is missing or not a LoRA config."""
     path = os.path.join(adapter_dir, CONFIG_NAME)
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except FileNotFoundError as exc:
-        raise MergeError(f"{adapter_dir} has no {CONFIG_NAME}: it is not a PEFT adapter directory") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MergeError(f"{path} is not valid JSON: {exc}") from exc
+    if not os.path.exists(path):
+        raise MergeError(f"{adapter_dir} has no {CONFIG_NAME}: it is not a PEFT adapter directory")
+    config = read_json_file(path, lambda reason: MergeError(f"{path}: {reason}"))
     if not isinstance(config, dict):
         raise MergeError(f"{path} is not a JSON object")
     return config

@@ -11,7 +11,6 @@ open: peak memory is one tensor, never a shard, never the model.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from savepoint._json import read_json_file
 from savepoint.errors import MergeError
 from savepoint.manifest import resolve_inside
 
@@ -60,8 +60,7 @@ def read_model_config(base_dir: str) -> dict[str, Any]:
     path = os.path.join(base_dir, "config.json")
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json_file(path, lambda reason: MergeError(f"{path}: {reason}"))
     if not isinstance(config, dict):
         raise MergeError(f"{path} is not a JSON object")
     quant = config.get("quantization_config")
@@ -77,10 +76,10 @@ def read_model_config(base_dir: str) -> dict[str, Any]:
 def weight_files(base_dir: str) -> list[str]:
     """The safetensors files of a model directory, in index order; refusals for anything else."""
     if os.path.exists(os.path.join(base_dir, INDEX)):
-        with open(resolve_inside(base_dir, INDEX), encoding="utf-8") as f:
-            index = json.load(f)
+        index_path = resolve_inside(base_dir, INDEX)
+        index = read_json_file(index_path, lambda reason: MergeError(f"{index_path}: {reason}"))
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
             raise MergeError(f"{base_dir}/{INDEX} has no weight_map")
         files = list(dict.fromkeys(weight_map.values()))
         for rel in files:

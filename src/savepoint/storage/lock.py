@@ -13,6 +13,7 @@ import socket
 import time
 
 from savepoint.errors import LockedRootError
+from savepoint.storage.local import storage_error
 
 LOCK_NAME = ".savepoint.lock"
 
@@ -23,6 +24,12 @@ class RootLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        try:
+            self._acquire()
+        except OSError as exc:
+            raise storage_error(exc, self.path, "locking") from exc
+
+    def _acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -33,9 +40,13 @@ class RootLock:
                 f"{os.path.dirname(self.path)} is already open for writing by {holder}; two writers would delete "
                 "each other's saves. Stop that process, or give this run its own root."
             ) from None
-        os.ftruncate(fd, 0)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        os.write(fd, json.dumps(info).encode())
+        try:
+            os.ftruncate(fd, 0)
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+            os.write(fd, json.dumps(info).encode())
+        except OSError:
+            os.close(fd)  # closing releases the flock too
+            raise
         self._fd = fd
 
     def release(self) -> None:
