@@ -161,3 +161,36 @@ def test_async_save_uploads_in_background(memory_root: str) -> None:
     target = fresh_model()
     savepoint.CheckpointManager(memory_root).restore(model=target)
     assert all(torch.equal(target.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_cli_ls_and_verify_accept_object_store_urls(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from savepoint.cli import main
+
+    url = f"memory://cli-{tmp_path.name}/run"
+    model = torch.nn.Linear(3, 2)
+    with savepoint.CheckpointManager(url) as mgr:
+        mgr.save(1, model=model, metrics={"eval_loss": 2.0})
+        mgr.save(2, model=model, metrics={"eval_loss": 1.0})
+
+    def run(*args: str) -> int:
+        old = sys.argv
+        sys.argv = ["savepoint", *args]
+        try:
+            main()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        finally:
+            sys.argv = old
+        return 0
+
+    assert run("ls", url, "--json") == 0
+    assert '"step": 2' in capsys.readouterr().out
+    assert run("verify", url) == 0
+    assert "step-00000002: intact" in capsys.readouterr().out
+    fs = fsspec.filesystem("memory")
+    key = f"/cli-{tmp_path.name}/run/step-00000001/model.safetensors"
+    data = bytearray(fs.cat(key))
+    data[-1] ^= 0xFF
+    fs.pipe(key, bytes(data))
+    assert run("verify", url) == 1
+    assert "model.safetensors: checksum mismatch" in capsys.readouterr().out

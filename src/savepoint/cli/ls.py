@@ -21,6 +21,7 @@ from savepoint.discovery import STEP_DIR, check_root, is_checkpoint_dir, list_ch
 from savepoint.errors import SavepointError
 from savepoint.manifest import read_manifest
 from savepoint.policy import BestMode, CheckpointInfo, best_step
+from savepoint.storage.remote import RemoteRoot, is_remote_url
 
 DEFAULT_BEST_METRIC = "eval_loss"
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -91,6 +92,8 @@ def _unreadable_reason(path: str, step: int) -> str:
 
 def scan_root(root: str) -> list[Row]:
     """Every `step-N` directory under `root`, readable or not, oldest step first."""
+    if is_remote_url(root):  # object stores: only prefixes with a readable manifest object are listed
+        return [Row(info.step, info.path, info) for info in RemoteRoot(root).list_checkpoints(warn=False)]
     check_root(root, must_exist=True)
     readable = {info.path: info for info in list_checkpoints(root, warn=False)}
     rows = []

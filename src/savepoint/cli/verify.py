@@ -23,6 +23,7 @@ from savepoint.errors import (
     Problem,
 )
 from savepoint.manifest import read_manifest
+from savepoint.storage.remote import is_remote_url
 from savepoint.verify import verify
 
 
@@ -111,6 +112,9 @@ def verify_command(
     Exits 0 when every checkpoint is intact, 1 when any file is damaged, missing or unlisted,
     and 2 when PATH does not exist or holds no checkpoint.
     """
+    if is_remote_url(path):
+        _verify_remote(path)
+        return
     verdicts = _verify_all(checkpoints_to_verify(path))
     for verdict in verdicts:
         _print_verdict(verdict)
@@ -122,3 +126,16 @@ def verify_command(
             highlight=False,
         )
         raise typer.Exit(1)
+
+
+def _verify_remote(url: str) -> None:
+    """An object-store root or checkpoint: each checkpoint is downloaded to a temp dir and verified."""
+    try:
+        verified = verify(url)
+    except CorruptCheckpointError as exc:
+        for problem in exc.problems:
+            console.print(f"  [red]{problem}[/]", highlight=False, soft_wrap=True)
+        console.print("[bold red]damaged[/]; restore an earlier checkpoint or delete the damaged one", highlight=False)
+        raise typer.Exit(1) from None
+    for step_url in verified:
+        console.print(f"[green]✓ {step_url}: intact[/]", highlight=False)
