@@ -25,7 +25,8 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
 
 
 def _hash_stream(f: BinaryIO, hasher: xxhash.xxh3_128) -> int:
-    buf = bytearray(_CHUNK)
+    # A buffer no larger than the file: zero-filling 16 MiB for a 2 KB config costs more than hashing it.
+    buf = bytearray(max(1, min(_CHUNK, os.fstat(f.fileno()).st_size + 1)))
     view = memoryview(buf)
     size = 0
     while True:

@@ -117,15 +117,16 @@ def save_collective(request: Any, *, timeout: float | None = None, sharded_model
     With `sharded_model` (and a sharded model) the weights go into the DCP directory as each rank's
     shards instead of being gathered to rank 0; the manifest's kind is then "sharded".
     """
+    from savepoint.integrations import deepspeed as ds
+
+    if ds.is_engine(request.model):
+        return ds.save(request, timeout=timeout)
     what = f"save of step {request.step} under {request.root}"
     model = hf.unwrap_model(request.model)
-    sharded_model = sharded_model and is_sharded(model)
     adapter = is_peft_model(model)
+    sharded_model = sharded_model and is_sharded(model) and not adapter  # adapters are small: always gathered
     if adapter and is_sharded(model):  # the same verdict on every rank, before anything collective
-        raise UnsupportedStateError(
-            "saving the LoRA adapter of a sharded (FSDP) model is not supported yet; wrap the PeftModel "
-            "with DDP instead (adapters are small), or save from a single process"
-        )
+        _check_sharded_adapter(model, request)
     staged = _open_staged(request.root, step_dir_name(request.step), timeout=timeout, what=what)
     try:
         blobs, error = {}, None
@@ -134,8 +135,14 @@ def save_collective(request: Any, *, timeout: float | None = None, sharded_model
         except BaseException as exc:
             error = exc
         agree(error, timeout=timeout, what=what)  # nobody enters a collective after a rank failed
-        gather = is_sharded(model) and not sharded_model
+        gather = is_sharded(model) and not sharded_model and not adapter
         full = distributed.full_model_state(model) if gather else None  # collective
+        adapter_state = None
+        if adapter and is_sharded(model):  # collective: the adapter to rank 0, the full base's fingerprint
+            from savepoint.lora.sharded import gather_adapter_states, prime_fingerprint
+
+            prime_fingerprint(model)
+            adapter_state = gather_adapter_states(model)
         opt_tensors, opt_rest = (None, None)
         if request.optimizer is not None:
             opt_tensors, opt_rest = _optimizer_parts(model, request.optimizer)
@@ -153,6 +160,7 @@ def save_collective(request: Any, *, timeout: float | None = None, sharded_model
                     opt_rest,
                     sharded_optimizer=opt_tensors is not None,
                     sharded_model=sharded_model,
+                    adapter_state=adapter_state,
                 )
             for relbase, (doc, tensors) in blobs.items():
                 train_state.write_blob(staged, relbase, doc, tensors)
@@ -165,7 +173,7 @@ def save_collective(request: Any, *, timeout: float | None = None, sharded_model
             else "adapter"
             if adapter
             else "model"
-            if hf.is_transformers_model(model)
+            if hf.is_transformers_model(_hf_model(model))
             else "module"
         )
         return _commit(staged, reported, request, kind, base_model, timeout=timeout, what=what)
@@ -184,6 +192,7 @@ def _write_rank0(
     *,
     sharded_optimizer: bool,
     sharded_model: bool,
+    adapter_state: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any] | None:
     """Rank 0's files; returns the manifest's `base_model` for LoRA adapters."""
     base_model = None
@@ -193,11 +202,12 @@ def _write_rank0(
         from savepoint.saving import SaveJob, _write_adapter
 
         base_model = _write_adapter(
-            SaveJob(request=request, model_state=None, blobs={}, adapter=model), staged
+            SaveJob(request=request, model_state=None, blobs={}, adapter=model, adapter_state=adapter_state),
+            staged,
         )
     else:
-        state = savable(model, full) if full is not None else hf.savable_state_dict(model)
-        hf.write_model_files(model, staged, tokenizer=request.tokenizer, state=state)
+        state = savable(_hf_model(model), full) if full is not None else hf.savable_state_dict(model)
+        hf.write_model_files(_hf_model(model), staged, tokenizer=request.tokenizer, state=state)
         del state, full
     if request.optimizer is not None:
         relbase = sharded.GROUPS_BLOB if sharded_optimizer else f"{_TS}/optimizer"
@@ -207,6 +217,21 @@ def _write_rank0(
     return base_model
 
 
+def _check_sharded_adapter(model: torch.nn.Module, request: Any) -> None:
+    from savepoint.lora.sharded import uses_dtensor
+
+    if not uses_dtensor(model):
+        raise UnsupportedStateError(
+            "saving the LoRA adapter of an FSDP1 (FullyShardedDataParallel) model is not supported; shard the "
+            "PeftModel with FSDP2 (`fully_shard`) or wrap it with DDP instead (adapters are small)"
+        )
+    if request.final:
+        raise UnsupportedStateError(
+            "final=True (merging the adapter into the base) is not supported for a sharded model: save without "
+            "final=True, then run `savepoint merge-lora CKPT --base BASE_DIR --out OUT` on one machine"
+        )
+
+
 def _write_config_only(model: torch.nn.Module, staged: StagedDir, tokenizer: Any) -> None:
     """config.json, generation_config.json and the tokenizer, for `savepoint consolidate` to complete."""
     if hf.is_transformers_model(model):
@@ -214,6 +239,17 @@ def _write_config_only(model: torch.nn.Module, staged: StagedDir, tokenizer: Any
     if tokenizer is not None:
         tokenizer.save_pretrained(staged.path)
     staged.record_unlisted()
+
+
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside an FSDP1 root wrapper, for config and tied-weight names: torch's full state
+    dict of FSDP1 already has the wrapper's `_fsdp_wrapped_module.` prefixes removed, and nothing here may
+    call the wrapper's own state_dict() on rank 0 alone (it is collective)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    while isinstance(model, FullyShardedDataParallel):
+        model = model.module
+    return model
 
 
 def savable(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -278,14 +314,21 @@ def save_pretrained_collective(
     model: torch.nn.Module, out: str, *, timeout: float | None = None, **options: Any
 ) -> str:
     """`save_pretrained` under torchrun: the full state dict is gathered to rank 0's CPU, rank 0 writes."""
-    inner = hf.unwrap_model(model)
-    full = distributed.full_model_state(inner) if is_sharded(inner) else None  # collective
+    from savepoint.integrations import deepspeed as ds
+
+    inner: torch.nn.Module = model.module if ds.is_engine(model) else hf.unwrap_model(model)  # type: ignore[assignment]
+    if ds.is_engine(model):
+        full: dict[str, torch.Tensor] | None = ds.full_state(model)  # collective (ZeRO-3 gathers)
+    else:
+        full = distributed.full_model_state(inner) if is_sharded(inner) else None  # collective
 
     def write() -> str:
         staged = StagedDir(os.path.dirname(out), os.path.basename(out))
         try:
-            state = savable(inner, full) if full is not None else None
-            kind = hf.write_model_files(inner, staged, state=state, **options)
+            state = savable(_hf_model(inner), full) if full is not None else None
+            kind = hf.write_model_files(
+                _hf_model(inner) if full is not None else inner, staged, state=state, **options
+            )
             manifest = build_manifest("export" if kind == "model" else kind, staged.entries)
             return staged.commit(manifest.to_json(), replace=True)
         except BaseException:
@@ -312,8 +355,13 @@ def restore_collective(
     Checks first (files, keys, shapes), then changes state: the model from the HF files (each rank
     keeps its shard), the optimizer through DCP (resharded), scheduler, stateful objects and RNG per rank.
     """
+    from savepoint.integrations import deepspeed as ds
     from savepoint.restoring import RestoreResult
 
+    if ds.is_engine(model):
+        return ds.restore(
+            path, manifest, engine=model, optimizer=optimizer, scheduler=scheduler, stateful=stateful
+        )
     model = hf.unwrap_model(model)
     optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
     stateful = dict(stateful or {})
@@ -363,13 +411,22 @@ def _warn_world_size(path: str, manifest: Manifest, stateful: Mapping[str, Any])
 
 def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
     if manifest.kind == "adapter" or is_peft_model(model):
-        if manifest.kind != "adapter" or not is_peft_model(model) or is_sharded(model):
+        from savepoint.lora.sharded import prime_fingerprint, uses_dtensor
+
+        if (
+            manifest.kind != "adapter"
+            or not is_peft_model(model)
+            or (is_sharded(model) and not uses_dtensor(model))
+        ):
             raise IncompatibleCheckpointError(
                 f"{path} holds a {'LoRA adapter' if manifest.kind == 'adapter' else 'full model'}: restore it into "
-                f"{'a (not sharded) peft PeftModel' if manifest.kind == 'adapter' else 'a model that is no PeftModel'}"
+                f"{'a peft PeftModel (plain, DDP or FSDP2)' if manifest.kind == 'adapter' else 'a model that is no PeftModel'}"
             )
         from savepoint.formats import peft as peft_format
 
+        if is_sharded(model):  # collective: the full base's fingerprint, as a plain process computes it
+            prime_fingerprint(model)
+        # peft puts full adapter tensors into FSDP2's DTensor parameters itself (each rank keeps its shard).
         return lambda: peft_format.load_adapter_into(model, path, manifest)
     if manifest.kind == "sharded":
         return _plan_model_from_dcp(model, path, manifest)
@@ -521,5 +578,12 @@ def _plan_optimizer(
 
 
 def _group_names(optimizer: Any, model: torch.nn.Module) -> list[list[str]]:
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    # FSDP1 (and activation checkpointing) insert wrapper modules; torch's state dicts drop their names.
+    names = {id(p): _clean_name(n) for n, p in model.named_parameters(remove_duplicate=False)}
     return [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
+
+
+def _clean_name(name: str) -> str:
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name

@@ -58,6 +58,14 @@ def consolidate(
     from `config_dir`). The output appears whole or not at all.
     """
     source, out = os.fspath(source), os.path.abspath(os.fspath(out))
+    if not os.path.exists(os.path.join(source, MANIFEST_NAME)) and _is_deepspeed_checkpoint(source):
+        from savepoint.integrations import deepspeed
+
+        cfg = os.fspath(config_dir) if config_dir else None
+        target = parse_dtype(dtype)
+        return deepspeed.consolidate(
+            source, out, max_shard_size=max_shard_size, dtype=target, config_dir=cfg, progress=progress
+        )
     dcp_dir, extra_dir = _locate(source, trust_metadata)
     names = _tensor_plan(dcp_dir)
     if not names:
@@ -79,6 +87,15 @@ def consolidate(
     except BaseException:
         staged.abort()
         raise
+
+
+def _is_deepspeed_checkpoint(source: str) -> bool:
+    """A DeepSpeed `save_checkpoint` directory (its pickles are read with torch's weights_only unpickler)."""
+    try:
+        from savepoint.integrations.deepspeed import find_checkpoint
+    except ImportError:
+        return False
+    return find_checkpoint(source) is not None
 
 
 def _locate(source: str, trust_metadata: bool) -> tuple[str, str | None]:

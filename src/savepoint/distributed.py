@@ -69,8 +69,11 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def is_collective(model: torch.nn.Module) -> bool:
-    """Whether saving `model` takes every rank (a process group is up, or the model is sharded)."""
-    return (is_distributed() and world_size() > 1) or is_sharded(model)
+    """Whether saving `model` takes every rank (a process group is up, the model is sharded, or it is a
+    DeepSpeed engine, which always saves through its own collective checkpoint)."""
+    from savepoint.integrations.deepspeed import is_engine
+
+    return (is_distributed() and world_size() > 1) or is_sharded(model) or is_engine(model)
 
 
 # ---------------------------------------------------------------- coordination
@@ -217,7 +220,10 @@ def _full_state_fsdp1(
 ) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    # FSDP1 frees the unsharded storage a CPU "offload" copy still points to when the model already lives
+    # on the CPU (torch 2.13: a crash); there the plain full gather is already on the CPU.
+    offload = any(p.device.type != "cpu" for p in model.parameters())
+    options = StateDictOptions(full_state_dict=True, cpu_offload=offload, ignore_frozen_params=trainable_only)
     state = get_model_state_dict(model, options=options)
     if rank() != 0:
         return {}

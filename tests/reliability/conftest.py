@@ -56,7 +56,7 @@ def tally(request: pytest.FixtureRequest) -> Iterator[callable]:
 
     def make(fault_class: str, *, xfail: bool = False) -> Tally:
         env = "SAVEPOINT_TORTURE=full " if FULL else ""
-        t = Tally(fault_class, f"{env}pytest -q '{request.node.nodeid}'", xfail=xfail)
+        t = Tally(fault_class, f"{env}.venv/bin/python -m pytest -q '{request.node.nodeid}'", xfail=xfail)
         made.append(t)
         return t
 
@@ -75,7 +75,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     env = "SAVEPOINT_TORTURE=full " if FULL else ""
     t = _HOSTILE.get(func)
     if t is None:
-        t = _HOSTILE[func] = Tally(f"hostile: {func.removeprefix('test_')}", f"{env}pytest -q 'tests/reliability/"
+        t = _HOSTILE[func] = Tally(f"hostile: {func.removeprefix('test_')}", f"{env}.venv/bin/python -m pytest -q 'tests/reliability/"
                                    f"test_hostile_inputs.py::{func}'", xfail=False)
         _TALLIES.append(t)
     xfailed = hasattr(report, "wasxfail")

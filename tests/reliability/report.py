@@ -10,7 +10,22 @@ import json
 import sys
 
 
+def merge(rows: list[dict]) -> list[dict]:
+    """One row per fault class (a parametrized test records one tally per parameter)."""
+    out: dict[str, dict] = {}
+    for row in rows:
+        if row["class"] in out:
+            into = out[row["class"]]
+            into.update(tried=into["tried"] + row["tried"], survived=into["survived"] + row["survived"])
+            into["xfail"] = into["xfail"] or row["xfail"]
+            into["command"] = into["command"].split("[")[0] + ("'" if "[" in into["command"] else "")
+        else:
+            out[row["class"]] = dict(row)
+    return list(out.values())
+
+
 def render(rows: list[dict]) -> str:
+    rows = merge(rows)
     lines = [
         "| Fault class | Cases tried | Cases survived | Reproduce |",
         "|---|---:|---:|---|",

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.reliability.harness import FULL, Tally
 
@@ -32,8 +32,6 @@ SLOW_SECONDS = 5.0
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
-# Known bugs (xfail) fail on their first inputs; shrinking those would only spend minutes.
-FUZZ_KNOWN_BUG = settings(FUZZ, phases=[Phase.explicit, Phase.generate])
 # Strings an attacker would try for a path or a key, mixed into the generated JSON.
 NASTY_TEXT = st.sampled_from(
     ["..", "../outside/secret.bin", "/etc/passwd", "a/../../x", "", "\x00", "model.safetensors", "C:\\x",
@@ -244,9 +242,7 @@ WEIGHT_FILES = st.sampled_from(["model-00001-of-00002.safetensors", "../outside/
                                 "../link-out", "sub/../../outside/secret.bin", "link-out"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (formats/hf.py read_index): an integer literal over 4300 digits "
-                   "makes json raise a bare ValueError, not a CorruptCheckpointError")
-@FUZZ_KNOWN_BUG
+@FUZZ
 @given(raw=inputs(_VALID_INDEX) | st.dictionaries(st.text(max_size=5), WEIGHT_FILES, max_size=3).map(
     lambda m: _dumps({"weight_map": m})))
 def test_fuzz_model_index(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> None:
@@ -257,16 +253,7 @@ def test_fuzz_model_index(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> Non
     judge(lambda: weight_files(ckpt, manifest), ckpt, str(tmp_path), fuzzed)
 
 
-LORA_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="BUG (lora/base.py read_model_config, weight_files): a malformed config.json or index of a base "
-    "model raises json.JSONDecodeError / AttributeError instead of a SavepointError",
-)
-
-
-@pytest.mark.xfail(strict=True, reason="BUG (lora/adapter.py read_adapter_config): deeply nested JSON raises "
-                   "RecursionError and a 4300+ digit integer a bare ValueError, not a SavepointError")
-@FUZZ_KNOWN_BUG
+@FUZZ
 @given(raw=inputs({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
 def test_fuzz_adapter_config(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> None:
     adapter = pytest.importorskip("savepoint.lora.adapter")
@@ -279,8 +266,7 @@ def test_fuzz_adapter_config(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> 
     judge(parse, ckpt, str(tmp_path), fuzzed)
 
 
-@LORA_XFAIL
-@FUZZ_KNOWN_BUG
+@FUZZ
 @given(raw=inputs(_VALID_INDEX), config=inputs({"model_type": "llama", "hidden_size": 16}))
 def test_fuzz_base_model_index_and_config(raw: bytes, config: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> None:
     base = pytest.importorskip("savepoint.lora.base")

@@ -212,19 +212,12 @@ def _rewrite_weights(ckpt: str, change) -> None:  # type: ignore[no-untyped-def]
     relist(ckpt)
 
 
-DTYPE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG (formats/hf.py _compare): a checkpoint tensor whose dtype differs from the model's (int32 or "
-    "float16 for a float32 parameter) is cast silently by copy_ instead of refused: not an exact resume",
-)
-
-
 @pytest.mark.parametrize(
     "change",
     [
         lambda t: t.update({"0.weight": torch.zeros(3, 3)}),
-        pytest.param(lambda t: t.update({"0.weight": t["0.weight"].to(torch.int32)}), marks=DTYPE_BUG),
-        pytest.param(lambda t: t.update({"0.weight": t["0.weight"].to(torch.float16)}), marks=DTYPE_BUG),
+        lambda t: t.update({"0.weight": t["0.weight"].to(torch.int32)}),
+        lambda t: t.update({"0.weight": t["0.weight"].to(torch.float16)}),
         lambda t: t.pop("2.bias"),
         lambda t: t.update({"extra": torch.zeros(1)}),
     ],
@@ -269,8 +262,6 @@ def test_duplicate_tensor_names_in_a_safetensors_header(run: str) -> None:
         restore_into_fresh(run)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (formats/hf.py load_model_files): a tensor present in two shards is "
-                   "accepted (read_header's dict.update keeps the last); the index says which one is meant")
 def test_tensor_in_two_shards_is_refused(tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 

@@ -1,0 +1,348 @@
+"""DeepSpeed ZeRO engines (stages 1-3): the same `CheckpointManager` API, with `model=engine`.
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, config=ds_config, ...)
+    mgr.restore(model=engine)                    # every rank; the engine's optimizer and scheduler come back
+    mgr.save(step, model=engine, tokenizer=tok)  # every rank; pass the engine, not engine.module
+
+The engine owns its optimizer (and the scheduler it was given), so `optimizer=` is not needed; a
+scheduler or `stateful=` objects the engine does not know about are saved by savepoint as usual.
+
+What a checkpoint holds, inside savepoint's usual atomic commit (temp dir, every rank's vote, manifest
+over every file written last, rename):
+
+    config.json, model*.safetensors     the 16-bit weights gathered to rank 0 (ZeRO-3 through the
+                                        engine's `_zero3_consolidated_16bit_state_dict`): a transformers
+                                        directory, as for any other model
+    train_state/deepspeed/global_stepN/ the engine's own `save_checkpoint` layout, every rank its own
+                                        partition (fp32 master weights, optimizer moments, scheduler)
+    train_state/rng/, stateful/ ...     as for any distributed save
+
+The files under `train_state/deepspeed/` are DeepSpeed's own format: torch pickles. They are the one
+exception to "no pickle in what we write" we take besides DCP's metadata, and they are read the same
+way: only after every one of them matched its checksum in the manifest, and only through torch's
+`weights_only` unpickler with three DeepSpeed data classes allowed (`ZeroStageEnum`, `LossScaler`,
+`fragment_address`), never
+through plain `pickle`. Restore needs the world size it was saved at; `savepoint consolidate`
+turns such a directory (or any DeepSpeed checkpoint directory) into an HF model directory offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from savepoint import distributed
+from savepoint.errors import (
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    Problem,
+    UnsupportedStateError,
+)
+from savepoint.formats import hf, train_state
+from savepoint.manifest import Manifest, verify_files
+
+DS_DIR = f"{train_state.TRAIN_STATE_DIR}/deepspeed"
+_RANK_FILE = re.compile(r"(?:^|_)pp_rank_(\d+)_")
+
+
+def is_engine(model: object) -> bool:
+    """True for a DeepSpeed engine (checked without importing deepspeed when it is not loaded)."""
+    ds = sys.modules.get("deepspeed")
+    return ds is not None and isinstance(model, ds.DeepSpeedEngine)
+
+
+def tag_of(step: int) -> str:
+    return f"global_step{step}"
+
+
+# ---------------------------------------------------------------- reading DeepSpeed's pickles safely
+
+
+def _safe_globals() -> list[Any]:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]  # plain data classes: no code runs on load
+
+
+def safe_load(path: str, map_location: Any = None, **_: Any) -> Any:
+    """torch.load of a DeepSpeed file through the `weights_only` unpickler (memory-mapped)."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True, mmap=True)
+
+
+@contextlib.contextmanager
+def _engine_loads_safely(engine: Any) -> Iterator[None]:
+    """Route the engine's checkpoint reads through `safe_load` for the duration of one restore."""
+    checkpoint_engine = engine.checkpoint_engine
+    checkpoint_engine.load = safe_load  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
+
+
+# ---------------------------------------------------------------- saving
+
+
+def full_state(engine: Any) -> dict[str, torch.Tensor]:
+    """The 16-bit weights on rank 0's CPU ({} elsewhere). Collective: every rank calls it.
+
+    Under ZeRO-1/2 these are the live (replicated) parameters, not copies: write them before training on."""
+    if engine.zero_optimization_partition_weights():  # ZeRO-3: gathered one module at a time
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return dict(state) if distributed.rank() == 0 else {}
+    if distributed.rank() != 0:
+        return {}
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}  # ZeRO-1/2: replicated
+
+
+def save(request: Any, *, timeout: float | None) -> str:
+    """Write checkpoint `request.step` of a DeepSpeed engine from every rank (see the module docstring)."""
+    from savepoint.collective import _capture_local, _commit, _open_staged, savable
+    from savepoint.discovery import step_dir_name
+
+    engine = request.model
+    if request.optimizer is not None and request.optimizer is not engine.optimizer:
+        raise UnsupportedStateError(
+            "with a DeepSpeed engine, pass model=engine and no optimizer= (or engine.optimizer): the engine "
+            "saves and restores its own optimizer"
+        )
+    what = f"save of step {request.step} under {request.root}"
+    staged = _open_staged(request.root, step_dir_name(request.step), timeout=timeout, what=what)
+    try:
+        blobs, error = {}, None
+        try:
+            blobs = _capture_local(request)
+        except BaseException as exc:
+            error = exc
+        distributed.agree(error, timeout=timeout, what=what)  # nobody enters a collective after a rank failed
+        full = full_state(engine)  # collective
+        error = None
+        try:
+            _save_engine(engine, staged, request.step)  # collective (DeepSpeed's own barriers)
+            if distributed.rank() == 0:
+                module = engine.module
+                hf.write_model_files(module, staged, tokenizer=request.tokenizer, state=savable(module, full))
+                del full
+                metrics = {"step": request.step, **request.metrics}
+                import json
+
+                staged.write_bytes("metrics.json", json.dumps(metrics, indent=1).encode())
+            for relbase, (doc, tensors) in blobs.items():
+                train_state.write_blob(staged, relbase, doc, tensors)
+        except BaseException as exc:
+            error = exc
+        reported = distributed.agree(error, dict(staged.entries), timeout=timeout, what=what)
+        kind = "model" if hf.is_transformers_model(engine.module) else "module"
+        return _commit(staged, reported, request, kind, None, timeout=timeout, what=what)
+    except BaseException:
+        if distributed.rank() == 0:
+            staged.abort()
+        raise
+
+
+def _save_engine(engine: Any, staged: Any, step: int) -> None:
+    """The engine's own checkpoint into the staged directory; each rank records (hashes) its own files."""
+    save_dir = staged.abspath(DS_DIR)
+    tag = tag_of(step)
+    engine.save_checkpoint(save_dir, tag=tag, client_state={}, save_latest=False)
+    if distributed.rank() == 0:
+        # DeepSpeed copies its recovery scripts next to the checkpoint; we keep checkpoints free of code
+        # (`savepoint consolidate` does their job).
+        for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(save_dir, script))
+    me = distributed.rank()
+    for name in sorted(os.listdir(os.path.join(save_dir, tag))):
+        match = _RANK_FILE.search(name)
+        if (int(match.group(1)) if match else 0) == me:  # files of no rank (ZeRO-1/2 model states): rank 0
+            staged.record(f"{DS_DIR}/{tag}/{name}")
+
+
+# ---------------------------------------------------------------- restoring
+
+
+def has_engine_state(manifest: Manifest) -> bool:
+    return any(p.startswith(DS_DIR + "/") for p in manifest.files)
+
+
+def restore(
+    path: str,
+    manifest: Manifest,
+    *,
+    engine: Any,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    stateful: Mapping[str, Any] | None = None,
+) -> Any:
+    """Restore a DeepSpeed checkpoint into `engine` at the world size it was saved at."""
+    from savepoint.collective import _read_blobs
+    from savepoint.restoring import RestoreResult
+
+    if optimizer is not None and optimizer is not engine.optimizer:
+        raise UnsupportedStateError("with a DeepSpeed engine, restore(model=engine) without optimizer=")
+    if not has_engine_state(manifest):
+        raise IncompatibleCheckpointError(
+            f"{path} holds no DeepSpeed engine state (it was not saved from a DeepSpeed engine); load its "
+            "model files into engine.module before deepspeed.initialize instead"
+        )
+    if manifest.world_size != distributed.world_size():
+        raise IncompatibleCheckpointError(
+            f"{path} was saved by {manifest.world_size} DeepSpeed rank(s) and this job has "
+            f"{distributed.world_size()}: a DeepSpeed engine restores at the same world size (its partitions are "
+            "per rank). Restore with the same number of ranks, or consolidate it and start from the weights."
+        )
+    tag = tag_of(manifest.step or 0)
+    files = sorted(p for p in manifest.files if p.startswith(f"{DS_DIR}/{tag}/"))
+    if not files:
+        raise CorruptCheckpointError(path, [Problem(f"{DS_DIR}/{tag}", "no DeepSpeed files for this step")])
+    verify_files(path, manifest, files)  # every pickle matches its checksum before any is opened
+    stateful = dict(stateful or {})
+    blobs = _read_blobs(path, manifest, optimizer=None, scheduler=scheduler, stateful=stateful)
+    with _engine_loads_safely(engine):
+        loaded, _ = engine.load_checkpoint(
+            os.path.join(path, DS_DIR), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    if loaded is None:
+        raise CorruptCheckpointError(path, [Problem(f"{DS_DIR}/{tag}", "DeepSpeed could not load it")])
+    if scheduler is not None:
+        scheduler.load_state_dict(blobs["scheduler"])
+    from savepoint.formats import stateful as stateful_format
+
+    for name, obj in stateful.items():
+        stateful_format.restore(obj, blobs[f"stateful/{name}"])
+    if "rng" in blobs:
+        train_state.set_rng_state(blobs["rng"])
+    return RestoreResult(
+        step=manifest.step or 0, metrics=dict(manifest.metrics), extra=blobs.get("extra") or {}, path=path
+    )
+
+
+# ---------------------------------------------------------------- consolidating (offline, one process)
+
+
+def find_checkpoint(source: str) -> str | None:
+    """The `global_stepN` directory of a DeepSpeed checkpoint at `source` (itself, via `latest`, or its only
+    `global_step*` subdirectory); None when `source` is no DeepSpeed checkpoint."""
+
+    def is_tag_dir(d: str) -> bool:
+        return os.path.isdir(d) and any(n.endswith("_optim_states.pt") for n in os.listdir(d))
+
+    if is_tag_dir(source):
+        return source
+    latest = os.path.join(source, "latest")
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as f:
+            tag = os.path.basename(f.read().strip())  # a tag names a subdirectory, never a path
+        return os.path.join(source, tag) if is_tag_dir(os.path.join(source, tag)) else None
+    tags = [n for n in os.listdir(source) if n.startswith("global_step")] if os.path.isdir(source) else []
+    return (
+        os.path.join(source, tags[0])
+        if len(tags) == 1 and is_tag_dir(os.path.join(source, tags[0]))
+        else None
+    )
+
+
+class _SafeTorch:
+    """`torch` as DeepSpeed's zero_to_fp32 sees it during one consolidation: its `torch.load` calls (with
+    weights_only=False) go through `safe_load` instead; everything else is torch itself."""
+
+    load = staticmethod(safe_load)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def fp32_state(tag_dir: str) -> dict[str, Any]:
+    """name -> fp32 tensor or a lazy DeepSpeed `GatheredTensor` (`.contiguous()` materializes it), from the
+    fp32 master weights of every rank's partition (memory-mapped: nothing is read until asked for)."""
+    from deepspeed.utils import zero_to_fp32
+
+    original = zero_to_fp32.torch
+    zero_to_fp32.torch = _SafeTorch()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress on stdout
+            return dict(zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(tag_dir, False))
+    finally:
+        zero_to_fp32.torch = original
+
+
+def consolidate(
+    source: str,
+    out: str,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    config_dir: str | None = None,
+    progress: Any = None,
+) -> str:
+    """Write the fp32 master weights of DeepSpeed checkpoint `source` as a transformers directory `out`,
+    one output shard in memory at a time. config.json and tokenizer files come from `config_dir`, else
+    from the nearest of `source` and its parents that has a config.json (a savepoint checkpoint's)."""
+    import json
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from savepoint.consolidate import _copy_model_side_files, _set_config_dtype
+    from savepoint.formats.hf import WEIGHTS_INDEX_NAME
+    from savepoint.formats.safetensors_io import write_safetensors
+    from savepoint.manifest import build_manifest
+    from savepoint.storage.local import StagedDir
+
+    tag_dir = find_checkpoint(source)
+    if tag_dir is None:
+        raise IncompatibleCheckpointError(f"{source} is no DeepSpeed checkpoint (no *_optim_states.pt)")
+    state = fp32_state(tag_dir)
+    first: dict[int, str] = {}
+    names = [n for n, t in state.items() if first.setdefault(id(t), n) == n]  # tied weights once
+
+    def out_dtype(t: Any) -> torch.dtype:
+        return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+
+    planned = {n: torch.empty(tuple(state[n].shape), dtype=out_dtype(state[n]), device="meta") for n in names}
+    split = split_torch_state_dict_into_shards(
+        planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    staged = StagedDir(os.path.dirname(out), os.path.basename(out))
+    try:
+        total = len(split.filename_to_tensors)
+        for done, (filename, members) in enumerate(split.filename_to_tensors.items(), start=1):
+            tensors = {n: state[n].contiguous().to(out_dtype(state[n])) for n in members}
+            with staged.create(filename) as f:
+                write_safetensors(f, tensors, {"format": "pt"})
+            del tensors
+            if progress is not None:
+                progress(filename, done, total)
+        if split.is_sharded:
+            index = {
+                "metadata": dict(split.metadata),
+                "weight_map": dict(sorted(split.tensor_to_filename.items())),
+            }
+            staged.write_bytes(WEIGHTS_INDEX_NAME, json.dumps(index, indent=2).encode())
+        side = config_dir or _config_home(tag_dir)
+        if side:
+            _copy_model_side_files(side, staged)
+            if dtype is not None and os.path.exists(staged.abspath("config.json")):
+                _set_config_dtype(staged, dtype)
+        staged.record_unlisted()
+        return staged.commit(build_manifest("export", staged.entries).to_json(), replace=True)
+    except BaseException:
+        staged.abort()
+        raise
+
+
+def _config_home(tag_dir: str) -> str | None:
+    directory = os.path.dirname(os.path.abspath(tag_dir))
+    for _ in range(3):  # global_stepN -> deepspeed/ -> train_state/ -> the checkpoint
+        if os.path.isfile(os.path.join(directory, "config.json")):
+            return directory
+        directory = os.path.dirname(directory)
+    return None
