@@ -63,10 +63,17 @@ def main(out: str) -> None:
         mgr.save(1, model=model, optimizer=opt)
         timings[f"save_sharded_model={sharded_model}_s"] = round(time.perf_counter() - t0, 2)
     if rank == 0:
-        print(json.dumps({
-            "world_size": dist.get_world_size(), "model_MB": round(model_bytes / 2**20, 1),
-            "rank0_peak_extra_MB_during_export": round(peak / 2**20, 1), "export_s": round(export_s, 2), **timings,
-        }))
+        print(
+            json.dumps(
+                {
+                    "world_size": dist.get_world_size(),
+                    "model_MB": round(model_bytes / 2**20, 1),
+                    "rank0_peak_extra_MB_during_export": round(peak / 2**20, 1),
+                    "export_s": round(export_s, 2),
+                    **timings,
+                }
+            )
+        )
     dist.destroy_process_group()
 
 

@@ -65,7 +65,9 @@ def sequence_logp(model: Any, seqs: torch.Tensor, cfg: Config) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, seqs[:, cfg.prompt_len :, None]).squeeze(-1).sum(-1)
 
 
-def halo_loss(policy: Any, reference: Any, batch: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+def halo_loss(
+    policy: Any, reference: Any, batch: torch.Tensor, cfg: Config
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss and the implicit reward margins (chosen - rejected), for DPO or a simple KTO."""
     seqs = batch.reshape(-1, batch.shape[-1])
     with torch.no_grad():
@@ -75,7 +77,9 @@ def halo_loss(policy: Any, reference: Any, batch: torch.Tensor, cfg: Config) -> 
     if cfg.loss == "dpo":
         return -F.logsigmoid(margin).mean(), margin.detach()
     z_ref = rewards.detach().mean().clamp(min=0)  # KTO's reference point
-    loss = (1 - torch.sigmoid(rewards[:, 0] - z_ref)).mean() + (1 - torch.sigmoid(z_ref - rewards[:, 1])).mean()
+    loss = (1 - torch.sigmoid(rewards[:, 0] - z_ref)).mean() + (
+        1 - torch.sigmoid(z_ref - rewards[:, 1])
+    ).mean()
     return loss, margin.detach()
 
 
@@ -93,17 +97,32 @@ def run_round(root: str, round_: int, cfg: Config, tokenizer: Any, *, stop_at: i
     torch.manual_seed(cfg.seed + round_)
     base = round_base(root, round_)
     reference = round_base(root, round_).eval().requires_grad_(False)
-    policy = get_peft_model(base.train(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                       lora_dropout=0.1))
+    policy = get_peft_model(
+        base.train(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    )
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 1, cfg.steps_per_round)
     pairs = preference_pairs(cfg, round_)
-    loader = StatefulDataLoader(pairs[: -cfg.batch_size], batch_size=cfg.batch_size, shuffle=True,  # type: ignore[arg-type]
-                                generator=torch.Generator().manual_seed(cfg.seed + round_))
+    loader = StatefulDataLoader(
+        pairs[: -cfg.batch_size],
+        batch_size=cfg.batch_size,
+        shuffle=True,  # type: ignore[arg-type]
+        generator=torch.Generator().manual_seed(cfg.seed + round_),
+    )
     held_out = pairs[-cfg.batch_size :]
-    with savepoint.CheckpointManager(os.path.join(root, f"round-{round_}"), keep_last=1,
-                                     best_metric="eval_reward_margin", best_mode="max", keep_best=1) as mgr:
-        state = {"model": policy, "optimizer": optimizer, "scheduler": scheduler, "stateful": {"data": loader}}
+    with savepoint.CheckpointManager(
+        os.path.join(root, f"round-{round_}"),
+        keep_last=1,
+        best_metric="eval_reward_margin",
+        best_mode="max",
+        keep_best=1,
+    ) as mgr:
+        state = {
+            "model": policy,
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "stateful": {"data": loader},
+        }
         step = mgr.restore(**state).step
         while step < cfg.steps_per_round:
             for batch in loader:
@@ -113,16 +132,30 @@ def run_round(root: str, round_: int, cfg: Config, tokenizer: Any, *, stop_at: i
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                log(json.dumps({"round": round_, "step": step, "loss": loss.item(), "margin": margin.mean().item()}))
+                log(
+                    json.dumps(
+                        {"round": round_, "step": step, "loss": loss.item(), "margin": margin.mean().item()}
+                    )
+                )
                 final = step == cfg.steps_per_round
                 if step % cfg.eval_every == 0 or final:
                     policy.eval()
                     with torch.no_grad():
                         eval_loss, eval_margin = halo_loss(policy, reference, held_out, cfg)
                     policy.train()
-                    metrics = {"eval_loss": eval_loss.item(), "eval_reward_margin": eval_margin.mean().item(),
-                               "eval_reward_accuracy": (eval_margin > 0).float().mean().item()}
-                    mgr.save(step, **state, tokenizer=tokenizer, metrics=metrics, extra={"round": round_}, final=final)
+                    metrics = {
+                        "eval_loss": eval_loss.item(),
+                        "eval_reward_margin": eval_margin.mean().item(),
+                        "eval_reward_accuracy": (eval_margin > 0).float().mean().item(),
+                    }
+                    mgr.save(
+                        step,
+                        **state,
+                        tokenizer=tokenizer,
+                        metrics=metrics,
+                        extra={"round": round_},
+                        final=final,
+                    )
                 if (round_, step) == stop_at:
                     raise KeyboardInterrupt(f"stopped at round {round_} step {step}")
                 if final:

@@ -116,11 +116,26 @@ def build(cfg: Config) -> Run:
         value_head = torch.nn.Linear(policy.config.hidden_size, 1)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.1, 1 - s / cfg.steps))
-    prompts = torch.randint(3, 500, (cfg.prompts, cfg.prompt_len), generator=torch.Generator().manual_seed(cfg.seed))
-    loader = StatefulDataLoader(prompts, batch_size=cfg.batch_size, shuffle=True,  # type: ignore[arg-type]
-                                generator=torch.Generator().manual_seed(cfg.seed))
-    return Run(policy, value_head, reference, optimizer, torch.optim.AdamW(value_head.parameters(), lr=cfg.lr),
-               scheduler, AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon), RunningMoments(), loader)
+    prompts = torch.randint(
+        3, 500, (cfg.prompts, cfg.prompt_len), generator=torch.Generator().manual_seed(cfg.seed)
+    )
+    loader = StatefulDataLoader(
+        prompts,
+        batch_size=cfg.batch_size,
+        shuffle=True,  # type: ignore[arg-type]
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    return Run(
+        policy,
+        value_head,
+        reference,
+        optimizer,
+        torch.optim.AdamW(value_head.parameters(), lr=cfg.lr),
+        scheduler,
+        AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon),
+        RunningMoments(),
+        loader,
+    )
 
 
 def checkpoint_state(run: Run) -> dict[str, Any]:
@@ -129,14 +144,23 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "model": run.policy,
         "optimizer": run.optimizer,
         "scheduler": run.scheduler,
-        "stateful": {"value_head": run.value_head, "value_optimizer": run.value_optimizer,
-                     "kl_controller": run.kl, "reward_stats": run.reward_stats, "prompts": run.prompts},
+        "stateful": {
+            "value_head": run.value_head,
+            "value_optimizer": run.value_optimizer,
+            "kl_controller": run.kl,
+            "reward_stats": run.reward_stats,
+            "prompts": run.prompts,
+        },
     }
 
 
-def logprobs_and_values(run: Run, model: Any, seq: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+def logprobs_and_values(
+    run: Run, model: Any, seq: torch.Tensor, start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     out = model(input_ids=seq, output_hidden_states=True)
-    logp = torch.log_softmax(out.logits[:, start - 1 : -1], dim=-1).gather(-1, seq[:, start:, None]).squeeze(-1)
+    logp = (
+        torch.log_softmax(out.logits[:, start - 1 : -1], dim=-1).gather(-1, seq[:, start:, None]).squeeze(-1)
+    )
     values = run.value_head(out.hidden_states[-1][:, start - 1 : -1]).squeeze(-1)
     return logp, values
 
@@ -173,7 +197,9 @@ def ppo_step(run: Run, prompts: torch.Tensor, cfg: Config) -> dict[str, float]:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     logp, values = logprobs_and_values(run, run.policy, seq, start)
     ratio = torch.exp(logp - old_logp)
-    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)).mean()
+    pg_loss = torch.max(
+        -advantages * ratio, -advantages * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)
+    ).mean()
     loss = pg_loss + cfg.vf_coef * F.mse_loss(values, returns)
     loss.backward()
     for opt in (run.optimizer, run.value_optimizer):
@@ -181,14 +207,21 @@ def ppo_step(run: Run, prompts: torch.Tensor, cfg: Config) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.kl.update(kl.sum(-1).mean().item(), n_steps=len(seq))
-    return {"reward": score.mean().item(), "loss": loss.item(), "kl": kl.sum(-1).mean().item(), "kl_coef": run.kl.value}
+    return {
+        "reward": score.mean().item(),
+        "loss": loss.item(),
+        "kl": kl.sum(-1).mean().item(),
+        "kl_coef": run.kl.value,
+    }
 
 
 def train(root: str, cfg: Config, *, stop_at: int | None = None, log: Any = print) -> Run:
     """Train to `cfg.steps`, resuming from `root`; `stop_at` raises after that step (a crash, for tests)."""
     torch.set_num_threads(1)
     run = build(cfg)
-    with savepoint.CheckpointManager(root, keep_last=2, best_metric="reward", best_mode="max", keep_best=1) as mgr:
+    with savepoint.CheckpointManager(
+        root, keep_last=2, best_metric="reward", best_mode="max", keep_best=1
+    ) as mgr:
         step = mgr.restore(**checkpoint_state(run)).step
         while step < cfg.steps:
             for prompts in run.prompts:

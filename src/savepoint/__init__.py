@@ -1,12 +1,12 @@
 """savepoint: fast, crash-safe, Hugging Face-compatible checkpoints for LLM training.
 
-    import savepoint
-    mgr = savepoint.CheckpointManager("runs/exp1", save_every=500, keep_last=3,
-                                      best_metric="eval_loss", best_mode="min", keep_best=1)
-    start = mgr.restore(model=model, optimizer=opt).step
-    ...
-    mgr.maybe_save(step, model=model, optimizer=opt, metrics={"eval_loss": ev})
-    savepoint.save_pretrained(model, "export/", tokenizer=tok)
+import savepoint
+mgr = savepoint.CheckpointManager("runs/exp1", save_every=500, keep_last=3,
+                                  best_metric="eval_loss", best_mode="min", keep_best=1)
+start = mgr.restore(model=model, optimizer=opt).step
+...
+mgr.maybe_save(step, model=model, optimizer=opt, metrics={"eval_loss": ev})
+savepoint.save_pretrained(model, "export/", tokenizer=tok)
 """
 
 from __future__ import annotations

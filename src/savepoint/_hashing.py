@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import os
-from typing import BinaryIO
 
 import xxhash
 
@@ -24,7 +24,7 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
     return size, hasher.hexdigest()
 
 
-def _hash_stream(f: BinaryIO, hasher: xxhash.xxh3_128) -> int:
+def _hash_stream(f: io.RawIOBase, hasher: xxhash.xxh3_128) -> int:
     # A buffer no larger than the file: zero-filling 16 MiB for a 2 KB config costs more than hashing it.
     buf = bytearray(max(1, min(_CHUNK, os.fstat(f.fileno()).st_size + 1)))
     view = memoryview(buf)

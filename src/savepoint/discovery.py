@@ -21,14 +21,22 @@ def step_dir_name(step: int) -> str:
 def check_root(root: str, *, must_exist: bool) -> None:
     """Clear errors for a root that is missing or is not a directory."""
     if os.path.exists(root) and not os.path.isdir(root):
-        raise CheckpointNotFoundError(f"{root} is a file, not a directory; a checkpoint root must be a directory")
+        raise CheckpointNotFoundError(
+            f"{root} is a file, not a directory; a checkpoint root must be a directory"
+        )
     if must_exist and not os.path.isdir(root):
-        raise CheckpointNotFoundError(f"{root} does not exist; check the path (no checkpoint was ever saved there?)")
+        raise CheckpointNotFoundError(
+            f"{root} does not exist; check the path (no checkpoint was ever saved there?)"
+        )
 
 
 def info_from_manifest(path: str, manifest: Manifest) -> CheckpointInfo:
     return CheckpointInfo(
-        step=manifest.step or 0, metrics=manifest.metrics, path=path, created=manifest.created, size=manifest.total_size
+        step=manifest.step or 0,
+        metrics=manifest.metrics,
+        path=path,
+        created=manifest.created,
+        size=manifest.total_size,
     )
 
 

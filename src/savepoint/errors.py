@@ -36,7 +36,9 @@ class CorruptCheckpointError(SavepointError):
             "restore an earlier checkpoint (restore(step='latest') falls back to the newest intact one), "
             "or delete this one"
         )
-        super().__init__(f"checkpoint {checkpoint} is damaged ({len(self.problems)} problem(s)):\n{lines}\n{hint}")
+        super().__init__(
+            f"checkpoint {checkpoint} is damaged ({len(self.problems)} problem(s)):\n{lines}\n{hint}"
+        )
 
 
 class UnsafeCheckpointError(CorruptCheckpointError):

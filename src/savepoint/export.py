@@ -40,7 +40,9 @@ def save_pretrained(
         )
     staged = StagedDir(os.path.dirname(out), os.path.basename(out))
     try:
-        kind = write_model_files(model, staged, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype)
+        kind = write_model_files(
+            model, staged, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype
+        )
         manifest = build_manifest("export" if kind == "model" else kind, staged.entries)
         return staged.commit(manifest.to_json(), replace=True)
     except BaseException:

@@ -1,8 +1,8 @@
 """CheckpointManager: composes policy, formats, storage and manifest. Little logic of its own.
 
-    mgr = CheckpointManager("runs/exp1", save_every=500, keep_last=3, best_metric="eval_loss", keep_best=1)
-    start = mgr.restore(model=model, optimizer=opt).step          # 0 when there is nothing yet
-    mgr.maybe_save(step, model=model, optimizer=opt, metrics={"eval_loss": loss})
+mgr = CheckpointManager("runs/exp1", save_every=500, keep_last=3, best_metric="eval_loss", keep_best=1)
+start = mgr.restore(model=model, optimizer=opt).step          # 0 when there is nothing yet
+mgr.maybe_save(step, model=model, optimizer=opt, metrics={"eval_loss": loss})
 """
 
 from __future__ import annotations
@@ -68,7 +68,11 @@ class CheckpointManager:
             raise ValueError(f"save_every must be a positive integer or None, got {save_every!r}")
         self.save_every = save_every
         self.policy = RetentionPolicy(
-            keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode, keep_every=keep_every
+            keep_last=keep_last,
+            keep_best=keep_best,
+            best_metric=best_metric,
+            best_mode=best_mode,
+            keep_every=keep_every,
         )
         self.async_save = async_save
         self.dist_timeout = dist_timeout
@@ -232,7 +236,9 @@ class CheckpointManager:
             try:
                 (self._remote.delete if self._remote else delete_checkpoint_dir)(info.path)
             except OSError as exc:  # a failed deletion must never fail the save that just committed
-                warnings.warn(f"could not delete {info.path} ({exc}); it will be retried on the next save", stacklevel=3)
+                warnings.warn(
+                    f"could not delete {info.path} ({exc}); it will be retried on the next save", stacklevel=3
+                )
 
     # ------------------------------------------------------------ restoring
 
@@ -273,7 +279,9 @@ class CheckpointManager:
                         stacklevel=3,
                     )
                     continue
-                return dataclasses.replace(restore_checkpoint(local, **targets, verified=True), path=info.path)
+                return dataclasses.replace(
+                    restore_checkpoint(local, **targets, verified=True), path=info.path
+                )
         return RestoreResult(step=0)
 
     def _resolve_step(self, step: int | str) -> str:
@@ -283,8 +291,11 @@ class CheckpointManager:
             if best is None:
                 raise CheckpointNotFoundError(
                     f"no best checkpoint under {self.root}: "
-                    + ("set best_metric on the manager" if self.policy.best_metric is None else
-                       f"no checkpoint reports metric {self.policy.best_metric!r}")
+                    + (
+                        "set best_metric on the manager"
+                        if self.policy.best_metric is None
+                        else f"no checkpoint reports metric {self.policy.best_metric!r}"
+                    )
                 )
             step = best
         if not isinstance(step, int) or isinstance(step, bool):
@@ -293,11 +304,14 @@ class CheckpointManager:
         if self._remote is not None:
             if all(i.step != step for i in infos):
                 available = ", ".join(str(i.step) for i in infos) or "none"
-                raise CheckpointNotFoundError(f"no checkpoint for step {step} under {self.root} (available: {available})")
+                raise CheckpointNotFoundError(
+                    f"no checkpoint for step {step} under {self.root} (available: {available})"
+                )
             return path  # its manifest is read (and a bad one refused) when it is downloaded
         if not os.path.isdir(path):
             available = ", ".join(str(i.step) for i in infos) or "none"
-            raise CheckpointNotFoundError(f"no checkpoint for step {step} under {self.root} (available: {available})")
+            raise CheckpointNotFoundError(
+                f"no checkpoint for step {step} under {self.root} (available: {available})"
+            )
         read_manifest(path)  # a damaged or foreign manifest is an error here, not a silent skip
         return path
-

@@ -119,13 +119,17 @@ def _fail(ckpt: str, reason: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(ckpt, [Problem(MANIFEST_NAME, reason)])
 
 
-def _expect(doc: Mapping[str, Any], key: str, types: tuple[type, ...], ckpt: str, *, optional: bool = False) -> Any:
+def _expect(
+    doc: Mapping[str, Any], key: str, types: tuple[type, ...], ckpt: str, *, optional: bool = False
+) -> Any:
     value = doc.get(key)
     if value is None and optional:
         return None
     # bool is an int in Python; a manifest's numbers are never booleans.
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise _fail(ckpt, f"field {key!r} should be {'/'.join(t.__name__ for t in types)}, found {value!r:.80}")
+        raise _fail(
+            ckpt, f"field {key!r} should be {'/'.join(t.__name__ for t in types)}, found {value!r:.80}"
+        )
     return value
 
 
@@ -174,7 +178,11 @@ def parse_manifest(raw: bytes, ckpt: str) -> Manifest:
         size, digest = entry.get("size"), entry.get("checksum")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise _fail(ckpt, f"entry for {path!r} has an invalid size {size!r:.40}")
-        if not isinstance(digest, str) or len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
+        if (
+            not isinstance(digest, str)
+            or len(digest) != 32
+            or any(c not in "0123456789abcdef" for c in digest)
+        ):
             raise _fail(ckpt, f"entry for {path!r} has an invalid checksum {digest!r:.40}")
         check_relpath(path, ckpt)
         files[path] = FileEntry(size, digest)
@@ -230,7 +238,9 @@ def check_relpath(relpath: str, ckpt: str) -> None:
     """Refuse paths that could leave the checkpoint directory."""
     parts = relpath.replace("\\", "/").split("/")
     if not relpath or relpath.startswith(("/", "\\")) or (len(relpath) > 1 and relpath[1] == ":"):
-        raise UnsafeCheckpointError(ckpt, [Problem(relpath, "absolute path; files must lie inside the checkpoint")])
+        raise UnsafeCheckpointError(
+            ckpt, [Problem(relpath, "absolute path; files must lie inside the checkpoint")]
+        )
     if any(p in ("..", "") for p in parts) or "\x00" in relpath:
         raise UnsafeCheckpointError(ckpt, [Problem(relpath, "path climbs out of the checkpoint directory")])
 
@@ -241,11 +251,15 @@ def resolve_inside(ckpt_dir: str, relpath: str) -> str:
     root = os.path.realpath(ckpt_dir)
     full = os.path.realpath(os.path.join(root, relpath))
     if os.path.commonpath([root, full]) != root:
-        raise UnsafeCheckpointError(ckpt_dir, [Problem(relpath, "resolves (through a symlink) outside the checkpoint")])
+        raise UnsafeCheckpointError(
+            ckpt_dir, [Problem(relpath, "resolves (through a symlink) outside the checkpoint")]
+        )
     return full
 
 
-def find_problems(ckpt_dir: str, manifest: Manifest | None = None, *, check_unlisted: bool = True) -> list[Problem]:
+def find_problems(
+    ckpt_dir: str, manifest: Manifest | None = None, *, check_unlisted: bool = True
+) -> list[Problem]:
     """Every damaged, missing, unlisted or unsafe file of a checkpoint (empty when it is intact)."""
     if manifest is None:
         try:
@@ -277,7 +291,9 @@ def check_file(ckpt_dir: str, relpath: str, entry: FileEntry) -> Problem | None:
     try:
         size = os.path.getsize(full)
         if size != entry.size:
-            return Problem(relpath, f"size {size} bytes, manifest says {entry.size} (truncated or overwritten)")
+            return Problem(
+                relpath, f"size {size} bytes, manifest says {entry.size} (truncated or overwritten)"
+            )
         _, digest = hash_file(full)
     except FileNotFoundError:
         # Deleted between the checks above and the read: retention removing it while a reader verifies

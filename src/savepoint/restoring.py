@@ -47,10 +47,14 @@ def restore_checkpoint(
         problems = find_problems(path, manifest, check_unlisted=False)
         if problems:
             raise CorruptCheckpointError(path, problems)
-    if distributed.is_collective(model) or has_dcp(manifest) or manifest.world_size > 1:  # torchrun or its output
+    if (
+        distributed.is_collective(model) or has_dcp(manifest) or manifest.world_size > 1
+    ):  # torchrun or its output
         from savepoint.collective import restore_collective
 
-        return restore_collective(path, manifest, model=model, optimizer=optimizer, scheduler=scheduler, stateful=stateful)
+        return restore_collective(
+            path, manifest, model=model, optimizer=optimizer, scheduler=scheduler, stateful=stateful
+        )
     model = unwrap_model(model)
     stateful = dict(stateful or {})
     load_model = _plan_model_load(model, path, manifest)
@@ -92,9 +96,14 @@ def _read_blobs(
             missing.append(f"{key} (no {relbase}.json: it was saved without it)")
     if missing:
         raise IncompatibleCheckpointError(
-            f"checkpoint {path} lacks state that restore() was asked for; pass only what was saved:", mismatches=missing
+            f"checkpoint {path} lacks state that restore() was asked for; pass only what was saved:",
+            mismatches=missing,
         )
-    out = {k: train_state.read_blob(path, manifest, rb) for k, rb in wanted.items() if train_state.has_blob(manifest, rb)}
+    out = {
+        k: train_state.read_blob(path, manifest, rb)
+        for k, rb in wanted.items()
+        if train_state.has_blob(manifest, rb)
+    }
     rng = rng_relbase(distributed.rank())
     if train_state.has_blob(manifest, rng):
         out["rng"] = train_state.read_blob(path, manifest, rng)

@@ -55,7 +55,9 @@ class SaveJob:
 
 def stateful_relbase(name: str) -> str:
     if not name or not set(name) <= _NAME_OK or name.startswith("."):
-        raise ValueError(f"stateful name {name!r} must be non-empty letters, digits, '_', '.', '-' (it names a file)")
+        raise ValueError(
+            f"stateful name {name!r} must be non-empty letters, digits, '_', '.', '-' (it names a file)"
+        )
     return f"{train_state.TRAIN_STATE_DIR}/stateful/{name}"
 
 
@@ -83,11 +85,15 @@ def capture(request: SaveRequest, *, snapshot: bool) -> SaveJob:
     if request.scheduler is not None:
         blobs[f"{ts}/scheduler"] = train_state.encode_blob(request.scheduler.state_dict(), "scheduler")
     for name, obj in request.stateful.items():
-        blobs[stateful_relbase(name)] = train_state.encode_blob(stateful_format.capture(obj), f"stateful[{name!r}]")
+        blobs[stateful_relbase(name)] = train_state.encode_blob(
+            stateful_format.capture(obj), f"stateful[{name!r}]"
+        )
     blobs[rng_relbase(distributed.rank())] = train_state.encode_blob(train_state.rng_state(), "rng")
     if request.extra:
         blobs[f"{ts}/extra"] = train_state.encode_blob(request.extra, "extra")
-    job = SaveJob(request=request, model_state=model_state, blobs=blobs, adapter=adapter, adapter_state=adapter_state)
+    job = SaveJob(
+        request=request, model_state=model_state, blobs=blobs, adapter=adapter, adapter_state=adapter_state
+    )
     if snapshot:
         from savepoint.snapshot import snapshot_job
 
@@ -106,7 +112,9 @@ def is_peft_model(model: torch.nn.Module) -> bool:
 def _write_adapter(job: SaveJob, staged: StagedDir) -> dict[str, Any]:
     from savepoint.formats import peft as peft_format
 
-    base_model: dict[str, Any] = peft_format.write_adapter_files(job.adapter, staged, states=job.adapter_state)
+    base_model: dict[str, Any] = peft_format.write_adapter_files(
+        job.adapter, staged, states=job.adapter_state
+    )
     if job.request.tokenizer is not None:
         job.request.tokenizer.save_pretrained(staged.path)
         staged.record_unlisted()
@@ -137,7 +145,9 @@ def write_checkpoint(job: SaveJob) -> str:
             )
         for relbase, (doc, tensors) in job.blobs.items():
             train_state.write_blob(staged, relbase, doc, tensors)
-        staged.write_bytes(METRICS_NAME, json.dumps({"step": request.step, **request.metrics}, indent=1).encode())
+        staged.write_bytes(
+            METRICS_NAME, json.dumps({"step": request.step, **request.metrics}, indent=1).encode()
+        )
         manifest = build_manifest(
             kind,
             staged.entries,
@@ -151,5 +161,3 @@ def write_checkpoint(job: SaveJob) -> str:
     except BaseException:
         staged.abort()
         raise
-
-

@@ -18,7 +18,9 @@ def checkpoint_dirs(path: str) -> list[str]:
     dirs = sorted(os.path.join(path, n) for n in os.listdir(path) if STEP_DIR.match(n))
     # a `step-N` that is a file or lacks its manifest is reported by find_problems, not skipped
     if not dirs:
-        raise CorruptCheckpointError(path, [Problem("savepoint.json", "missing: not a checkpoint, and no step-N checkpoints under it")])
+        raise CorruptCheckpointError(
+            path, [Problem("savepoint.json", "missing: not a checkpoint, and no step-N checkpoints under it")]
+        )
     return dirs
 
 
@@ -40,5 +42,7 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
         prefix = "" if d == path else os.path.basename(d) + "/"
         problems += [Problem(prefix + p.path, p.reason) for p in find_problems(d)]
     if problems:
-        raise CorruptCheckpointError(path, problems, hint="restore an earlier checkpoint or delete the damaged one")
+        raise CorruptCheckpointError(
+            path, problems, hint="restore an earlier checkpoint or delete the damaged one"
+        )
     return dirs

@@ -39,8 +39,12 @@ def main() -> None:
     torch.manual_seed(0)
     model = tiny.tiny_llama(seed=0, attention_dropout=0.2)
     model.train()
-    data = torch.randint(0, model.config.vocab_size, (DATASET_SIZE, 12), generator=torch.Generator().manual_seed(1))
-    loader = StatefulDataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(2))
+    data = torch.randint(
+        0, model.config.vocab_size, (DATASET_SIZE, 12), generator=torch.Generator().manual_seed(1)
+    )
+    loader = StatefulDataLoader(
+        data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(2)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
     mgr = savepoint.CheckpointManager(args.root, save_every=args.save_every, keep_last=2)

@@ -22,7 +22,9 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 def run(root: Path, log: Path, *extra: str) -> subprocess.CompletedProcess[bytes]:
     env = dict(os.environ, PYTHONPATH=SRC, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, str(SCRIPT), str(root), str(log), *extra], env=env, capture_output=True)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(root), str(log), *extra], env=env, capture_output=True
+    )
 
 
 def losses(log: Path) -> dict[int, float]:
@@ -31,9 +33,10 @@ def losses(log: Path) -> dict[int, float]:
 
 def final_tensors(root: Path, total: int) -> dict[str, object]:
     ckpt = root / f"step-{total:08d}"
-    return {**load_file(ckpt / "model.safetensors"), **{
-        f"opt/{k}": v for k, v in load_file(ckpt / "train_state" / "optimizer.safetensors").items()
-    }}
+    return {
+        **load_file(ckpt / "model.safetensors"),
+        **{f"opt/{k}": v for k, v in load_file(ckpt / "train_state" / "optimizer.safetensors").items()},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +55,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         (5, 13),  # restore at 10, re-run steps 11-13 that the killed run had already taken
     ],
 )
-def test_killed_and_resumed_run_is_bit_identical(tmp_path: Path, reference, save_every: int, die_at: int) -> None:  # type: ignore[no-untyped-def]
+def test_killed_and_resumed_run_is_bit_identical(
+    tmp_path: Path, reference, save_every: int, die_at: int
+) -> None:  # type: ignore[no-untyped-def]
     ref_root, ref_log = reference
-    killed = run(tmp_path / "ckpt", tmp_path / "log1.jsonl", "--save-every", str(save_every), "--die-at", str(die_at))
+    killed = run(
+        tmp_path / "ckpt", tmp_path / "log1.jsonl", "--save-every", str(save_every), "--die-at", str(die_at)
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     resumed = run(tmp_path / "ckpt", tmp_path / "log2.jsonl", "--save-every", str(save_every))
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]

@@ -54,8 +54,15 @@ def test_roundtrip_restores_everything_and_loads_in_transformers(tmp_path) -> No
     counter = Counter()
     counter.seen = 42
     mgr = savepoint.CheckpointManager(tmp_path / "run")
-    path = mgr.save(3, model=model, optimizer=opt, scheduler=sched, stateful={"data": counter},
-                    metrics={"eval_loss": torch.tensor(1.5)}, extra={"tag": "a", "ema": torch.ones(2)})
+    path = mgr.save(
+        3,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        stateful={"data": counter},
+        metrics={"eval_loss": torch.tensor(1.5)},
+        extra={"tag": "a", "ema": torch.ones(2)},
+    )
     # the checkpoint is itself a transformers model directory
     loaded = AutoModelForCausalLM.from_pretrained(path)
     for name, tensor in model.state_dict().items():
@@ -96,9 +103,13 @@ def test_optimizer_state_survives_wrapping(tmp_path) -> None:  # type: ignore[no
     savepoint.CheckpointManager(tmp_path).save(1, model=torch.nn.DataParallel(model), optimizer=opt)
     model2, opt2, _ = make_run(seed=3)
     savepoint.CheckpointManager(tmp_path).restore(model=model2, optimizer=opt2)
-    names = json.loads((tmp_path / "step-00000001/train_state/optimizer.json").read_text())["state"]["param_groups"]
+    names = json.loads((tmp_path / "step-00000001/train_state/optimizer.json").read_text())["state"][
+        "param_groups"
+    ]
     assert "model.embed_tokens.weight" in names[0]["params"]
-    assert torch.equal(opt2.state[model2.lm_head.weight]["exp_avg"], opt.state[model.lm_head.weight]["exp_avg"])
+    assert torch.equal(
+        opt2.state[model2.lm_head.weight]["exp_avg"], opt.state[model.lm_head.weight]["exp_avg"]
+    )
 
 
 def test_retention_keeps_best_and_last_and_survives_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -246,7 +257,9 @@ def test_saving_the_same_step_again_replaces_it(tmp_path) -> None:  # type: igno
 def test_full_disk_gives_a_clear_error_and_keeps_older_checkpoints(tmp_path) -> None:  # type: ignore[no-untyped-def]
     root = tmp_path / "small"
     root.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(root)], check=False).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(root)], check=False
+    ).returncode:
         pytest.skip("cannot mount tmpfs here")
     try:
         small = torch.nn.Linear(16, 16)
@@ -268,9 +281,16 @@ def test_saving_consumes_no_randomness(tmp_path) -> None:  # type: ignore[no-unt
 
     model, opt, sched = make_run()
     train_steps(model, opt, 1)
-    loader = StatefulDataLoader(list(range(10)), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = StatefulDataLoader(
+        list(range(10)), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     next(iter(loader))
-    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state(), loader.generator.get_state())
+    before = (
+        random.getstate(),
+        np.random.get_state()[1].copy(),
+        torch.get_rng_state(),
+        loader.generator.get_state(),
+    )
     savepoint.CheckpointManager(tmp_path).save(
         1, model=model, optimizer=opt, scheduler=sched, stateful={"data": loader}, metrics={"loss": 1.0}
     )

@@ -24,8 +24,16 @@ def infos(losses: dict[int, float]) -> list[CheckpointInfo]:
     ("policy", "losses", "kept"),
     [
         (RetentionPolicy(keep_last=2), {1: 5, 2: 4, 3: 3}, {2, 3}),
-        (RetentionPolicy(keep_last=2, best_metric="loss", keep_best=1), {1: 0.1, 2: 4, 3: 3, 4: 2}, {1, 3, 4}),
-        (RetentionPolicy(keep_last=1, best_metric="loss", best_mode="max", keep_best=2), {1: 9, 2: 8, 3: 1}, {1, 2, 3}),
+        (
+            RetentionPolicy(keep_last=2, best_metric="loss", keep_best=1),
+            {1: 0.1, 2: 4, 3: 3, 4: 2},
+            {1, 3, 4},
+        ),
+        (
+            RetentionPolicy(keep_last=1, best_metric="loss", best_mode="max", keep_best=2),
+            {1: 9, 2: 8, 3: 1},
+            {1, 2, 3},
+        ),
         (RetentionPolicy(keep_last=1, keep_every=10), {5: 1, 10: 1, 15: 1, 20: 1, 25: 1}, {10, 20, 25}),
         # best_metric without keep_best still protects the single best checkpoint
         (RetentionPolicy(keep_last=1, best_metric="loss"), {1: 0.5, 2: 0.9, 3: 0.8}, {1, 3}),

@@ -51,7 +51,9 @@ def test_sigkill_at_random_instants(tmp_path: Path) -> None:
     model = tiny.tiny_llama(seed=1, hidden_size=64, intermediate_size=128)
     for info in infos:
         result = savepoint.CheckpointManager(root).restore(model=model, step=info.step)
-        assert all(torch.all(p == info.step) for p in model.parameters()), f"step {info.step} holds other values"
+        assert all(torch.all(p == info.step) for p in model.parameters()), (
+            f"step {info.step} holds other values"
+        )
         assert result.step == info.step
     # a manager reopening the root sweeps what the killed saves left, and the next save works
     mgr = savepoint.CheckpointManager(root)

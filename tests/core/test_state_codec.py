@@ -51,10 +51,12 @@ leaves = (
 )
 trees = st.recursive(
     leaves,
-    lambda children: st.lists(children, max_size=4)
-    | st.tuples(children, children)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    | st.dictionaries(st.integers(-5, 5), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        | st.dictionaries(st.integers(-5, 5), children, max_size=4)
+    ),
     max_leaves=30,
 )
 

@@ -61,7 +61,9 @@ def build_lora_ddp(seed: int):
     from peft import LoraConfig, get_peft_model
 
     base = tiny.tiny_llama(seed=0)  # the same frozen base on every rank and in every build
-    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     with torch.no_grad():
         torch.manual_seed(seed)
         for name, p in peft_model.named_parameters():

@@ -50,9 +50,10 @@ def test_tied_weights_are_stored_once_like_transformers(arch: str, tmp_path) -> 
     model = BUILDERS[arch]()
     ours = savepoint.save_pretrained(model, tmp_path / "ours")
     model.save_pretrained(tmp_path / "theirs")
-    with safe_open(os.path.join(ours, "model.safetensors"), "pt") as a, safe_open(
-        tmp_path / "theirs" / "model.safetensors", "pt"
-    ) as b:
+    with (
+        safe_open(os.path.join(ours, "model.safetensors"), "pt") as a,
+        safe_open(tmp_path / "theirs" / "model.safetensors", "pt") as b,
+    ):
         assert sorted(a.keys()) == sorted(b.keys())
     with safe_open(os.path.join(ours, "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in set(f.keys())

@@ -32,11 +32,16 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True, use_seedable_sampler=True))
+    accelerator = Accelerator(
+        cpu=True,
+        dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True, use_seedable_sampler=True),
+    )
     set_seed(0)
     model = tiny.tiny_llama(seed=0, attention_dropout=0.2).train()
     rows = torch.randint(3, tiny.DEFAULT_VOCAB_SIZE, (20, 16), generator=torch.Generator().manual_seed(1))
-    loader = torch.utils.data.DataLoader(rows, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(2))
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(2)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 2, args.steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -53,7 +58,10 @@ def main() -> None:
                 scheduler.step()
                 optimizer.zero_grad()
                 step += 1
-                log.write(json.dumps({"process": accelerator.process_index, "step": step, "loss": loss.item()}) + "\n")
+                log.write(
+                    json.dumps({"process": accelerator.process_index, "step": step, "loss": loss.item()})
+                    + "\n"
+                )
                 log.flush()
                 ckpt.maybe_save(step, **state, metrics={"loss": loss.item()})
                 if step == args.stop_at:

@@ -24,7 +24,12 @@ STEPS = 12  # 20 rows, batch 2: 10 batches per process per epoch alone, 5 each w
 
 
 def launch(processes: int, root: Path, log: Path, *extra: str) -> None:
-    env = dict(os.environ, PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{REPO}", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{REPO}",
+        PYTHONWARNINGS="ignore",
+        OMP_NUM_THREADS="1",
+    )
     args = [str(SCRIPT), str(root), str(log), "--steps", str(STEPS), *extra]
     if processes == 1:
         cmd = [sys.executable, *args]
@@ -32,8 +37,22 @@ def launch(processes: int, root: Path, log: Path, *extra: str) -> None:
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
         assert accelerate, "the accelerate launcher is not installed next to this python"
         # --multi_gpu picks the torchrun launcher; the script's Accelerator(cpu=True) makes it gloo on CPUs
-        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
+        cmd = [
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            *args,
+        ]
     done = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr).decode()[-4000:]
 

@@ -21,7 +21,9 @@ def make_run(root: str, losses: dict[int, float]) -> None:
             mgr.save(step, model=model, metrics={"eval_loss": loss, "reward": -loss})
 
 
-def test_plot_command_writes_png_marking_best_and_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plot_command_writes_png_marking_best_and_latest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     make_run(str(tmp_path / "run"), {10: 2.0, 20: 1.2, 30: 1.5})
     drawn: dict[str, object] = {}
     import matplotlib.axes
@@ -35,7 +37,9 @@ def test_plot_command_writes_png_marking_best_and_latest(tmp_path: Path, monkeyp
     monkeypatch.setattr(matplotlib.axes.Axes, "scatter", spy)
     _register_commands()
     out = tmp_path / "loss.png"
-    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "--metric", "eval_loss", "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["plot", str(tmp_path / "run"), "--metric", "eval_loss", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     assert drawn == {"best": ([20], [1.2]), "latest": ([30], [1.5])}

@@ -43,7 +43,13 @@ with savepoint.CheckpointManager("runs/exp1") as mgr:
     for step, loss in [(1, 2.0), (2, 1.0), (3, 1.5)]:
         mgr.save(step, model=model, metrics={"eval_loss": loss})
 """
-SETUP = {"trainer": MODEL + DATASETS, "accelerate": MODEL + LOOP, "rl": MODEL, "s3": MODEL + S3, "plot": MODEL + PLOT_RUN}
+SETUP = {
+    "trainer": MODEL + DATASETS,
+    "accelerate": MODEL + LOOP,
+    "rl": MODEL,
+    "s3": MODEL + S3,
+    "plot": MODEL + PLOT_RUN,
+}
 # What each snippet must have left behind: a check that could fail.
 CHECK = {
     "trainer": "import savepoint; assert savepoint.CheckpointManager('runs/exp1').latest_step == 4; savepoint.verify('runs/exp1')",
@@ -70,10 +76,14 @@ def test_snippet_runs(name: str, tmp_path: Path, request: pytest.FixtureRequest)
         env.update(request.getfixturevalue("s3_env"))
     if lang == "python":
         program = SETUP[name] + "\n" + code + "\n" + CHECK[name] + "\n"
-        done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, timeout=600
+        )
         assert done.returncode == 0, done.stderr.decode()[-3000:]
         return
-    setup = subprocess.run([sys.executable, "-c", SETUP[name]], cwd=tmp_path, env=env, capture_output=True, timeout=600)
+    setup = subprocess.run(
+        [sys.executable, "-c", SETUP[name]], cwd=tmp_path, env=env, capture_output=True, timeout=600
+    )
     assert setup.returncode == 0, setup.stderr.decode()[-3000:]
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     done = subprocess.run(["bash", "-euc", code], cwd=tmp_path, env=env, capture_output=True, timeout=600)

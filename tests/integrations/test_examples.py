@@ -29,7 +29,9 @@ def load_example(name: str) -> ModuleType:
 
 def only_json_and_safetensors(root: Path) -> None:
     files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
-    assert files and all(p.suffix in (".json", ".safetensors") for p in files), sorted({p.suffix for p in files})
+    assert files and all(p.suffix in (".json", ".safetensors") for p in files), sorted(
+        {p.suffix for p in files}
+    )
 
 
 def same_files(a: Path, b: Path, name: str) -> None:
@@ -50,7 +52,11 @@ def test_ppo_resumes_exactly_and_keeps_best_by_reward(tmp_path: Path) -> None:
     assert [json.loads(x)["step"] for x in resumed] == [4, 5, 6, 7, 8]
     assert resumed == ref_log[3:], "PPO diverged after resume (KL coef, reward stats, RNG or data)"
     final = "step-00000008"
-    for name in ("model.safetensors", "train_state/stateful/value_head.safetensors", "train_state/optimizer.safetensors"):
+    for name in (
+        "model.safetensors",
+        "train_state/stateful/value_head.safetensors",
+        "train_state/optimizer.safetensors",
+    ):
         same_files(tmp_path / "run" / final, tmp_path / "ref" / final, name)
     mgr = savepoint.CheckpointManager(tmp_path / "run", best_metric="reward", best_mode="max")
     rewards = {s: json.loads(x)["reward"] for s, x in zip(range(1, 9), ref_log, strict=True)}
@@ -76,8 +82,12 @@ def test_halos_rounds_resume_exactly_and_merge(tmp_path: Path, loss: str) -> Non
         final = Path(f"round-{round_}") / "step-00000004"
         assert (tmp_path / "run" / final / "merged" / "config.json").is_file()  # the final save merged LoRA
         same_files(tmp_path / "run" / final, tmp_path / "ref" / final, "adapter_model.safetensors")
-        same_files(tmp_path / "run" / final / "merged", tmp_path / "ref" / final / "merged", "model.safetensors")
-        mgr = savepoint.CheckpointManager(tmp_path / "run" / f"round-{round_}", best_metric="eval_reward_margin", best_mode="max")
+        same_files(
+            tmp_path / "run" / final / "merged", tmp_path / "ref" / final / "merged", "model.safetensors"
+        )
+        mgr = savepoint.CheckpointManager(
+            tmp_path / "run" / f"round-{round_}", best_metric="eval_reward_margin", best_mode="max"
+        )
         assert mgr.best_step in [i.step for i in mgr.checkpoints]
         savepoint.verify(tmp_path / "run" / f"round-{round_}")
     only_json_and_safetensors(tmp_path / "run")

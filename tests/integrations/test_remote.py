@@ -46,7 +46,9 @@ def test_save_list_restore_verify(root_fixture: str, request: pytest.FixtureRequ
     model, optimizer = model_and_optimizer(seed=1)
     with savepoint.CheckpointManager(root, keep_last=1, best_metric="loss", keep_best=1) as mgr:
         for step, loss in [(1, 0.2), (2, 0.9), (3, 0.7)]:
-            mgr.save(step, model=model, optimizer=optimizer, metrics={"loss": loss}, extra={"note": f"s{step}"})
+            mgr.save(
+                step, model=model, optimizer=optimizer, metrics={"loss": loss}, extra={"note": f"s{step}"}
+            )
         # keep_last=1 keeps 3; the best (1) is never deleted; 2 is gone, objects and all.
         assert [i.step for i in mgr.checkpoints] == [1, 3]
         assert mgr.best_step == 1 and mgr.latest_step == 3
@@ -102,10 +104,15 @@ def test_interrupted_upload_leaves_no_checkpoint(memory_root: str, after: int | 
 
 
 @pytest.mark.parametrize("after", [1, 4])
-def test_upload_killed_by_sigkill_leaves_no_checkpoint(s3_root: str, s3_env: dict[str, str], after: int) -> None:
+def test_upload_killed_by_sigkill_leaves_no_checkpoint(
+    s3_root: str, s3_env: dict[str, str], after: int
+) -> None:
     env = {**os.environ, **s3_env, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     child = subprocess.run(
-        [sys.executable, str(CHILD), s3_root, "--after", str(after)], env=env, capture_output=True, timeout=300
+        [sys.executable, str(CHILD), s3_root, "--after", str(after)],
+        env=env,
+        capture_output=True,
+        timeout=300,
     )
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-3000:]
     assert len(objects(s3_root, 2)) == after  # killed mid-upload: some objects, no manifest

@@ -53,14 +53,27 @@ def test_uninterrupted_run_saves_through_savepoint(reference) -> None:  # type: 
     ("die_at", "resumed_from"),
     [(5, 3), (8, 6)],  # mid-epoch; and exactly at the end of epoch 1 (6 steps per epoch)
 )
-def test_killed_and_resumed_trainer_matches_uninterrupted(tmp_path: Path, reference, die_at: int, resumed_from: int) -> None:  # type: ignore[no-untyped-def]
+def test_killed_and_resumed_trainer_matches_uninterrupted(
+    tmp_path: Path, reference, die_at: int, resumed_from: int
+) -> None:  # type: ignore[no-untyped-def]
     _, ref = reference
     root, out = tmp_path / "ckpt", tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{REPO}", PYTHONWARNINGS="ignore")
     script = Path(trainer_script.__file__)
     killed = subprocess.run(
-        [sys.executable, str(script), str(root), str(out), "--max-steps", str(MAX_STEPS), "--die-at", str(die_at)],
-        env=env, capture_output=True, timeout=600,
+        [
+            sys.executable,
+            str(script),
+            str(root),
+            str(out),
+            "--max-steps",
+            str(MAX_STEPS),
+            "--die-at",
+            str(die_at),
+        ],
+        env=env,
+        capture_output=True,
+        timeout=600,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-3000:]
     assert savepoint.CheckpointManager(root).latest_step == resumed_from
@@ -75,7 +88,9 @@ def test_killed_and_resumed_trainer_matches_uninterrupted(tmp_path: Path, refere
     assert sorted(ours) == list(range(1, MAX_STEPS + 1))
     assert ours == theirs, "the loss curve diverged after resume"
     for name, tensor in ref.model.state_dict().items():
-        assert torch.equal(trainer.model.state_dict()[name], tensor), f"{name} differs from the uninterrupted run"
+        assert torch.equal(trainer.model.state_dict()[name], tensor), (
+            f"{name} differs from the uninterrupted run"
+        )
     mine = load_file(root / "step-00000010" / "train_state" / "optimizer.safetensors")
     reference_opt = load_file(reference[0] / "step-00000010" / "train_state" / "optimizer.safetensors")
     assert mine.keys() == reference_opt.keys() and all(torch.equal(mine[k], reference_opt[k]) for k in mine)

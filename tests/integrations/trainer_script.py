@@ -24,7 +24,9 @@ SEQ_LEN = 16
 
 class Rows(torch.utils.data.Dataset):
     def __init__(self, n: int, seed: int) -> None:
-        ids = torch.randint(3, tiny.DEFAULT_VOCAB_SIZE, (n, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
+        ids = torch.randint(
+            3, tiny.DEFAULT_VOCAB_SIZE, (n, SEQ_LEN), generator=torch.Generator().manual_seed(seed)
+        )
         self.ids = ids
 
     def __len__(self) -> int:
@@ -45,7 +47,9 @@ class DieAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def make_trainer(root: str, out: str, *, max_steps: int, die_at: int | None = None, **manager: Any) -> tuple[Trainer, SavepointCallback]:
+def make_trainer(
+    root: str, out: str, *, max_steps: int, die_at: int | None = None, **manager: Any
+) -> tuple[Trainer, SavepointCallback]:
     torch.set_num_threads(1)
     model = tiny.tiny_llama(seed=0, attention_dropout=0.2).train()
     args = TrainingArguments(
@@ -67,10 +71,16 @@ def make_trainer(root: str, out: str, *, max_steps: int, die_at: int | None = No
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    callback = SavepointCallback(root, **({"keep_last": 2, "best_metric": "eval_loss", "keep_best": 1} | manager))
+    callback = SavepointCallback(
+        root, **({"keep_last": 2, "best_metric": "eval_loss", "keep_best": 1} | manager)
+    )
     callbacks: list[TrainerCallback] = [callback] + ([DieAt(die_at)] if die_at is not None else [])
     trainer = Trainer(
-        model=model, args=args, train_dataset=Rows(12, seed=1), eval_dataset=Rows(4, seed=2), callbacks=callbacks
+        model=model,
+        args=args,
+        train_dataset=Rows(12, seed=1),
+        eval_dataset=Rows(4, seed=2),
+        callbacks=callbacks,
     )
     return trainer, callback
 

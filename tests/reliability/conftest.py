@@ -75,8 +75,11 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     env = "SAVEPOINT_TORTURE=full " if FULL else ""
     t = _HOSTILE.get(func)
     if t is None:
-        t = _HOSTILE[func] = Tally(f"hostile: {func.removeprefix('test_')}", f"{env}.venv/bin/python -m pytest -q 'tests/reliability/"
-                                   f"test_hostile_inputs.py::{func}'", xfail=False)
+        t = _HOSTILE[func] = Tally(
+            f"hostile: {func.removeprefix('test_')}",
+            f"{env}.venv/bin/python -m pytest -q 'tests/reliability/test_hostile_inputs.py::{func}'",
+            xfail=False,
+        )
         _TALLIES.append(t)
     xfailed = hasattr(report, "wasxfail")
     t.xfail = t.xfail or xfailed
@@ -87,8 +90,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     path = os.environ.get("SAVEPOINT_RELIABILITY_LEDGER")
     if path and _TALLIES:
         rows = [
-            {"class": t.fault_class, "tried": t.tried, "survived": t.survived, "command": t.command,
-             "xfail": t.xfail, "failures": t.failures[:20], "mode": "full" if FULL else "sample"}
+            {
+                "class": t.fault_class,
+                "tried": t.tried,
+                "survived": t.survived,
+                "command": t.command,
+                "xfail": t.xfail,
+                "failures": t.failures[:20],
+                "mode": "full" if FULL else "sample",
+            }
             for t in _TALLIES
         ]
         with open(path, "w") as f:

@@ -91,7 +91,12 @@ def _hit(kind: str, path: str, dst: str = "") -> None:
             fail = d == plan.error_at or (plan.sticky and d > plan.error_at)
         if _state["trace_fd"] is not None:
             rel = os.path.relpath(path, _state["root"])
-            line = {"i": n, "kind": kind, "path": rel, "dst": os.path.relpath(dst, _state["root"]) if dst else ""}
+            line = {
+                "i": n,
+                "kind": kind,
+                "path": rel,
+                "dst": os.path.relpath(dst, _state["root"]) if dst else "",
+            }
             line["fail"] = fail
             _real["write"](_state["trace_fd"], (json.dumps(line) + "\n").encode())
         if plan.crash_at is not None and n >= plan.crash_at:

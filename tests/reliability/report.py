@@ -1,7 +1,7 @@
 """Render the reliability ledger (written by a run with SAVEPOINT_RELIABILITY_LEDGER=FILE) as Markdown.
 
-    SAVEPOINT_RELIABILITY_LEDGER=/tmp/ledger.json SAVEPOINT_TORTURE=full pytest -q tests/reliability
-    python -m tests.reliability.report /tmp/ledger.json > table.md
+SAVEPOINT_RELIABILITY_LEDGER=/tmp/ledger.json SAVEPOINT_TORTURE=full pytest -q tests/reliability
+python -m tests.reliability.report /tmp/ledger.json > table.md
 """
 
 from __future__ import annotations

@@ -49,7 +49,12 @@ class Position:
 
     def state_dict(self) -> dict[str, Any]:
         s = self.step
-        return {"pos": s * 13, "epoch": (s // 3, "train"), "order": torch.arange(s + 2), "meta": {"seen": [s, s + 1]}}
+        return {
+            "pos": s * 13,
+            "epoch": (s // 3, "train"),
+            "order": torch.arange(s + 2),
+            "meta": {"seen": [s, s + 1]},
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.loaded = sd
@@ -59,8 +64,14 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -103,7 +114,12 @@ def train_state(step: int, *, fresh: bool = False) -> State:
         for _ in range(step):
             sched.step()
     stateful = {"loader": Position(0 if fresh else step), "extra_rng": Position(0 if fresh else step * 2)}
-    kwargs = {"optimizer": opt, "scheduler": sched, "stateful": stateful, "metrics": {"loss": 1.0 / (step + 1)}}
+    kwargs = {
+        "optimizer": opt,
+        "scheduler": sched,
+        "stateful": stateful,
+        "metrics": {"loss": 1.0 / (step + 1)},
+    }
     return State(model, kwargs)
 
 
@@ -122,7 +138,12 @@ def lora_state(step: int, *, fresh: bool = False) -> State:
 def same(a: Any, b: Any, where: str = "") -> list[str]:
     """Differences between two state trees (tensors compared exactly)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        ok = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+        ok = (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
         return [] if ok else [f"{where}: tensors differ"]
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b):
@@ -225,10 +246,23 @@ SCENARIOS = {
             deletable=(2, 3),
         ),
         Scenario(
-            "sweep", train_state, before=(1, 2, 5), new=None, setup_extra=_leftovers, deletable=(1, 5), restorable=(5,)
+            "sweep",
+            train_state,
+            before=(1, 2, 5),
+            new=None,
+            setup_extra=_leftovers,
+            deletable=(1, 5),
+            restorable=(5,),
         ),
         Scenario("lora", lora_state, before=(1,), new=2, requires="savepoint.formats.peft"),
-        Scenario("async", train_state, before=(1,), new=2, manager={"async_save": True}, requires="savepoint.snapshot"),
+        Scenario(
+            "async",
+            train_state,
+            before=(1,),
+            new=2,
+            manager={"async_save": True},
+            requires="savepoint.snapshot",
+        ),
     ]
 }
 

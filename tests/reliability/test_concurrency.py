@@ -52,7 +52,9 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path, tally) -> None:
         start_time = time.monotonic()
         with pytest.raises(LockedRootError, match=f"process {pid} on "):
             save_once(root, 1)
-        t.case("refused at once, naming the holder", [] if time.monotonic() - start_time < 5 else ["it waited"])
+        t.case(
+            "refused at once, naming the holder", [] if time.monotonic() - start_time < 5 else ["it waited"]
+        )
         # Readers do not take the lock: they work while a writer holds it.
         assert list_checkpoints(root) == []
     finally:

@@ -30,7 +30,9 @@ def _commit_points(trace: list[dict]) -> list[int]:
     return out
 
 
-def crash_case(zygote: Zygote, scenario: Scenario, template: str, listed: set[int], k: int, tmp: str) -> list[str]:
+def crash_case(
+    zygote: Zygote, scenario: Scenario, template: str, listed: set[int], k: int, tmp: str
+) -> list[str]:
     """Kill the act at operation k on a copy of `template`; return what a fresh process found wrong."""
     root = os.path.join(tmp, f"k{k:05d}")
     shutil.copytree(template, root)
@@ -41,7 +43,9 @@ def crash_case(zygote: Zygote, scenario: Scenario, template: str, listed: set[in
     crashed = answer["exit"] == faults.CRASH_EXIT_CODE
     problems = []
     if not crashed and not answer.get("ok"):
-        problems.append(f"the act failed instead of crashing: {answer.get('error_type')}: {answer.get('message')}")
+        problems.append(
+            f"the act failed instead of crashing: {answer.get('error_type')}: {answer.get('message')}"
+        )
     expected = replay(listed, trace, k if crashed else len(trace) + 1)
     # The oracle itself is held to the scenario: only the new step may appear, only deletable ones go.
     new = {scenario.new} - {None} | set(scenario.restorable)
@@ -50,7 +54,9 @@ def crash_case(zygote: Zygote, scenario: Scenario, template: str, listed: set[in
     if not crashed and expected != scenario.final:
         problems.append(f"ran to the end but left {sorted(expected)}, not {sorted(scenario.final)}")
     next_step = max(listed | scenario.final) + 1
-    check = zygote.request("check", scenario=scenario.name, root=root, expected=sorted(expected), next_step=next_step)
+    check = zygote.request(
+        "check", scenario=scenario.name, root=root, expected=sorted(expected), next_step=next_step
+    )
     if check["exit"] != 0:
         problems.append(f"the checking process died ({check['exit']}); see {check['log']}")
     problems += check.get("problems", [])
@@ -64,11 +70,16 @@ def test_every_crash_point(name: str, zygote: Zygote, tally, torture_tmp) -> Non
     scenario = scenario_or_skip(name)
     template, trace, listed = prepare(zygote, scenario, torture_tmp)
     assert trace, "the shim saw no operation under ROOT: it is not installed where the save writes"
-    points = sample(list(range(1, len(trace) + 2)), keep=FAST_CASES, always=_commit_points(trace), seed=len(name))
+    points = sample(
+        list(range(1, len(trace) + 2)), keep=FAST_CASES, always=_commit_points(trace), seed=len(name)
+    )
     t = tally(f"crash points: {name}")
     for k in points:
         op = trace[k - 1] if k <= len(trace) else {"kind": "end", "path": ""}
-        t.case(f"k={k}/{len(trace)} before {op['kind']} {op['path']}", crash_case(zygote, scenario, template, listed, k, torture_tmp))
+        t.case(
+            f"k={k}/{len(trace)} before {op['kind']} {op['path']}",
+            crash_case(zygote, scenario, template, listed, k, torture_tmp),
+        )
     assert not t.failures, t.report()
 
 
@@ -85,7 +96,13 @@ def test_fresh_interpreter_agrees(zygote: Zygote, tmp_path) -> None:
         zygote.request("act", scenario=scenario.name, root=root, plan=plan.to_json())
         expected = replay(listed, faults.read_trace(root + ".jsonl"), k)
         answer = run_once(
-            {"cmd": "check", "scenario": scenario.name, "root": root, "expected": sorted(expected), "next_step": 9},
+            {
+                "cmd": "check",
+                "scenario": scenario.name,
+                "root": root,
+                "expected": sorted(expected),
+                "next_step": 9,
+            },
             str(tmp_path),
         )
         assert answer["exit"] == 0, answer

@@ -30,19 +30,44 @@ from savepoint.manifest import Manifest, parse_manifest, read_manifest
 EXAMPLES = 2500 if FULL else 120
 SLOW_SECONDS = 5.0
 FUZZ = settings(
-    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 # Strings an attacker would try for a path or a key, mixed into the generated JSON.
 NASTY_TEXT = st.sampled_from(
-    ["..", "../outside/secret.bin", "/etc/passwd", "a/../../x", "", "\x00", "model.safetensors", "C:\\x",
-     "__tensor__", "__items__", "__tuple__", "__float__", "__ndarray__", "nan", "1" * 5000, "step-00000001"]
+    [
+        "..",
+        "../outside/secret.bin",
+        "/etc/passwd",
+        "a/../../x",
+        "",
+        "\x00",
+        "model.safetensors",
+        "C:\\x",
+        "__tensor__",
+        "__items__",
+        "__tuple__",
+        "__float__",
+        "__ndarray__",
+        "nan",
+        "1" * 5000,
+        "step-00000001",
+    ]
 )
 SCALARS = (
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats()
-    | st.text(max_size=12) | NASTY_TEXT
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.text(max_size=12)
+    | NASTY_TEXT
 )
 JSON = st.recursive(
-    SCALARS, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8) | NASTY_TEXT, kids, max_size=4),
+    SCALARS,
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8) | NASTY_TEXT, kids, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -90,7 +115,9 @@ def audit_opens(allowed: str, outside: list[str]) -> Iterator[list[str]]:
         if isinstance(path, int):
             return
         full = os.path.realpath(os.fsdecode(os.fspath(path)))
-        if any(full == o or full.startswith(o + os.sep) for o in outside) and not full.startswith(allowed + os.sep):
+        if any(full == o or full.startswith(o + os.sep) for o in outside) and not full.startswith(
+            allowed + os.sep
+        ):
             bad.append(full)
 
     def fake_open(file: Any, *a: Any, **k: Any) -> Any:
@@ -196,8 +223,16 @@ def _listed(ckpt: str, files: dict[str, bytes], kind: str = "model") -> Manifest
     return Manifest(kind=kind, files={rel: hash_entry(os.path.join(ckpt, rel)) for rel in files}, step=1)
 
 
-_VALID_STATE = {"state": {"a": 1, "t": {"__tensor__": "0"}, "tup": {"__tuple__": [1, 2]}, "m": {"__items__": [[1, 2]]},
-                          "f": {"__float__": "nan"}, "n": {"__ndarray__": "0", "dtype": "<f4"}}}
+_VALID_STATE = {
+    "state": {
+        "a": 1,
+        "t": {"__tensor__": "0"},
+        "tup": {"__tuple__": [1, 2]},
+        "m": {"__items__": [[1, 2]]},
+        "f": {"__float__": "nan"},
+        "n": {"__ndarray__": "0", "dtype": "<f4"},
+    }
+}
 
 
 @FUZZ
@@ -219,7 +254,10 @@ def _header(doc: Any, data: bytes = b"\0" * 16, claimed: int | None = None) -> b
     return struct.pack("<Q", len(raw) if claimed is None else claimed) + raw + data
 
 
-_VALID_HEADER = {"__metadata__": {"format": "pt"}, "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+_VALID_HEADER = {
+    "__metadata__": {"format": "pt"},
+    "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+}
 
 
 @FUZZ
@@ -233,18 +271,35 @@ def test_fuzz_safetensors_header(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally)
 
     path = os.path.join(ckpt, "model.safetensors")
     _write(path, raw)
-    judge(lambda: read_header(path, checkpoint=ckpt, relpath="model.safetensors"), ckpt, str(tmp_path), fuzzed)
-    judge(lambda: read_safetensors(path, checkpoint=ckpt, relpath="model.safetensors"), ckpt, str(tmp_path), fuzzed)
+    judge(
+        lambda: read_header(path, checkpoint=ckpt, relpath="model.safetensors"), ckpt, str(tmp_path), fuzzed
+    )
+    judge(
+        lambda: read_safetensors(path, checkpoint=ckpt, relpath="model.safetensors"),
+        ckpt,
+        str(tmp_path),
+        fuzzed,
+    )
 
 
 _VALID_INDEX = {"metadata": {"total_size": 16}, "weight_map": {"w": "model-00001-of-00002.safetensors"}}
-WEIGHT_FILES = st.sampled_from(["model-00001-of-00002.safetensors", "../outside/secret.bin", "/etc/hostname",
-                                "../link-out", "sub/../../outside/secret.bin", "link-out"])
+WEIGHT_FILES = st.sampled_from(
+    [
+        "model-00001-of-00002.safetensors",
+        "../outside/secret.bin",
+        "/etc/hostname",
+        "../link-out",
+        "sub/../../outside/secret.bin",
+        "link-out",
+    ]
+)
 
 
 @FUZZ
-@given(raw=inputs(_VALID_INDEX) | st.dictionaries(st.text(max_size=5), WEIGHT_FILES, max_size=3).map(
-    lambda m: _dumps({"weight_map": m})))
+@given(
+    raw=inputs(_VALID_INDEX)
+    | st.dictionaries(st.text(max_size=5), WEIGHT_FILES, max_size=3).map(lambda m: _dumps({"weight_map": m}))
+)
 def test_fuzz_model_index(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> None:
     from savepoint.formats.hf import read_index, weight_files
 
@@ -268,7 +323,9 @@ def test_fuzz_adapter_config(raw: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> 
 
 @FUZZ
 @given(raw=inputs(_VALID_INDEX), config=inputs({"model_type": "llama", "hidden_size": 16}))
-def test_fuzz_base_model_index_and_config(raw: bytes, config: bytes, ckpt: str, tmp_path, fuzzed: Tally) -> None:
+def test_fuzz_base_model_index_and_config(
+    raw: bytes, config: bytes, ckpt: str, tmp_path, fuzzed: Tally
+) -> None:
     base = pytest.importorskip("savepoint.lora.base")
     _write(os.path.join(ckpt, "model.safetensors.index.json"), raw)
     _write(os.path.join(ckpt, "config.json"), config)

@@ -98,7 +98,9 @@ def restore_into_fresh(root: str, step: int | str = 1) -> torch.nn.Module:
 # ---------------------------------------------------------------- 1. pickles
 
 
-@pytest.mark.parametrize("where", ["pytorch_model.bin", "train_state/optimizer.pt", "train_state/rng/rank-00000.pkl"])
+@pytest.mark.parametrize(
+    "where", ["pytorch_model.bin", "train_state/optimizer.pt", "train_state/rng/rank-00000.pkl"]
+)
 @pytest.mark.parametrize("listed", [False, True])
 def test_planted_pickle_is_never_loaded(run: str, tmp_path, where: str, listed: bool) -> None:
     sentinel = str(tmp_path / SENTINEL)
@@ -286,7 +288,9 @@ def test_listed_files_missing_and_unlisted_files_present(run: str) -> None:
     Path(os.path.join(ckpt, "notes.txt")).write_text("planted")
     with pytest.raises(CorruptCheckpointError) as err:
         savepoint.verify(ckpt)
-    assert "scheduler.json: missing" in str(err.value) and "notes.txt: present but not listed" in str(err.value)
+    assert "scheduler.json: missing" in str(err.value) and "notes.txt: present but not listed" in str(
+        err.value
+    )
     with pytest.raises(CorruptCheckpointError, match=r"scheduler.json"):
         restore_into_fresh(run)
     with warnings.catch_warnings(record=True):

@@ -43,7 +43,9 @@ def data_ops(trace: list[dict]) -> list[dict]:
     return [op for op in trace if op["kind"] in faults.ERROR_KINDS]
 
 
-def error_case(zygote: Zygote, scenario: Scenario, template: str, listed: set[int], d: int, code: int, tmp: str) -> list[str]:
+def error_case(
+    zygote: Zygote, scenario: Scenario, template: str, listed: set[int], d: int, code: int, tmp: str
+) -> list[str]:
     root = os.path.join(tmp, f"e{code}-{d:05d}")
     shutil.copytree(template, root)
     trace_path = root + ".jsonl"
@@ -64,21 +66,31 @@ def error_case(zygote: Zygote, scenario: Scenario, template: str, listed: set[in
             problems.append(f"an injected {os.strerror(code)} at {failed['path']} vanished without a word")
     else:
         if not answer["is_savepoint_error"]:
-            problems.append(f"raised {answer['error_type']} (not a SavepointError): {answer['message'][:200]}")
+            problems.append(
+                f"raised {answer['error_type']} (not a SavepointError): {answer['message'][:200]}"
+            )
         message = answer["message"]
         if failed and os.path.basename(failed["path"]) not in message and failed["path"] not in message:
-            problems.append(f"the error does not name the file that failed ({failed['path']}): {message[:200]}")
+            problems.append(
+                f"the error does not name the file that failed ({failed['path']}): {message[:200]}"
+            )
         if WHAT[code] not in message:
             problems.append(f"the error does not say {WHAT[code]!r}: {message[:200]}")
         # A sweep may have put back a checkpoint an interrupted replace had moved aside: a repair.
         if not listed <= now or not now - listed <= set(scenario.restorable):
-            problems.append(f"after the failed save the root lists {sorted(now)}, before it listed {sorted(listed)}")
+            problems.append(
+                f"after the failed save the root lists {sorted(now)}, before it listed {sorted(listed)}"
+            )
         stale = {n for n in root_debris(template)}  # left by earlier crashes: the next sweep's job
         debris = [n for n in root_debris(root) if n.startswith(".tmp-") and n not in stale]
         if debris:
             problems.append(f"the failed save left {debris}")
     check = zygote.request(
-        "check", scenario=scenario.name, root=root, expected=sorted(now), next_step=max(listed | scenario.final) + 1
+        "check",
+        scenario=scenario.name,
+        root=root,
+        expected=sorted(now),
+        next_step=max(listed | scenario.final) + 1,
     )
     problems += check.get("problems", []) if check["exit"] == 0 else [f"the checker died: {check['log']}"]
     if not problems:
@@ -95,13 +107,21 @@ def run_errors(zygote: Zygote, tally, name: str, tmp: str, *, want_foreign: bool
         pytest.skip(f"no {'foreign' if want_foreign else 'own'} writes in a {name} save")
     t = tally(f"I/O errors ({'foreign writers' if want_foreign else 'savepoint writes'}): {name}")
     # Full torture: every point with every errno. The sample: a few points, the errnos taking turns.
-    cases = [(d, e) for d in points for e in ERRNOS] if FULL else [
-        (d, list(ERRNOS)[n % len(ERRNOS)]) for n, d in enumerate(sample(points, keep=FAST_CASES, seed=len(name)))
-    ]
+    cases = (
+        [(d, e) for d in points for e in ERRNOS]
+        if FULL
+        else [
+            (d, list(ERRNOS)[n % len(ERRNOS)])
+            for n, d in enumerate(sample(points, keep=FAST_CASES, seed=len(name)))
+        ]
+    )
     for d, label in cases:
         op = ops[d - 1]
         code = ERRNOS[label]
-        t.case(f"{label} at {op['kind']} #{d} {op['path']}", error_case(zygote, scenario, template, listed, d, code, tmp))
+        t.case(
+            f"{label} at {op['kind']} #{d} {op['path']}",
+            error_case(zygote, scenario, template, listed, d, code, tmp),
+        )
     assert not t.failures, t.report()
 
 

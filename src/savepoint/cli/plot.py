@@ -37,17 +37,35 @@ def plot_metric(root: str, metric: str, out: str, *, best_mode: BestMode = "min"
     points = [(i.step, i.metrics[metric]) for i in infos if metric in i.metrics]
     if not points:
         known = sorted({m for i in infos for m in i.metrics}) or ["none"]
-        raise SavepointError(f"no checkpoint under {root} reports {metric!r}; metrics found: {', '.join(known)}")
+        raise SavepointError(
+            f"no checkpoint under {root} reports {metric!r}; metrics found: {', '.join(known)}"
+        )
     steps, values = zip(*points, strict=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, values, marker="o", markersize=3, label=metric)
     best = best_step(infos, metric, best_mode)
     if best is not None:
-        ax.scatter([best], [dict(points)[best]], s=160, marker="*", color="tab:orange", zorder=3, label=f"best (step {best})")
+        ax.scatter(
+            [best],
+            [dict(points)[best]],
+            s=160,
+            marker="*",
+            color="tab:orange",
+            zorder=3,
+            label=f"best (step {best})",
+        )
     latest = infos[-1]
     if metric in latest.metrics:
-        ax.scatter([latest.step], [latest.metrics[metric]], s=90, facecolors="none", edgecolors="tab:green",
-                   linewidths=2, zorder=3, label=f"latest (step {latest.step})")
+        ax.scatter(
+            [latest.step],
+            [latest.metrics[metric]],
+            s=90,
+            facecolors="none",
+            edgecolors="tab:green",
+            linewidths=2,
+            zorder=3,
+            label=f"latest (step {latest.step})",
+        )
     ax.set(xlabel="step", ylabel=metric, title=f"{metric} across checkpoints of {root}")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -59,10 +77,14 @@ def plot_metric(root: str, metric: str, out: str, *, best_mode: BestMode = "min"
 
 @app.command("plot")
 def plot_command(
-    root: str = typer.Argument(..., help="The run's root (a directory or an fsspec URL such as s3://bucket/run)."),
+    root: str = typer.Argument(
+        ..., help="The run's root (a directory or an fsspec URL such as s3://bucket/run)."
+    ),
     metric: str = typer.Option("eval_loss", "--metric", help="The metric to draw."),
     out: str | None = typer.Option(None, "--out", help="PNG file to write. Default: METRIC.png here."),
-    best_mode: str = typer.Option("min", "--best-mode", help="'min' (lower is better) or 'max': which point is best."),
+    best_mode: str = typer.Option(
+        "min", "--best-mode", help="'min' (lower is better) or 'max': which point is best."
+    ),
 ) -> None:
     """Draw a metric across the checkpoints of a run to a PNG, marking the best and the latest."""
     if best_mode not in ("min", "max"):

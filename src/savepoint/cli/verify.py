@@ -135,7 +135,9 @@ def _verify_remote(url: str) -> None:
     except CorruptCheckpointError as exc:
         for problem in exc.problems:
             console.print(f"  [red]{problem}[/]", highlight=False, soft_wrap=True)
-        console.print("[bold red]damaged[/]; restore an earlier checkpoint or delete the damaged one", highlight=False)
+        console.print(
+            "[bold red]damaged[/]; restore an earlier checkpoint or delete the damaged one", highlight=False
+        )
         raise typer.Exit(1) from None
     for step_url in verified:
         console.print(f"[green]✓ {step_url}: intact[/]", highlight=False)

@@ -142,7 +142,10 @@ def write_weights(
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     # Split on shape-only tensors of the target dtype, so shard sizes are those written to disk.
-    planned = {k: torch.empty(v.shape, dtype=cast(v).dtype if dtype else v.dtype, device="meta") for k, v in state.items()}
+    planned = {
+        k: torch.empty(v.shape, dtype=cast(v).dtype if dtype else v.dtype, device="meta")
+        for k, v in state.items()
+    }
     split = split_torch_state_dict_into_shards(
         planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
@@ -191,7 +194,8 @@ def weight_files(ckpt_dir: str, manifest: Manifest, prefix: str = "") -> list[st
     if prefix + WEIGHTS_NAME in manifest.files:
         return [prefix + WEIGHTS_NAME]
     raise CorruptCheckpointError(
-        ckpt_dir, [Problem(prefix + WEIGHTS_NAME, "no model weights listed in the manifest (neither file nor index)")]
+        ckpt_dir,
+        [Problem(prefix + WEIGHTS_NAME, "no model weights listed in the manifest (neither file nor index)")],
     )
 
 
@@ -203,7 +207,9 @@ def read_index(model_dir: str, index_rel: str = WEIGHTS_INDEX_NAME) -> dict[str,
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
-        raise CorruptCheckpointError(model_dir, [Problem(index_rel, "'weight_map' must map tensor names to file names")])
+        raise CorruptCheckpointError(
+            model_dir, [Problem(index_rel, "'weight_map' must map tensor names to file names")]
+        )
     for filename in set(weight_map.values()):
         resolve_inside(model_dir, os.path.join(os.path.dirname(index_rel), filename))
     return weight_map
@@ -223,7 +229,10 @@ def check_model_files(
     duplicates = []
     for rel in files:
         header = read_header(os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel)
-        duplicates += [Problem(rel, f"tensor {k!r} is stored in more than one weight file") for k in header.keys() & found.keys()]
+        duplicates += [
+            Problem(rel, f"tensor {k!r} is stored in more than one weight file")
+            for k in header.keys() & found.keys()
+        ]
         found.update(header)
     if duplicates:
         raise CorruptCheckpointError(ckpt_dir, duplicates)
@@ -241,7 +250,9 @@ def copy_model_files(ckpt_dir: str, files: list[str], targets: dict[str, torch.T
     """Copy checked weight files into the model's tensors in place, one file in memory at a time."""
     with torch.no_grad():
         for rel in files:
-            for name, tensor in read_safetensors(os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel).items():
+            for name, tensor in read_safetensors(
+                os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel
+            ).items():
                 targets[name].copy_(tensor)
 
 
@@ -260,7 +271,7 @@ def _compare(expected: dict[str, torch.Tensor], found: dict[str, tuple[str, list
             out.append(f"shape of {key}: checkpoint {found[key][1]}, model {shape}")
         elif found[key][0] != dtype:
             # copy_ would cast silently, and a resume in another precision is not the run that was saved
-            out.append(f"dtype of {key}: checkpoint {found[key][0]}, model {dtype} (build the model in the saved dtype)")
+            out.append(
+                f"dtype of {key}: checkpoint {found[key][0]}, model {dtype} (build the model in the saved dtype)"
+            )
     return out
-
-

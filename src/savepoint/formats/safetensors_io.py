@@ -65,7 +65,11 @@ def build_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         if t.dtype not in DTYPE_NAMES:
             raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % _ALIGN)
@@ -94,7 +98,9 @@ def read_safetensors(path: str, *, checkpoint: str, relpath: str) -> dict[str, t
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CorruptCheckpointError(checkpoint, [Problem(relpath, f"not a readable safetensors file: {exc}")]) from exc
+        raise CorruptCheckpointError(
+            checkpoint, [Problem(relpath, f"not a readable safetensors file: {exc}")]
+        ) from exc
 
 
 def read_header(path: str, *, checkpoint: str, relpath: str) -> dict[str, tuple[str, list[int]]]:
@@ -107,4 +113,6 @@ def read_header(path: str, *, checkpoint: str, relpath: str) -> dict[str, tuple[
                 out[k] = (sl.get_dtype(), list(sl.get_shape()))
             return out
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CorruptCheckpointError(checkpoint, [Problem(relpath, f"not a readable safetensors file: {exc}")]) from exc
+        raise CorruptCheckpointError(
+            checkpoint, [Problem(relpath, f"not a readable safetensors file: {exc}")]
+        ) from exc

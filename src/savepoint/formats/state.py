@@ -50,7 +50,10 @@ def encode(obj: Any, tensors: dict[str, torch.Tensor], where: str = "state", dep
             return {k: encode(v, tensors, f"{where}.{k}", depth + 1) for k, v in obj.items()}
         return {
             _ITEMS: [
-                [encode(k, tensors, f"{where}[key]", depth + 1), encode(v, tensors, f"{where}[{k!r}]", depth + 1)]
+                [
+                    encode(k, tensors, f"{where}[key]", depth + 1),
+                    encode(v, tensors, f"{where}[{k!r}]", depth + 1),
+                ]
                 for k, v in obj.items()
             ]
         }
@@ -77,7 +80,9 @@ def decode(doc: Any, tensors: Mapping[str, torch.Tensor], *, ckpt: str, relpath:
     if _TENSOR in doc or _NDARRAY in doc:
         key = doc.get(_TENSOR, doc.get(_NDARRAY))
         if not isinstance(key, str) or key not in tensors:
-            raise CorruptCheckpointError(ckpt, [Problem(relpath, f"refers to a tensor {key!r:.40} that is not stored")])
+            raise CorruptCheckpointError(
+                ckpt, [Problem(relpath, f"refers to a tensor {key!r:.40} that is not stored")]
+            )
         if _TENSOR in doc:
             return tensors[key]
         return _to_numpy(tensors[key], doc.get("dtype"), ckpt, relpath)
@@ -91,12 +96,16 @@ def decode(doc: Any, tensors: Mapping[str, torch.Tensor], *, ckpt: str, relpath:
         return float(doc[_FLOAT])
     if _ITEMS in doc:
         if not isinstance(doc[_ITEMS], list):
-            raise CorruptCheckpointError(ckpt, [Problem(relpath, "a mapping must be stored as a list of pairs")])
+            raise CorruptCheckpointError(
+                ckpt, [Problem(relpath, "a mapping must be stored as a list of pairs")]
+            )
         items = decode(doc[_ITEMS], tensors, ckpt=ckpt, relpath=relpath, depth=depth + 1)
         try:
             return {k: v for k, v in items}
         except (TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(ckpt, [Problem(relpath, f"malformed key/value pairs ({exc})")]) from exc
+            raise CorruptCheckpointError(
+                ckpt, [Problem(relpath, f"malformed key/value pairs ({exc})")]
+            ) from exc
     return {k: decode(v, tensors, ckpt=ckpt, relpath=relpath, depth=depth + 1) for k, v in doc.items()}
 
 
@@ -106,7 +115,9 @@ def _to_numpy(t: torch.Tensor, dtype: Any, ckpt: str, relpath: str) -> np.ndarra
     except TypeError as exc:
         raise CorruptCheckpointError(ckpt, [Problem(relpath, f"bad numpy dtype {dtype!r:.40}")]) from exc
     if want.kind not in "biuf" or want.itemsize != t.element_size():
-        raise CorruptCheckpointError(ckpt, [Problem(relpath, f"numpy dtype {want} does not match tensor {t.dtype}")])
+        raise CorruptCheckpointError(
+            ckpt, [Problem(relpath, f"numpy dtype {want} does not match tensor {t.dtype}")]
+        )
     return t.numpy().view(want).copy()
 
 

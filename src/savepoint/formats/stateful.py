@@ -31,7 +31,10 @@ def _is_stateful_data_loader(obj: Any) -> bool:
 
 
 def _generators(loader: Any) -> dict[str, torch.Generator]:
-    found = {"loader": getattr(loader, "generator", None), "sampler": getattr(loader.sampler, "generator", None)}
+    found = {
+        "loader": getattr(loader, "generator", None),
+        "sampler": getattr(loader.sampler, "generator", None),
+    }
     out: dict[str, torch.Generator] = {}
     for name, gen in found.items():
         if isinstance(gen, torch.Generator) and all(gen is not g for g in out.values()):

@@ -60,7 +60,9 @@ def read_blob(ckpt_dir: str, manifest: Manifest, relbase: str) -> Any:
         with open(os.path.join(ckpt_dir, json_rel), "rb") as f:
             raw = f.read()
     except OSError as exc:  # e.g. deleted by retention after it verified (tests/reliability: concurrency)
-        raise CorruptCheckpointError(ckpt_dir, [Problem(json_rel, f"unreadable ({exc.strerror or exc})")]) from exc
+        raise CorruptCheckpointError(
+            ckpt_dir, [Problem(json_rel, f"unreadable ({exc.strerror or exc})")]
+        ) from exc
     doc = state_codec.loads(raw, ckpt=ckpt_dir, relpath=json_rel)
     tensors = {}
     if st_rel in manifest.files:
@@ -116,7 +118,8 @@ def prepare_optimizer_state(
     if current != stored:
         mismatches = _group_mismatches(current, stored)
         raise IncompatibleCheckpointError(
-            f"the optimizer's parameters differ from those saved in {ckpt_dir}; nothing was loaded:", mismatches=mismatches
+            f"the optimizer's parameters differ from those saved in {ckpt_dir}; nothing was loaded:",
+            mismatches=mismatches,
         )
     return {
         "state": {to_index[n]: v for n, v in saved["state"].items() if n in to_index},
@@ -157,7 +160,10 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(state["cuda"]))
         else:
-            warnings.warn("the checkpoint holds CUDA RNG state but no GPU is available; it was not restored", stacklevel=3)
+            warnings.warn(
+                "the checkpoint holds CUDA RNG state but no GPU is available; it was not restored",
+                stacklevel=3,
+            )
 
 
 def _as_tuple(value: Any) -> Any:

@@ -48,7 +48,10 @@ class LoaderPosition:
         self.loader = loader
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": stateful_format.capture(self.loader), "epoch": int(getattr(self.loader, "iteration", 0))}
+        return {
+            "position": stateful_format.capture(self.loader),
+            "epoch": int(getattr(self.loader, "iteration", 0)),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if hasattr(self.loader, "set_epoch"):
@@ -66,7 +69,9 @@ class AcceleratorCheckpointer:
         """`save` when the manager's `save_every` schedule says so (call it on every process alike)."""
         return self.save(step, **kwargs) if policy.should_save(step, self.manager.save_every) else None
 
-    def save(self, step: int, *, dataloader: Any = None, stateful: Mapping[str, Any] | None = None, **kwargs: Any) -> str:
+    def save(
+        self, step: int, *, dataloader: Any = None, stateful: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> str:
         """`CheckpointManager.save` with the data loader's position; call it on every process."""
         return self.manager.save(step, stateful=_with_loader(stateful, dataloader), **kwargs)
 
@@ -81,14 +86,20 @@ def _with_loader(stateful: Mapping[str, Any] | None, loader: Any) -> dict[str, A
     out = dict(stateful or {})
     if loader is not None:
         if LOADER_KEY in out:
-            raise ValueError(f"stateful[{LOADER_KEY!r}] is where the data loader goes; name your object otherwise")
+            raise ValueError(
+                f"stateful[{LOADER_KEY!r}] is where the data loader goes; name your object otherwise"
+            )
         out[LOADER_KEY] = LoaderPosition(loader)
     return out
 
 
 def _check_loader(loader: Any) -> None:
-    if not callable(getattr(loader, "state_dict", None)) or not callable(getattr(loader, "load_state_dict", None)):
-        raise SavepointError(f"the data loader ({type(loader).__name__}) has no state_dict(): its position cannot be saved; {_FIX}")
+    if not callable(getattr(loader, "state_dict", None)) or not callable(
+        getattr(loader, "load_state_dict", None)
+    ):
+        raise SavepointError(
+            f"the data loader ({type(loader).__name__}) has no state_dict(): its position cannot be saved; {_FIX}"
+        )
     from torch.utils.data import RandomSampler
 
     sampler = _sampler(loader)
@@ -104,4 +115,8 @@ def _sampler(loader: Any) -> Any:
     batch_sampler = getattr(loader, "batch_sampler", None)
     while batch_sampler is not None and not hasattr(batch_sampler, "sampler"):
         batch_sampler = getattr(batch_sampler, "batch_sampler", None)
-    return getattr(batch_sampler, "sampler", None) if batch_sampler is not None else getattr(loader, "sampler", None)
+    return (
+        getattr(batch_sampler, "sampler", None)
+        if batch_sampler is not None
+        else getattr(loader, "sampler", None)
+    )

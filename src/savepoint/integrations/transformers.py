@@ -115,7 +115,9 @@ class SavepointCallback(TrainerCallback):
             problems = find_problems(local, check_unlisted=False)
             if not problems:
                 return local
-            warnings.warn(str(CorruptCheckpointError(info.path, problems, hint="trying the previous one")), stacklevel=2)
+            warnings.warn(
+                str(CorruptCheckpointError(info.path, problems, hint="trying the previous one")), stacklevel=2
+            )
         return None
 
     def _local(self, path: str) -> str:
@@ -125,7 +127,9 @@ class SavepointCallback(TrainerCallback):
             self._download = tempfile.TemporaryDirectory(prefix="savepoint-trainer-")
         return RemoteRoot(self.manager.root).download(path, self._download.name)
 
-    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if str(args.save_strategy).rsplit(".", 1)[-1].lower() == "best":
             raise SavepointError(
                 'save_strategy="best" is not supported by SavepointCallback: use save_strategy="steps" with '
@@ -151,12 +155,16 @@ class SavepointCallback(TrainerCallback):
         )
         self._rng = rng_state()
 
-    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         # Resumed at an epoch boundary: the Trainer sets RNG before the epoch's iterator draws from it.
         if self._rng is not None and float(state.epoch or 0).is_integer():
             self._restore_rng()
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         # Resumed mid-epoch: the iterator was created (and drew from the RNG) while skipping batches.
         if self._rng is not None:
             self._restore_rng()
@@ -168,14 +176,20 @@ class SavepointCallback(TrainerCallback):
 
     # ------------------------------------------------------------ saving
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         due = control.should_save or policy.should_save(state.global_step, self.manager.save_every)
         self._take_over_save(due, state, control, kwargs)
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._take_over_save(control.should_save, state, control, kwargs)
 
-    def _take_over_save(self, due: bool, state: TrainerState, control: TrainerControl, kwargs: dict[str, Any]) -> None:
+    def _take_over_save(
+        self, due: bool, state: TrainerState, control: TrainerControl, kwargs: dict[str, Any]
+    ) -> None:
         control.should_save = False  # savepoint writes the checkpoint; the Trainer must not
         if not due or self._saved_step == state.global_step:
             return
@@ -184,11 +198,15 @@ class SavepointCallback(TrainerCallback):
         else:
             self._save(state, kwargs)
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self._pending_step == state.global_step:
             self._save(state, kwargs)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self._pending_step == state.global_step:  # an evaluation that never came
             self._save(state, kwargs)
         self.manager.wait()

@@ -79,7 +79,11 @@ def weight_files(base_dir: str) -> list[str]:
         index_path = resolve_inside(base_dir, INDEX)
         index = read_json_file(index_path, lambda reason: MergeError(f"{index_path}: {reason}"))
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        if (
+            not isinstance(weight_map, dict)
+            or not weight_map
+            or not all(isinstance(v, str) for v in weight_map.values())
+        ):
             raise MergeError(f"{base_dir}/{INDEX} has no weight_map")
         files = list(dict.fromkeys(weight_map.values()))
         for rel in files:

@@ -33,7 +33,11 @@ DELETE_PREFIX = ".del-"
 REPLACED_PREFIX = ".old-"
 
 _WRITEBACK_EVERY = 32 * 1024 * 1024
-_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EIO: "I/O error"}
+_DISK_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EIO: "I/O error",
+}
 
 
 def storage_error(exc: OSError, path: str, action: str) -> StorageError:
@@ -285,9 +289,13 @@ def sweep_stale(root: str) -> list[str]:
             original = name[len(REPLACED_PREFIX) :].rsplit("-", 1)[0]
             if not os.path.lexists(os.path.join(root, original)):
                 try:
-                    os.rename(path, os.path.join(root, original))  # the replacement never landed: keep the old
+                    os.rename(
+                        path, os.path.join(root, original)
+                    )  # the replacement never landed: keep the old
                     fsync_dir(root)
-                except OSError as exc:  # a save that cannot sweep must fail as a StorageError, not a bare OSError
+                except (
+                    OSError
+                ) as exc:  # a save that cannot sweep must fail as a StorageError, not a bare OSError
                     raise storage_error(exc, path, "putting back") from exc
                 continue
         if name.startswith((TMP_PREFIX, DELETE_PREFIX, REPLACED_PREFIX)):

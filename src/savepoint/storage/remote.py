@@ -56,10 +56,10 @@ def cache_dir() -> str:
 class RemoteRoot:
     """The checkpoints of one run under an fsspec URL.
 
-        >>> root = RemoteRoot("s3://bucket/run")            # doctest: +SKIP
-        >>> root.upload_checkpoint("/tmp/stage/step-00000010")
-        >>> [i.step for i in root.list_checkpoints()]
-        [10]
+    >>> root = RemoteRoot("s3://bucket/run")            # doctest: +SKIP
+    >>> root.upload_checkpoint("/tmp/stage/step-00000010")
+    >>> [i.step for i in root.list_checkpoints()]
+    [10]
     """
 
     def __init__(self, url: str, **storage_options: Any) -> None:
@@ -107,7 +107,9 @@ class RemoteRoot:
         try:
             size = self.fs.size(key)
             if size is not None and size > MAX_MANIFEST_BYTES:
-                raise CorruptCheckpointError(self.step_url(name), [Problem(MANIFEST_NAME, f"is {size} bytes")])
+                raise CorruptCheckpointError(
+                    self.step_url(name), [Problem(MANIFEST_NAME, f"is {size} bytes")]
+                )
             return bytes(self.fs.cat_file(key))
         except FileNotFoundError as exc:
             raise CorruptCheckpointError(
@@ -238,7 +240,9 @@ def verify_remote(url: str) -> list[str]:
         root = RemoteRoot(url)
         names = [i.path.rsplit("/", 1)[-1] for i in root.list_checkpoints()]
         if not names:
-            raise CheckpointNotFoundError(f"no committed checkpoint under {url} (no step-N/savepoint.json object)")
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint under {url} (no step-N/savepoint.json object)"
+            )
     problems: list[Problem] = []
     for name in names:
         prefix = "" if len(names) == 1 and root.step_url(name) == url else name + "/"
@@ -251,5 +255,7 @@ def verify_remote(url: str) -> list[str]:
             found = find_problems(local, check_unlisted=False) + root.unlisted(name, manifest)
         problems += [Problem(prefix + p.path, p.reason) for p in found]
     if problems:
-        raise CorruptCheckpointError(url, problems, hint="restore an earlier checkpoint or delete the damaged one")
+        raise CorruptCheckpointError(
+            url, problems, hint="restore an earlier checkpoint or delete the damaged one"
+        )
     return [root.step_url(n) for n in names]
