@@ -2,6 +2,7 @@
 
 - `savepoint.integrations.transformers.SavepointCallback`: the HF `Trainer` saves through savepoint.
 - `savepoint.integrations.accelerate.AcceleratorCheckpointer`: objects prepared by `Accelerator`.
+- `savepoint.integrations.deepspeed`: DeepSpeed ZeRO engines, used by `CheckpointManager(model=engine)`.
 
 Each module imports its framework lazily, so importing this package needs neither.
 """
