@@ -10,6 +10,7 @@ import argparse
 import gc
 import importlib
 import inspect
+import json
 import os
 import platform
 import shlex
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     started, load_before = time.time(), os.getloadavg()
     tables, stats = run_all(sizes, workdir, reps=reps, quick=args.quick)
     tables += _optional_merge(workdir, quick=args.quick)
+    if not args.quick:
+        tables.append(_distributed(workdir))
     header = _environment(argv, started, load_before, reps)
     _plot(tables[:2], args.plot)
     targets = _targets(stats)
@@ -92,6 +95,25 @@ def _optional_merge(workdir: str, *, quick: bool) -> list[Table]:
     merge_dir = os.path.join(workdir, "merge")
     os.makedirs(merge_dir, exist_ok=True)
     return [Table("LoRA merge", bench_merge.run(merge_dir, **kwargs))]
+
+
+def _distributed(workdir: str) -> Table:
+    """benchmarks/bench_distributed.py under torchrun (2 ranks, FSDP2, gloo): rank 0's export peak."""
+    out = os.path.join(workdir, "distributed")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "benchmarks.bench_distributed", out]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    lines = [li for li in done.stdout.splitlines() if li.startswith("{")]
+    title = "Distributed: FSDP2 export and saves (2 ranks, CPU, gloo)"
+    if done.returncode or not lines:
+        return Table(title, notes=[f"failed (exit {done.returncode}): {done.stderr.strip()[-300:]}"])
+    row = json.loads(lines[-1])
+    notes = [
+        "rank 0 gathers one tensor at a time and writes; its extra peak is the model once plus about one tensor",
+        "command: MALLOC_MMAP_THRESHOLD_=65536 torchrun --standalone --nproc_per_node=2 -m benchmarks.bench_distributed OUT",
+    ]
+    return Table(title, [row], notes)
 
 
 def _targets(stats: dict[str, Any]) -> Table:
