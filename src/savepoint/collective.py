@@ -356,7 +356,7 @@ def restore_collective(
     keeps its shard), the optimizer through DCP (resharded), scheduler, stateful objects and RNG per rank.
     """
     from savepoint.integrations import deepspeed as ds
-    from savepoint.restoring import RestoreResult
+    from savepoint.restoring import finish_restore
 
     if ds.is_engine(model):
         return ds.restore(
@@ -375,15 +375,7 @@ def restore_collective(
     if load_optimizer is not None:
         load_optimizer()  # before the model: initialising empty optimizer state runs a (zero-lr) step
     load_model()
-    if scheduler is not None:
-        scheduler.load_state_dict(blobs["scheduler"])
-    for name, obj in stateful.items():
-        stateful_format.restore(obj, blobs[f"stateful/{name}"])
-    if "rng" in blobs:
-        train_state.set_rng_state(blobs["rng"])
-    return RestoreResult(
-        step=manifest.step or 0, metrics=dict(manifest.metrics), extra=blobs.get("extra") or {}, path=path
-    )
+    return finish_restore(path, manifest, blobs, scheduler=scheduler, stateful=stateful)
 
 
 def _warn_world_size(path: str, manifest: Manifest, stateful: Mapping[str, Any]) -> None:

@@ -67,6 +67,13 @@ def restore_checkpoint(
     load_model()
     if optimizer is not None and optimizer_sd is not None:
         optimizer.load_state_dict(optimizer_sd)
+    return finish_restore(path, manifest, blobs, scheduler=scheduler, stateful=stateful)
+
+
+def finish_restore(
+    path: str, manifest: Manifest, blobs: dict[str, Any], *, scheduler: Any, stateful: Mapping[str, Any]
+) -> RestoreResult:
+    """The last steps of every restore path: scheduler, stateful objects, then the RNGs, and the result."""
     if scheduler is not None:
         scheduler.load_state_dict(blobs["scheduler"])
     for name, obj in stateful.items():

@@ -185,7 +185,7 @@ def restore(
 ) -> Any:
     """Restore a DeepSpeed checkpoint into `engine` at the world size it was saved at."""
     from savepoint.collective import _read_blobs
-    from savepoint.restoring import RestoreResult
+    from savepoint.restoring import finish_restore
 
     if optimizer is not None and optimizer is not engine.optimizer:
         raise UnsupportedStateError("with a DeepSpeed engine, restore(model=engine) without optimizer=")
@@ -213,17 +213,7 @@ def restore(
         )
     if loaded is None:
         raise CorruptCheckpointError(path, [Problem(f"{DS_DIR}/{tag}", "DeepSpeed could not load it")])
-    if scheduler is not None:
-        scheduler.load_state_dict(blobs["scheduler"])
-    from savepoint.formats import stateful as stateful_format
-
-    for name, obj in stateful.items():
-        stateful_format.restore(obj, blobs[f"stateful/{name}"])
-    if "rng" in blobs:
-        train_state.set_rng_state(blobs["rng"])
-    return RestoreResult(
-        step=manifest.step or 0, metrics=dict(manifest.metrics), extra=blobs.get("extra") or {}, path=path
-    )
+    return finish_restore(path, manifest, blobs, scheduler=scheduler, stateful=stateful)
 
 
 # ---------------------------------------------------------------- consolidating (offline, one process)
