@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from savepoint.discovery import STEP_DIR, check_root, is_checkpoint_dir
-from savepoint.errors import CorruptCheckpointError, Problem
+from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, Problem
 from savepoint.manifest import find_problems
 from savepoint.storage.remote import is_remote_url, verify_remote
 
@@ -15,7 +15,11 @@ def checkpoint_dirs(path: str) -> list[str]:
     check_root(path, must_exist=True)
     if is_checkpoint_dir(path):
         return [path]
-    dirs = sorted(os.path.join(path, n) for n in os.listdir(path) if STEP_DIR.match(n))
+    try:
+        names = os.listdir(path)
+    except OSError as exc:  # removed since check_root looked (retention by a concurrent writer)
+        raise CheckpointNotFoundError(f"{path} disappeared while it was being read ({exc.strerror})") from exc
+    dirs = sorted(os.path.join(path, n) for n in names if STEP_DIR.match(n))
     # a `step-N` that is a file or lacks its manifest is reported by find_problems, not skipped
     if not dirs:
         raise CorruptCheckpointError(
