@@ -33,7 +33,7 @@ from savepoint.errors import IncompatibleCheckpointError, UnsupportedStateError
 from savepoint.formats import hf, sharded, train_state
 from savepoint.formats import stateful as stateful_format
 from savepoint.manifest import Manifest, build_manifest, verify_files
-from savepoint.saving import is_peft_model
+from savepoint.saving import checkpoint_manifest, is_peft_model
 from savepoint.storage.local import StagedDir
 
 _TS = train_state.TRAIN_STATE_DIR
@@ -277,15 +277,7 @@ def _commit(
         try:
             for entries in reported:
                 staged.cover_everything(entries)
-            manifest = build_manifest(
-                kind,
-                staged.entries,
-                step=request.step,
-                metrics=request.metrics,
-                parent=request.parent,
-                base_model=base_model,
-                world_size=distributed.world_size(),
-            )
+            manifest = checkpoint_manifest(request, kind, staged.entries, base_model)
             final = staged.commit(manifest.to_json(), replace=True)
         except BaseException as exc:
             failure = exc

@@ -6,6 +6,7 @@ background thread, on tensors the first phase copied to host memory.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from savepoint.discovery import step_dir_name
 from savepoint.formats import stateful as stateful_format
 from savepoint.formats import train_state
 from savepoint.formats.hf import savable_state_dict, unwrap_model, write_model_files
-from savepoint.manifest import build_manifest
+from savepoint.manifest import Manifest, build_manifest
 from savepoint.storage.dedupe import DedupingStagedDir
 from savepoint.storage.local import StagedDir
 
@@ -125,6 +126,21 @@ def _write_adapter(job: SaveJob, staged: StagedDir) -> dict[str, Any]:
     return base_model
 
 
+def checkpoint_manifest(
+    request: SaveRequest, kind: str, entries: Mapping[str, tuple[int, str]], base_model: dict[str, Any] | None
+) -> Manifest:
+    """The manifest of a training checkpoint: the request's step, metrics and parent over `entries`."""
+    return build_manifest(
+        kind,
+        entries,
+        step=request.step,
+        metrics=request.metrics,
+        parent=request.parent,
+        base_model=base_model,
+        world_size=distributed.world_size(),
+    )
+
+
 def write_checkpoint(job: SaveJob) -> str:
     """Write, checksum and commit one checkpoint; on any failure nothing is left behind."""
     request = job.request
@@ -148,15 +164,7 @@ def write_checkpoint(job: SaveJob) -> str:
         staged.write_bytes(
             METRICS_NAME, json.dumps({"step": request.step, **request.metrics}, indent=1).encode()
         )
-        manifest = build_manifest(
-            kind,
-            staged.entries,
-            step=request.step,
-            metrics=request.metrics,
-            parent=request.parent,
-            base_model=base_model,
-            world_size=distributed.world_size(),
-        )
+        manifest = checkpoint_manifest(request, kind, staged.entries, base_model)
         return staged.commit(manifest.to_json(), replace=True)
     except BaseException:
         staged.abort()

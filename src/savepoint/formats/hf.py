@@ -13,7 +13,7 @@ import contextlib
 import copy
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -129,29 +129,36 @@ def _foreign_writes(staged: StagedDir, what: str) -> Iterator[None]:
 
 
 def write_weights(
-    state: dict[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
     staged: StagedDir,
     *,
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | None = None,
     prefix: str = "",
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> None:
-    """Write tensors as one file or transformers-style shards plus index, cast to `dtype` if given."""
+    """Write tensors as one file or transformers-style shards plus index, cast to `dtype` if given.
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    Only one shard's cast tensors are alive at a time; `progress(filename, done, total)` is called
+    after each shard.
+    """
+
+    def out_dtype(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
 
     # Split on shape-only tensors of the target dtype, so shard sizes are those written to disk.
-    planned = {
-        k: torch.empty(v.shape, dtype=cast(v).dtype if dtype else v.dtype, device="meta")
-        for k, v in state.items()
-    }
+    planned = {k: torch.empty(tuple(v.shape), dtype=out_dtype(v), device="meta") for k, v in state.items()}
     split = split_torch_state_dict_into_shards(
         planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
-    for filename, names in split.filename_to_tensors.items():
+    total = len(split.filename_to_tensors)
+    for done, (filename, names) in enumerate(split.filename_to_tensors.items(), start=1):
         with staged.create(prefix + filename) as out:
-            write_safetensors(out, {n: cast(state[n]) for n in names}, {"format": "pt"})
+            # contiguous() also materialises lazy tensors (DeepSpeed's gathered fp32 weights) one shard at a time
+            shard = {n: state[n].contiguous().to(out_dtype(state[n])) for n in names}
+            write_safetensors(out, shard, {"format": "pt"})
+        if progress is not None:
+            progress(filename, done, total)
     if split.is_sharded:
         index = {"metadata": {**split.metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         staged.write_bytes(prefix + WEIGHTS_INDEX_NAME, json.dumps(index, indent=2).encode())

@@ -277,13 +277,8 @@ def consolidate(
     """Write the fp32 master weights of DeepSpeed checkpoint `source` as a transformers directory `out`,
     one output shard in memory at a time. config.json and tokenizer files come from `config_dir`, else
     from the nearest of `source` and its parents that has a config.json (a savepoint checkpoint's)."""
-    import json
-
-    from huggingface_hub import split_torch_state_dict_into_shards
-
     from savepoint.consolidate import _copy_model_side_files, _set_config_dtype
-    from savepoint.formats.hf import WEIGHTS_INDEX_NAME
-    from savepoint.formats.safetensors_io import write_safetensors
+    from savepoint.formats.hf import write_weights
     from savepoint.manifest import build_manifest
     from savepoint.storage.local import StagedDir
 
@@ -294,29 +289,15 @@ def consolidate(
     first: dict[int, str] = {}
     names = [n for n, t in state.items() if first.setdefault(id(t), n) == n]  # tied weights once
 
-    def out_dtype(t: Any) -> torch.dtype:
-        return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
-
-    planned = {n: torch.empty(tuple(state[n].shape), dtype=out_dtype(state[n]), device="meta") for n in names}
-    split = split_torch_state_dict_into_shards(
-        planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-    )
     staged = StagedDir(os.path.dirname(out), os.path.basename(out))
     try:
-        total = len(split.filename_to_tensors)
-        for done, (filename, members) in enumerate(split.filename_to_tensors.items(), start=1):
-            tensors = {n: state[n].contiguous().to(out_dtype(state[n])) for n in members}
-            with staged.create(filename) as f:
-                write_safetensors(f, tensors, {"format": "pt"})
-            del tensors
-            if progress is not None:
-                progress(filename, done, total)
-        if split.is_sharded:
-            index = {
-                "metadata": dict(split.metadata),
-                "weight_map": dict(sorted(split.tensor_to_filename.items())),
-            }
-            staged.write_bytes(WEIGHTS_INDEX_NAME, json.dumps(index, indent=2).encode())
+        write_weights(
+            {n: state[n] for n in names},
+            staged,
+            max_shard_size=max_shard_size,
+            dtype=dtype,
+            progress=progress,
+        )
         side = config_dir or _config_home(tag_dir)
         if side:
             _copy_model_side_files(side, staged)
