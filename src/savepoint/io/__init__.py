@@ -1,0 +1,1 @@
+"""The only place savepoint opens files it did not just write: see `files.py`."""
