@@ -44,7 +44,8 @@ def open_dir_inside(root: str, parts: list[str], relpath: str) -> int:
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise UnsafeCheckpointError(
-                        root, [Problem(relpath, f"{name!r} on its path is a symbolic link or not a directory")]
+                        root,
+                        [Problem(relpath, f"{name!r} on its path is a symbolic link or not a directory")],
                     ) from exc
                 raise
             os.close(fd)
@@ -101,7 +102,7 @@ def open_inside(root: str, relpath: str, *, max_bytes: int | None = None) -> Bin
 
 def read_bytes_inside(root: str, relpath: str, *, max_bytes: int) -> bytes:
     """The whole content of a small regular file below `root`, capped at `max_bytes`."""
-    fd, size = open_fd_inside(root, relpath, max_bytes=max_bytes)
+    fd, _ = open_fd_inside(root, relpath, max_bytes=max_bytes)
     try:
         chunks = []
         remaining = max_bytes + 1  # a file that grows after fstat is still capped
@@ -117,4 +118,3 @@ def read_bytes_inside(root: str, relpath: str, *, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise CorruptCheckpointError(root, [Problem(relpath, f"grew past {max_bytes} bytes while read")])
     return data
-
