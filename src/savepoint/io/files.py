@@ -97,7 +97,7 @@ def open_fd_inside(root: str, relpath: str, *, max_bytes: int | None = None) -> 
 def open_inside(root: str, relpath: str, *, max_bytes: int | None = None) -> BinaryIO:
     """`open_fd_inside` as an unbuffered binary file object (close it, or use it in `with`)."""
     fd, _ = open_fd_inside(root, relpath, max_bytes=max_bytes)
-    return os.fdopen(fd, "rb", buffering=0)  # type: ignore[return-value]
+    return os.fdopen(fd, "rb", buffering=0)
 
 
 def read_bytes_inside(root: str, relpath: str, *, max_bytes: int) -> bytes:
