@@ -2,8 +2,9 @@
 
 Runs on one machine without a process group. The output is planned from DCP's metadata (names,
 shapes, dtypes) and split into shards by huggingface_hub's splitter; then each output shard is
-loaded from the rank shards (DCP reads exactly the chunks it needs) and written before the next one
-is touched, so memory is bounded by one output shard, not the model.
+streamed: its header is written from the plan, then its tensors are loaded from the rank shards in
+batches of at most ~256 MB (DCP reads exactly the chunks it needs) and written as they arrive, so
+memory is bounded by the largest tensor or one batch, not by a shard or the model.
 
     >>> consolidate("runs/x/step-00001000", "export/")  # doctest: +SKIP
 
@@ -32,7 +33,7 @@ from savepoint.errors import (
 )
 from savepoint.formats import sharded
 from savepoint.formats.hf import WEIGHTS_INDEX_NAME, parse_dtype
-from savepoint.formats.safetensors_io import write_safetensors
+from savepoint.formats.safetensors_io import write_streamed
 from savepoint.manifest import MANIFEST_NAME, build_manifest, find_problems, read_manifest
 from savepoint.storage.local import StagedDir
 
@@ -40,6 +41,7 @@ from savepoint.storage.local import StagedDir
 _NOT_MODEL_FILES = {MANIFEST_NAME, "metrics.json"}
 
 Progress = Callable[[str, int, int], None]  # (output file, shards done, shards in all)
+_BATCH_BYTES = 256 * 1024 * 1024  # per DCP load: few calls, bounded memory
 
 
 def consolidate(
@@ -154,8 +156,6 @@ def _write_shards(
     dtype: torch.dtype | None,
     progress: Progress | None,
 ) -> None:
-    import torch.distributed.checkpoint as dcp
-
     def out_dtype(d: torch.dtype) -> torch.dtype:
         return dtype if dtype is not None and d.is_floating_point else d
 
@@ -165,15 +165,10 @@ def _write_shards(
     )
     total = len(split.filename_to_tensors)
     for done, (filename, members) in enumerate(split.filename_to_tensors.items(), start=1):
-        buffers = {names[n][0]: torch.empty(names[n][1], dtype=names[n][2]) for n in members}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(buffers, storage_reader=dcp.FileSystemReader(dcp_dir), no_dist=True)
+        layout = {n: (planned[n].dtype, tuple(planned[n].shape)) for n in members}
+        loader = _BatchedLoader(dcp_dir, names, members, out_dtype)
         with staged.create(filename) as f:
-            write_safetensors(
-                f, {n: buffers[names[n][0]].to(out_dtype(names[n][2])) for n in members}, {"format": "pt"}
-            )
-        del buffers  # one output shard in memory at a time
+            write_streamed(f, layout, loader.take, {"format": "pt"})
         if progress is not None:
             progress(filename, done, total)
     if split.is_sharded:
@@ -182,6 +177,48 @@ def _write_shards(
             "weight_map": dict(sorted(split.tensor_to_filename.items())),
         }
         staged.write_bytes(WEIGHTS_INDEX_NAME, json.dumps(index, indent=2).encode())
+
+
+class _BatchedLoader:
+    """Loads a shard's tensors from DCP in file order, a batch of at most `_BATCH_BYTES` (or one larger
+    tensor) per `dcp.load`, and hands each out once: fewer DCP calls than one per tensor, and never a
+    whole shard in memory."""
+
+    def __init__(
+        self,
+        dcp_dir: str,
+        names: dict[str, tuple[str, torch.Size, torch.dtype]],
+        members: list[str],
+        out_dtype: Callable[[torch.dtype], torch.dtype],
+    ) -> None:
+        self.dcp_dir, self.names, self.pending = dcp_dir, names, list(members)
+        self.out_dtype = out_dtype
+        self.ready: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.ready:
+            self._load_from(name)
+        return self.ready.pop(name).to(self.out_dtype(self.names[name][2]))
+
+    def _load_from(self, first: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        start = self.pending.index(first)
+        batch: list[str] = []
+        size = 0
+        for n in self.pending[start:]:
+            _, shape, dtype = self.names[n]
+            nbytes = int(shape.numel()) * dtype.itemsize
+            if batch and size + nbytes > _BATCH_BYTES:
+                break
+            batch.append(n)
+            size += nbytes
+        del self.pending[start : start + len(batch)]
+        buffers = {self.names[n][0]: torch.empty(self.names[n][1], dtype=self.names[n][2]) for n in batch}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(buffers, storage_reader=dcp.FileSystemReader(self.dcp_dir), no_dist=True)
+        self.ready.update({n: buffers[self.names[n][0]] for n in batch})
 
 
 def _copy_model_side_files(directory: str, staged: StagedDir) -> None:

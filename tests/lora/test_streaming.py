@@ -8,9 +8,11 @@ import weakref
 
 import torch
 from safetensors import safe_open as real_safe_open
+from safetensors.torch import load_file
 from tests.helpers.lora_models import make_adapter, save_base
 
 import savepoint.lora.base as base_module
+from savepoint.io.safetensors import open_safetensors as real_open_safetensors
 from savepoint.lora import merge_lora
 from savepoint.manifest import find_problems, read_manifest
 
@@ -21,41 +23,36 @@ def _json(path):
 
 
 class _Spy:
-    """Wraps safe_open: counts concurrently open files and the bytes of base tensors alive."""
+    """Wraps the base's safetensors opener: counts files open at once and the bytes of base tensors alive."""
 
     def __init__(self) -> None:
         self.open_now = self.max_open = 0
         self.live = self.max_live = 0
         self.reads: list[str] = []
 
-    def __call__(self, path, framework, **kwargs):
+    def __call__(self, root, relpath):
         spy = self
-        inner = real_safe_open(path, framework=framework, **kwargs)
+        inner = real_open_safetensors(root, relpath)
+        spy.open_now += 1
+        spy.max_open = max(spy.max_open, spy.open_now)
+        real_read, real_close = inner.read, inner.close
 
-        class Handle:
-            def __enter__(self):
-                spy.open_now += 1
-                spy.max_open = max(spy.max_open, spy.open_now)
-                inner.__enter__()
-                return self
+        def read(key):
+            t = real_read(key)
+            spy.reads.append(key)
+            nbytes = t.numel() * t.element_size()
+            spy.live += nbytes
+            spy.max_live = max(spy.max_live, spy.live)
+            weakref.finalize(t, spy._freed, nbytes)
+            return t
 
-            def __exit__(self, *exc):
+        def close():
+            if inner._fd is not None:
                 spy.open_now -= 1
-                return inner.__exit__(*exc)
+            real_close()
 
-            def __getattr__(self, name):
-                return getattr(inner, name)
-
-            def get_tensor(self, key):
-                t = inner.get_tensor(key)
-                spy.reads.append(key)
-                nbytes = t.numel() * t.element_size()
-                spy.live += nbytes
-                spy.max_live = max(spy.max_live, spy.live)
-                weakref.finalize(t, spy._freed, nbytes)
-                return t
-
-        return Handle()
+        inner.read, inner.close = read, close
+        return inner
 
     def _freed(self, nbytes: int) -> None:
         self.live -= nbytes
@@ -67,7 +64,7 @@ def test_one_file_and_one_tensor_at_a_time(tmp_path, monkeypatch):
         "llama", base, str(tmp_path / "adapter"), target_modules="all-linear", modules_to_save=["lm_head"]
     )
     spy = _Spy()
-    monkeypatch.setattr(base_module, "safe_open", spy)
+    monkeypatch.setattr(base_module, "open_safetensors", spy)
 
     merge_lora(str(tmp_path / "adapter"), base=base, out=str(tmp_path / "out"), max_shard_size="40KB")
 
@@ -78,7 +75,13 @@ def test_one_file_and_one_tensor_at_a_time(tmp_path, monkeypatch):
     assert spy.max_open == 1
     index = _json(os.path.join(base, "model.safetensors.index.json"))
     assert sorted(spy.reads) == sorted(index["weight_map"]), "each base tensor is read exactly once"
-    assert spy.max_live <= max(shard_sizes), "held more base bytes than one shard"
+    largest = max(
+        t.numel() * t.element_size()
+        for f in os.listdir(base)
+        if f.endswith(".safetensors")
+        for t in load_file(os.path.join(base, f)).values()
+    )
+    assert spy.max_live <= largest, "held more than one base tensor at a time"
     assert spy.open_now == 0
 
 

@@ -21,7 +21,10 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from savepoint._json import read_json_file
 from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
-from savepoint.formats.safetensors_io import DTYPE_NAMES, read_header, read_safetensors, write_safetensors
+from savepoint.formats.safetensors_io import DTYPE_NAMES, iter_safetensors, read_header, write_streamed
+from savepoint.formats.safetensors_io import (
+    read_safetensors as read_safetensors,  # collective.py reads full files through hf
+)
 from savepoint.manifest import Manifest, resolve_inside, verify_files
 from savepoint.storage.local import StagedDir, storage_error
 
@@ -154,9 +157,12 @@ def write_weights(
     total = len(split.filename_to_tensors)
     for done, (filename, names) in enumerate(split.filename_to_tensors.items(), start=1):
         with staged.create(prefix + filename) as out:
-            # contiguous() also materialises lazy tensors (DeepSpeed's gathered fp32 weights) one shard at a time
-            shard = {n: state[n].contiguous().to(out_dtype(state[n])) for n in names}
-            write_safetensors(out, shard, {"format": "pt"})
+            # One tensor cast (and lazy DeepSpeed weights materialised by contiguous()) at a time: the
+            # header needs only dtypes and shapes, so no shard-sized copy of the model is ever built.
+            layout = {n: (planned[n].dtype, tuple(planned[n].shape)) for n in names}
+            write_streamed(
+                out, layout, lambda n: state[n].contiguous().to(out_dtype(state[n])), {"format": "pt"}
+            )
         if progress is not None:
             progress(filename, done, total)
     if split.is_sharded:
@@ -254,12 +260,12 @@ def check_model_files(
 
 
 def copy_model_files(ckpt_dir: str, files: list[str], targets: dict[str, torch.Tensor]) -> None:
-    """Copy checked weight files into the model's tensors in place, one file in memory at a time."""
+    """Copy checked weight files into the model's tensors in place, one tensor in memory at a time."""
     with torch.no_grad():
         for rel in files:
-            for name, tensor in read_safetensors(
+            for name, tensor in iter_safetensors(
                 os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel
-            ).items():
+            ):
                 targets[name].copy_(tensor)
 
 

@@ -1,40 +1,37 @@
-"""Streaming safetensors: write the header, then each tensor's bytes in order, hashing as we go.
+"""Streaming safetensors: the header from names, dtypes and shapes, then each tensor as it is produced.
 
 safetensors' own `save_file` builds the whole file in memory and cannot report a checksum, so the
-writer is ours (the format is a length-prefixed JSON header followed by raw little-endian bytes).
-Reading always goes through the safetensors library itself.
+writer is ours (the format is a length-prefixed JSON header followed by raw little-endian bytes). The
+header needs only each tensor's dtype and shape, so `write_streamed` writes it first and then asks for
+one tensor at a time: peak memory is the largest tensor, never a shard. Reading goes through
+`savepoint.io.safetensors`, which never maps a file.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from savepoint.errors import CorruptCheckpointError, Problem
+from savepoint.io.safetensors import DTYPE_NAMES, open_path
 
-DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
-    torch.complex64: "C64",
-}
+__all__ = [
+    "DTYPE_NAMES",
+    "Layout",
+    "build_header",
+    "iter_safetensors",
+    "read_header",
+    "read_safetensors",
+    "tensor_bytes",
+    "write_safetensors",
+    "write_streamed",
+]
+
+Layout = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]  # name -> (dtype, shape), in file order
 _ALIGN = 8
 _WRITE_CHUNK = 64 * 1024 * 1024
 
@@ -55,19 +52,26 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(array)
 
 
-def build_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
-    """The length-prefixed JSON header for `tensors` in the given order, padded to 8 bytes."""
+def layout_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    return {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+
+
+def build_header(layout: Layout | Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
+    """The length-prefixed JSON header for tensors of these dtypes and shapes, padded to 8 bytes.
+
+    Takes a layout (name -> (dtype, shape)) or tensors (meta tensors will do)."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
-    for name, t in tensors.items():
-        if t.dtype not in DTYPE_NAMES:
-            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        nbytes = t.numel() * t.element_size()
+    for name, spec in layout.items():
+        dtype, shape = (spec.dtype, tuple(spec.shape)) if isinstance(spec, torch.Tensor) else spec
+        if dtype not in DTYPE_NAMES:
+            raise TypeError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
         header[name] = {
-            "dtype": DTYPE_NAMES[t.dtype],
-            "shape": list(t.shape),
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
@@ -76,43 +80,67 @@ def build_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_safetensors(
-    out: BinaryWriter, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+def write_streamed(
+    out: BinaryWriter,
+    layout: Layout,
+    produce: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    on_tensor: Callable[[int], None] | None = None,
 ) -> int:
-    """Write `tensors` as one safetensors file to `out`; return the bytes written."""
-    header = build_header(tensors, metadata)
+    """Write one safetensors file whose header is `layout`; `produce(name)` makes each tensor when its
+    turn comes and it is dropped once written. `on_tensor(nbytes)` follows each. Returns bytes written."""
+    header = build_header(layout, metadata)
     out.write(header)
     written = len(header)
-    for t in tensors.values():
+    for name, (dtype, shape) in layout.items():
+        t = produce(name)
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise ValueError(
+                f"tensor {name!r} came out as {t.dtype}{tuple(t.shape)}, not {dtype}{tuple(shape)}"
+            )
         view = tensor_bytes(t)
+        del t
         # Large tensors go out in chunks so the hasher and the page cache work on bounded pieces.
         for start in range(0, view.nbytes, _WRITE_CHUNK):
             out.write(view[start : start + _WRITE_CHUNK])
         written += view.nbytes
+        nbytes = view.nbytes
+        del view
+        if on_tensor is not None:
+            on_tensor(nbytes)
     return written
 
 
-def read_safetensors(path: str, *, checkpoint: str, relpath: str) -> dict[str, torch.Tensor]:
-    """Load every tensor of a (verified) safetensors file; a malformed file is a CorruptCheckpointError."""
+def write_safetensors(
+    out: BinaryWriter, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> int:
+    """Write `tensors` as one safetensors file to `out`; return the bytes written."""
+    return write_streamed(out, layout_of(tensors), tensors.__getitem__, metadata)
+
+
+def iter_safetensors(path: str, *, checkpoint: str, relpath: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a (verified) safetensors file in file order, one tensor read at a time."""
     try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        with open_path(path, root=checkpoint, relpath=relpath) as f:
+            yield from f
+    except (OSError, ValueError) as exc:
         raise CorruptCheckpointError(
             checkpoint, [Problem(relpath, f"not a readable safetensors file: {exc}")]
         ) from exc
 
 
+def read_safetensors(path: str, *, checkpoint: str, relpath: str) -> dict[str, torch.Tensor]:
+    """Load every tensor of a (verified) safetensors file; a malformed file is a CorruptCheckpointError."""
+    return dict(iter_safetensors(path, checkpoint=checkpoint, relpath=relpath))
+
+
 def read_header(path: str, *, checkpoint: str, relpath: str) -> dict[str, tuple[str, list[int]]]:
     """name -> (dtype name, shape) of a safetensors file, without reading tensor data."""
     try:
-        with safe_open(path, framework="pt") as f:
-            out = {}
-            for k in f.keys():  # noqa: SIM118
-                sl = f.get_slice(k)
-                out[k] = (sl.get_dtype(), list(sl.get_shape()))
-            return out
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        with open_path(path, root=checkpoint, relpath=relpath) as f:
+            return {k: (e.dtype_name, list(e.shape)) for k, e in f.entries.items()}
+    except (OSError, ValueError) as exc:
         raise CorruptCheckpointError(
             checkpoint, [Problem(relpath, f"not a readable safetensors file: {exc}")]
         ) from exc

@@ -20,7 +20,7 @@ import torch
 
 from savepoint._json import read_json_file
 from savepoint.errors import MergeError
-from savepoint.formats.safetensors_io import read_safetensors
+from savepoint.formats.safetensors_io import read_header, read_safetensors
 from savepoint.lora.math import lora_scaling
 from savepoint.manifest import read_manifest, resolve_inside, verify_files
 from savepoint.storage.local import MANIFEST_NAME
@@ -215,10 +215,9 @@ def describe_adapter(adapter_dir: str) -> dict[str, Any]:
         info[flag] = bool(config.get(flag))
     weights = os.path.join(adapter_dir, WEIGHTS_NAME)
     if os.path.exists(weights):
-        from safetensors import safe_open
-
-        with safe_open(weights, framework="pt") as f:
-            shapes = [f.get_slice(k).get_shape() for k in f.keys()]  # noqa: SIM118
+        shapes = [
+            shape for _, shape in read_header(weights, checkpoint=adapter_dir, relpath=WEIGHTS_NAME).values()
+        ]
         info["num_tensors"] = len(shapes)
         info["num_parameters"] = sum(int(torch.Size(s).numel()) for s in shapes)
         info["size_bytes"] = os.path.getsize(weights)

@@ -1,8 +1,9 @@
 """Read a base model's weights one tensor at a time, from a transformers directory or from memory.
 
 `BaseWeights.open(dir)` checks the directory first (no quantized bases, no pickles, no index paths
-leaving the directory) and then serves tensors lazily through `safe_open`, keeping at most one file
-open: peak memory is one tensor, never a shard, never the model.
+leaving the directory) and then serves tensors lazily through savepoint's own safetensors reader, which
+reads each tensor with positional reads and never maps a file (a base larger than RAM opens fine),
+keeping at most one file open: peak memory is one tensor, never a shard, never the model.
 
     >>> with BaseWeights.open("models/llama-1b") as w:  # doctest: +SKIP
     ...     w.shape("model.embed_tokens.weight")
@@ -19,29 +20,15 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from savepoint._json import read_json_file
 from savepoint.errors import MergeError
+from savepoint.io.safetensors import SafetensorsFile, open_safetensors
 from savepoint.manifest import resolve_inside
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-_SAFE_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 
 
 @dataclass(frozen=True)
@@ -111,7 +98,7 @@ class BaseWeights(AbstractContextManager["BaseWeights"]):
         self.infos = infos
         self.root = root
         self._tensors = tensors
-        self._handle: Any = None
+        self._handle: SafetensorsFile | None = None
         self._handle_file: str | None = None
 
     @classmethod
@@ -144,16 +131,15 @@ class BaseWeights(AbstractContextManager["BaseWeights"]):
         if self._tensors is not None:
             return self._tensors[key].cpu()
         info = self.infos[key]
-        if self._handle_file != info.file:
+        if self._handle is None or self._handle_file != info.file:
             self.close()
-            self._handle = safe_open(os.path.join(self.root, info.file), framework="pt")
-            self._handle.__enter__()
+            self._handle = _open_weight_file(self.root, info.file)
             self._handle_file = info.file
-        return self._handle.get_tensor(key)
+        return self._handle.read(key)
 
     def close(self) -> None:
         if self._handle is not None:
-            self._handle.__exit__(None, None, None)
+            self._handle.close()
         self._handle, self._handle_file = None, None
 
     def __exit__(
@@ -162,24 +148,23 @@ class BaseWeights(AbstractContextManager["BaseWeights"]):
         self.close()
 
 
-def _file_infos(base_dir: str, rel: str) -> dict[str, TensorInfo]:
+def _open_weight_file(base_dir: str, rel: str) -> SafetensorsFile:
+    """Open a weight file of the base; symlinks inside the base directory are followed (resolve_inside
+    refuses those leaving it), the file itself is opened without following one and must be regular."""
     path = resolve_inside(base_dir, rel)
     try:
-        with safe_open(path, framework="pt") as f:
-            out = {}
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                sl = f.get_slice(key)
-                dtype = _SAFE_DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise MergeError(
-                        f"tensor {key!r} in {rel} has dtype {sl.get_dtype()}, which savepoint cannot merge"
-                    )
-                out[key] = TensorInfo(rel, dtype, tuple(sl.get_shape()))
-            return out
+        return open_safetensors(os.path.dirname(path), os.path.basename(path))
     except FileNotFoundError as exc:
         raise MergeError(f"{base_dir}/{rel} is listed in the index but missing") from exc
-    except (SafetensorError, OSError) as exc:
-        raise MergeError(f"{base_dir}/{rel} is not a readable safetensors file: {exc}") from exc
+    except OSError as exc:
+        raise MergeError(f"{base_dir}/{rel} cannot be read: {exc}") from exc
+
+
+def _file_infos(base_dir: str, rel: str) -> dict[str, TensorInfo]:
+    with _open_weight_file(base_dir, rel) as f:
+        # In offset order, so one pass over the keys reads each file front to back.
+        entries = sorted(f.entries.values(), key=lambda e: e.start)
+        return {e.name: TensorInfo(rel, e.dtype, e.shape) for e in entries}
 
 
 def iter_in_file_order(weights: BaseWeights) -> Iterator[str]:

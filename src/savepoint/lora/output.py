@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 
 from savepoint.errors import MergeError
-from savepoint.formats.safetensors_io import build_header, tensor_bytes
+from savepoint.formats.safetensors_io import write_streamed
 
 if TYPE_CHECKING:
     from savepoint.storage.local import StagedDir
@@ -47,21 +47,11 @@ def write_shard(
     on_tensor: Callable[[int], None] | None = None,
 ) -> None:
     """Write one shard holding `layout`'s keys in order; `produce(key)` makes each tensor when needed."""
-    meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape) in layout.items()}
     with staged.create(relpath) as out:
-        out.write(build_header(meta, {"format": "pt"}))
-        for key, (dtype, shape) in layout.items():
-            t = produce(key)
-            if t.dtype != dtype or tuple(t.shape) != shape:
-                raise MergeError(
-                    f"internal error: {key} came out as {t.dtype}{tuple(t.shape)}, not {dtype}{shape}"
-                )
-            view = tensor_bytes(t)
-            for start in range(0, view.nbytes, _CHUNK):
-                out.write(view[start : start + _CHUNK])
-            del t, view
-            if on_tensor is not None:
-                on_tensor(meta[key].numel() * dtype.itemsize)
+        try:
+            write_streamed(out, layout, produce, {"format": "pt"}, on_tensor=on_tensor)
+        except ValueError as exc:
+            raise MergeError(f"internal error writing {relpath}: {exc}") from exc
 
 
 def write_index(staged: StagedDir, relpath: str, shards: Mapping[str, list[str]], total_size: int) -> None:
