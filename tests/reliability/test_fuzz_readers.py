@@ -115,9 +115,8 @@ def audit_opens(allowed: str, outside: list[str]) -> Iterator[list[str]]:
         if isinstance(path, int):
             return
         full = os.path.realpath(os.fsdecode(os.fspath(path)))
-        if any(full == o or full.startswith(o + os.sep) for o in outside) and not full.startswith(
-            allowed + os.sep
-        ):
+        inside = full == allowed or full.startswith(allowed + os.sep)  # the directory itself is opened too
+        if any(full == o or full.startswith(o + os.sep) for o in outside) and not inside:
             bad.append(full)
 
     def fake_open(file: Any, *a: Any, **k: Any) -> Any:

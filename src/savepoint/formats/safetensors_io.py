@@ -10,7 +10,9 @@ one tensor at a time: peak memory is the largest tensor, never a shard. Reading 
 from __future__ import annotations
 
 import json
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
@@ -89,27 +91,66 @@ def write_streamed(
     on_tensor: Callable[[int], None] | None = None,
 ) -> int:
     """Write one safetensors file whose header is `layout`; `produce(name)` makes each tensor when its
-    turn comes and it is dropped once written. `on_tensor(nbytes)` follows each. Returns bytes written."""
+    turn comes and it is dropped once written. `on_tensor(nbytes)` follows each. Returns bytes written.
+
+    A writer thread writes one tensor while the next is produced (the syscalls, the hash and torch
+    release the GIL), so computing and the disk overlap; at most two produced tensors wait in memory.
+    """
     header = build_header(layout, metadata)
     out.write(header)
     written = len(header)
-    for name, (dtype, shape) in layout.items():
-        t = produce(name)
-        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-            raise ValueError(
-                f"tensor {name!r} came out as {t.dtype}{tuple(t.shape)}, not {dtype}{tuple(shape)}"
-            )
-        view = tensor_bytes(t)
-        del t
-        # Large tensors go out in chunks so the hasher and the page cache work on bounded pieces.
-        for start in range(0, view.nbytes, _WRITE_CHUNK):
-            out.write(view[start : start + _WRITE_CHUNK])
-        written += view.nbytes
-        nbytes = view.nbytes
-        del view
-        if on_tensor is not None:
-            on_tensor(nbytes)
+    with _BackgroundWriter(out) as writer:
+        for name, (dtype, shape) in layout.items():
+            t = produce(name)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(
+                    f"tensor {name!r} came out as {t.dtype}{tuple(t.shape)}, not {dtype}{tuple(shape)}"
+                )
+            view = tensor_bytes(t)
+            del t
+            writer.put(view)
+            written += view.nbytes
+            if on_tensor is not None:
+                on_tensor(view.nbytes)
+            del view
     return written
+
+
+class _BackgroundWriter:
+    """Writes queued byte views to `out` in order on one thread; the first error is raised to the caller."""
+
+    def __init__(self, out: BinaryWriter) -> None:
+        self.out = out
+        self.queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="savepoint-safetensors-writer", daemon=True)
+
+    def __enter__(self) -> _BackgroundWriter:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while (view := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining so the producer never blocks on a dead writer
+            try:
+                # Large tensors go out in chunks so the hasher and the page cache work on bounded pieces.
+                for start in range(0, view.nbytes, _WRITE_CHUNK):
+                    self.out.write(view[start : start + _WRITE_CHUNK])
+            except BaseException as exc:  # handed to the producer's thread
+                self.error = exc
+            del view
+
+    def put(self, view: memoryview) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(view)
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and exc_type is None:
+            raise self.error
 
 
 def write_safetensors(

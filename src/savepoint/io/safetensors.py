@@ -25,10 +25,12 @@ import torch
 
 from savepoint.errors import CorruptCheckpointError, Problem
 from savepoint.io.files import open_fd_inside
+from savepoint.io.memory import empty_buffer
 
 # safetensors' own limit on the JSON header; a claimed length above it is refused before any read.
 MAX_HEADER_BYTES = 100_000_000
 _READ_CHUNK = 1 << 30  # Linux returns at most ~2 GiB per read; loop in 1 GiB steps
+_READ_AHEAD = 256 << 20  # page cache, not RSS: what the kernel may fetch while the caller computes
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -192,12 +194,17 @@ class SafetensorsFile(AbstractContextManager["SafetensorsFile"]):
         return list(self.entries)
 
     def read(self, name: str) -> torch.Tensor:
-        """A freshly allocated tensor holding `name`'s bytes (KeyError for an unknown name)."""
+        """A freshly allocated tensor holding `name`'s bytes (KeyError for an unknown name).
+
+        The tensor after it in the file is then announced to the kernel (POSIX_FADV_WILLNEED), so a
+        pass in file order reads the next tensor from disk while the caller works on this one."""
         e = self.entries[name]
-        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        buf = empty_buffer((e.nbytes,), torch.uint8)
         if e.nbytes:
             array: Any = buf.numpy()  # shares buf's memory: the read lands in the tensor
             self._pread_into(memoryview(array), e.start)
+            if self._fd is not None and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd, e.end, _READ_AHEAD, os.POSIX_FADV_WILLNEED)
         return buf.view(e.dtype).reshape(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -28,6 +28,7 @@ from savepoint.lora.adapter import (
     read_adapter_config,
 )
 from savepoint.lora.base import BaseWeights, read_model_config
+from savepoint.lora.blocked import BlockedMerger
 from savepoint.lora.fingerprint import Fingerprinter, unwrap_peft
 from savepoint.lora.output import INDEX_NAME, copy_present, plan_shards, write_index, write_shard
 from savepoint.lora.validate import check_plan
@@ -196,7 +197,7 @@ def _write_weights(
     def produce(key: str) -> torch.Tensor:
         base = weights.get(key)
         fp.add(base)
-        return merged_tensor(key, base, plan, layout[key][0])
+        return merged_tensor(key, base, plan, layout[key][0], merger)
 
     def advance(nbytes: int) -> None:
         nonlocal done
@@ -204,7 +205,7 @@ def _write_weights(
         if progress is not None:
             progress(done, total)
 
-    with weights:
+    with weights, BlockedMerger() as merger:
         for name, keys in shards.items():
             write_shard(
                 staged, os.path.join(subdir, name), {k: layout[k] for k in keys}, produce, on_tensor=advance
@@ -214,14 +215,21 @@ def _write_weights(
     return fp.result()
 
 
-def merged_tensor(key: str, base: torch.Tensor, plan: MergePlan, dtype: torch.dtype) -> torch.Tensor:
-    """The output tensor for one base key: merged if the plan touches it, else the base cast to `dtype`."""
+def merged_tensor(
+    key: str, base: torch.Tensor, plan: MergePlan, dtype: torch.dtype, merger: BlockedMerger | None = None
+) -> torch.Tensor:
+    """The output tensor for one base key: merged if the plan touches it, else the base cast to `dtype`.
+    With `merger`, plain linear merges run cache-blocked on its worker threads (same values)."""
     if key in plan.replace:
         merged = plan.replace[key].to(torch.float32)
     elif key in plan.weights:
         edit = plan.weights[key]
         w = edit.base_override if edit.base_override is not None else base
         assert edit.a is not None and edit.b is not None  # build_plan guarantees both
+        if merger is not None and not (edit.embedding or edit.transposed) and edit.magnitude is None:
+            blocked = merger.merge_linear(w, edit.a, edit.b, scaling=edit.scaling, dtype=dtype)
+            if blocked is not None:
+                return blocked
         if edit.embedding:
             merged = lora_math.merge_embedding(
                 w, edit.a, edit.b, scaling=edit.scaling, magnitude=edit.magnitude
