@@ -213,6 +213,10 @@ def spot_check(base_dir: str, adapter_dir: str, out: str, d: dict[str, int]) -> 
     return worst
 
 
+def _log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} bench_big_merge: {message}", file=sys.stderr, flush=True)
+
+
 def run(workdir: str, *, quick: bool = False) -> list[dict[str, Any]]:
     """Generate, copy, merge, copy again; one row of results (the inputs are deleted afterwards)."""
     dims = dict(QUICK if quick else LLAMA_13B)
@@ -222,21 +226,27 @@ def run(workdir: str, *, quick: bool = False) -> list[dict[str, Any]]:
     out, copy = os.path.join(workdir, "merged"), os.path.join(workdir, "copy.safetensors")
     base_file = os.path.join(base_dir, "model.safetensors")
     try:
+        _log(f"generating the base: {dims}")
         start = time.perf_counter()
         size = write_base(base_dir, dims)
         generate_s = time.perf_counter() - start
+        _log(f"base written: {size / 1e9:.2f} GB in {generate_s:.0f} s; writing the adapter")
         write_adapter(adapter_dir, base_dir, dims)
         opened = safe_open_outcome(base_file)
+        _log(f"safe_open: {opened}")
         cp_before = timed_cp(base_file, copy)
+        _log(f"cp: {cp_before:.1f} s; merging")
         drop_from_cache(base_file)
         child = _python([os.path.abspath(__file__), "--child", base_dir, adapter_dir, out])
         if child.returncode != 0:
             raise RuntimeError(f"merge failed:\n{child.stderr[-4000:]}")
         merged = json.loads(child.stdout.strip().splitlines()[-1])
+        _log(f"merge: {merged}; checking")
         error = spot_check(base_dir, adapter_dir, out, dims)
         shutil.rmtree(out)
         os.sync()
         cp_after = timed_cp(base_file, copy)
+        _log(f"cp again: {cp_after:.1f} s")
     finally:
         for path in (base_dir, adapter_dir, out, copy):
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else None

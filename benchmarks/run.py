@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     tables += _optional_merge(workdir, quick=args.quick)
     if not args.quick:
         tables.append(_distributed(workdir))
+    tables.append(_big_merge(args.workdir, quick=args.quick))
     header = _environment(argv, started, load_before, reps)
     _plot(tables[:2], args.plot)
     targets = _targets(stats)
@@ -95,6 +96,20 @@ def _optional_merge(workdir: str, *, quick: bool) -> list[Table]:
     merge_dir = os.path.join(workdir, "merge")
     os.makedirs(merge_dir, exist_ok=True)
     return [Table("LoRA merge", bench_merge.run(merge_dir, **kwargs))]
+
+
+def _big_merge(scratch: str, *, quick: bool) -> Table:
+    """benchmarks/bench_big_merge.py: merge-lora on a one-file base bigger than RAM (~26 GB, ~15 min)."""
+    from benchmarks import bench_big_merge
+
+    title = "Bigger than RAM: merge-lora on a one-file 13B-class bf16 base"
+    workdir = tempfile.mkdtemp(prefix="savepoint-bench-big-", dir=scratch)
+    try:
+        return Table(title, bench_big_merge.run(workdir, quick=quick), bench_big_merge.NOTES)
+    except (RuntimeError, OSError) as exc:
+        return Table(title, notes=[f"failed: {str(exc)[-300:]}"])
+    finally:
+        bench_save.remove(workdir)
 
 
 def _distributed(workdir: str) -> Table:

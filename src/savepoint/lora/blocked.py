@@ -54,8 +54,9 @@ class BlockedMerger(AbstractContextManager["BlockedMerger"]):
         scaling: float,
         dtype: torch.dtype,
     ) -> torch.Tensor | None:
-        """`weight + scaling * lora_b @ lora_a` as a new `dtype` tensor, computed in float32 exactly as
-        `savepoint.lora.math.merge_linear` does, block by block. None when the weight is not 2-D, the
+        """`weight + scaling * lora_b @ lora_a` as a new `dtype` tensor, computed in float32 as
+        `savepoint.lora.math.merge_linear` does, block by block (BLAS may sum the rank-r products in
+        another order: a last-bit difference in float32 at most). None when the weight is not 2-D, the
         dtype is not floating, or some block would not fit `dtype` (the caller's full path then
         explains the non-finite value, or accepts it)."""
         if weight.dim() != 2 or not dtype.is_floating_point:

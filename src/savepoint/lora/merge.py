@@ -219,7 +219,7 @@ def merged_tensor(
     key: str, base: torch.Tensor, plan: MergePlan, dtype: torch.dtype, merger: BlockedMerger | None = None
 ) -> torch.Tensor:
     """The output tensor for one base key: merged if the plan touches it, else the base cast to `dtype`.
-    With `merger`, plain linear merges run cache-blocked on its worker threads (same values)."""
+    With `merger`, plain linear merges run cache-blocked on its worker threads."""
     if key in plan.replace:
         merged = plan.replace[key].to(torch.float32)
     elif key in plan.weights:
