@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ QUICK = {"hidden": 256, "intermediate": 688, "layers": 2, "heads": 4, "vocab": 1
 RANK = 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _MARGIN = 4 * 10**9  # disk left free for everyone else
+_CP_CPU: list[float] = []  # CPU seconds of each timed cp
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
@@ -141,10 +143,12 @@ def drop_from_cache(path: str) -> None:
 def timed_cp(src: str, dst: str) -> float:
     """Seconds for `cp` plus an fsync of the copy (the merge fsyncs its output too)."""
     drop_from_cache(src)
+    cpu = _cpu_seconds(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(["cp", src, dst], check=True)
     subprocess.run(["sync", dst], check=True)
     seconds = time.perf_counter() - start
+    _CP_CPU.append(_cpu_seconds(resource.RUSAGE_CHILDREN) - cpu)
     os.unlink(dst)
     os.sync()
     return seconds
@@ -159,9 +163,19 @@ def _child(base_dir: str, adapter_dir: str, out: str) -> dict[str, Any]:
     from savepoint.lora import merge_lora
 
     idle = _status_kib("VmRSS")
+    cpu = _cpu_seconds(resource.RUSAGE_SELF)
     start = time.perf_counter()
     merge_lora(adapter_dir, base=base_dir, out=out)
-    return {"wall_s": time.perf_counter() - start, "extra_peak_rss_kib": _status_kib("VmHWM") - idle}
+    return {
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": _cpu_seconds(resource.RUSAGE_SELF) - cpu,
+        "extra_peak_rss_kib": _status_kib("VmHWM") - idle,
+    }
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _python(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -225,6 +239,7 @@ def run(workdir: str, *, quick: bool = False) -> list[dict[str, Any]]:
     base_dir, adapter_dir = os.path.join(workdir, "base"), os.path.join(workdir, "adapter")
     out, copy = os.path.join(workdir, "merged"), os.path.join(workdir, "copy.safetensors")
     base_file = os.path.join(base_dir, "model.safetensors")
+    load = os.getloadavg()[0]
     try:
         _log(f"generating the base: {dims}")
         start = time.perf_counter()
@@ -264,9 +279,11 @@ def run(workdir: str, *, quick: bool = False) -> list[dict[str, Any]]:
             "merge_GB/s": round(size / merged["wall_s"] / 1e9, 3),
             "cp_s (before, after)": f"{cp_before:.1f}, {cp_after:.1f}",
             "throughput_vs_cp": round(cp_s / merged["wall_s"], 3),
+            "cpu_s merge, cp": f"{merged['cpu_s']:.0f}, {sum(_CP_CPU[-2:]) / 2:.0f}",
             "extra_peak_rss_GB": round(rss / 1e9, 2),
             "rss_vs_base": round(rss / size, 3),
             "max_abs_err": error,
+            "load_avg_start": round(load, 1),
         }
     ]
 
@@ -278,6 +295,9 @@ NOTES = [
     "heuristic refuses a private writable mapping larger than RAM + swap, so on this 24 GiB machine a 26 GB "
     "file cannot be opened at all. savepoint's reader parses the header itself and reads each tensor with "
     "positional reads into its own buffer: it never maps the file",
+    "cpu_s: CPU seconds (user + system) of the merge process and of one cp, with the load average at the start "
+    "of the run: on a shared 2-core machine the merge, which must copy each byte through its own memory "
+    "twice (read, then write) and compute, gets a share of the CPU; cp copies inside the kernel",
     "max_abs_err: merged tensors read back with safe_open against W + 2·B@A computed in fp32 here (bf16 rounding)",
     "command: python -m benchmarks.bench_big_merge /tmp/big   (or `make bench`, which runs it last)",
 ]

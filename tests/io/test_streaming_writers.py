@@ -164,3 +164,20 @@ def test_consolidate_streams_batches_into_one_shard(tmp_path, monkeypatch) -> No
         expected = state[key].to(torch.bfloat16) if state[key].is_floating_point() else state[key]
         assert _same_bytes(written[name], expected), name
     staged.abort()
+
+
+def test_buffer_pool_recycles_only_what_it_handed_out() -> None:
+    from savepoint.io.memory import BufferPool
+
+    pool = BufferPool(keep=2)
+    a = pool.take((4 << 20,), torch.float32)  # 16 MB: large enough to pool
+    first = a.untyped_storage().data_ptr()
+    pool.give(torch.empty(4 << 20))  # not the pool's: ignored
+    pool.give(a)
+    del a
+    b = pool.take((1 << 20, 4), torch.bfloat16)  # 8 MB: fits in the recycled buffer
+    assert b.untyped_storage().data_ptr() == first and b.shape == (1 << 20, 4)
+    c = pool.take((4 << 20,), torch.float32)  # the recycled one is in use again: a new buffer
+    assert c.untyped_storage().data_ptr() != first
+    small = pool.take((10,), torch.float32)
+    pool.give(small)  # small tensors are never pooled

@@ -37,8 +37,8 @@ class _Spy:
         spy.max_open = max(spy.max_open, spy.open_now)
         real_read, real_close = inner.read, inner.close
 
-        def read(key):
-            t = real_read(key)
+        def read(key, *args):
+            t = real_read(key, *args)
             spy.reads.append(key)
             nbytes = t.numel() * t.element_size()
             spy.live += nbytes
@@ -81,7 +81,8 @@ def test_one_file_and_one_tensor_at_a_time(tmp_path, monkeypatch):
         if f.endswith(".safetensors")
         for t in load_file(os.path.join(base, f)).values()
     )
-    assert spy.max_live <= largest, "held more than one base tensor at a time"
+    # In flight at most: one being merged, one queued for the writer thread, one being written.
+    assert spy.max_live <= 3 * largest, "held more base tensors than the three in flight"
     assert spy.open_now == 0
 
 

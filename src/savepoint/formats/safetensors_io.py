@@ -89,9 +89,12 @@ def write_streamed(
     metadata: Mapping[str, str] | None = None,
     *,
     on_tensor: Callable[[int], None] | None = None,
+    on_written: Callable[[torch.Tensor], None] | None = None,
 ) -> int:
     """Write one safetensors file whose header is `layout`; `produce(name)` makes each tensor when its
-    turn comes and it is dropped once written. `on_tensor(nbytes)` follows each. Returns bytes written.
+    turn comes and it is dropped once written. `on_tensor(nbytes)` follows each; `on_written(tensor)`
+    is called (on the writer thread) once a tensor's bytes are out, e.g. to recycle its buffer.
+    Returns bytes written.
 
     A writer thread writes one tensor while the next is produced (the syscalls, the hash and torch
     release the GIL), so computing and the disk overlap; at most two produced tensors wait in memory.
@@ -99,7 +102,7 @@ def write_streamed(
     header = build_header(layout, metadata)
     out.write(header)
     written = len(header)
-    with _BackgroundWriter(out) as writer:
+    with _BackgroundWriter(out, on_written) as writer:
         for name, (dtype, shape) in layout.items():
             t = produce(name)
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
@@ -107,21 +110,20 @@ def write_streamed(
                     f"tensor {name!r} came out as {t.dtype}{tuple(t.shape)}, not {dtype}{tuple(shape)}"
                 )
             view = tensor_bytes(t)
-            del t
-            writer.put(view)
+            writer.put(view, t)
             written += view.nbytes
             if on_tensor is not None:
                 on_tensor(view.nbytes)
-            del view
+            del t, view
     return written
 
 
 class _BackgroundWriter:
     """Writes queued byte views to `out` in order on one thread; the first error is raised to the caller."""
 
-    def __init__(self, out: BinaryWriter) -> None:
-        self.out = out
-        self.queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=1)
+    def __init__(self, out: BinaryWriter, on_written: Callable[[torch.Tensor], None] | None) -> None:
+        self.out, self.on_written = out, on_written
+        self.queue: queue.Queue[tuple[memoryview, torch.Tensor] | None] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="savepoint-safetensors-writer", daemon=True)
 
@@ -130,21 +132,26 @@ class _BackgroundWriter:
         return self
 
     def _run(self) -> None:
-        while (view := self.queue.get()) is not None:
+        while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue  # keep draining so the producer never blocks on a dead writer
+            view, tensor = item
+            del item
             try:
                 # Large tensors go out in chunks so the hasher and the page cache work on bounded pieces.
                 for start in range(0, view.nbytes, _WRITE_CHUNK):
                     self.out.write(view[start : start + _WRITE_CHUNK])
+                del view
+                if self.on_written is not None:
+                    self.on_written(tensor)
             except BaseException as exc:  # handed to the producer's thread
                 self.error = exc
-            del view
+            del tensor
 
-    def put(self, view: memoryview) -> None:
+    def put(self, view: memoryview, tensor: torch.Tensor) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put(view)
+        self.queue.put((view, tensor))
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self.queue.put(None)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+import threading
 from collections.abc import Callable
 
 import torch
 
+Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # (shape, dtype) -> uninitialised tensor
 _HUGE_PAGE = 2 << 20
 _MIN_BYTES = 8 << 20  # below this, the faults saved do not pay for the call
 
@@ -38,7 +40,7 @@ def _madvise() -> Callable[[int, int, int], int] | None:
 _MADVISE = _madvise()
 
 
-def empty_buffer(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """`torch.empty(shape, dtype=dtype)` on the CPU, asking for huge pages when it is large."""
     t = torch.empty(shape, dtype=dtype)
     nbytes = t.numel() * t.element_size()
@@ -48,3 +50,44 @@ def empty_buffer(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> tor
         if end > start:
             _MADVISE(start, end - start, mmap.MADV_HUGEPAGE)  # a refusal only costs speed
     return t
+
+
+class BufferPool:
+    """Recycles large buffers within one streaming pass, so most tensors land in memory that is
+    already mapped: a fresh buffer is zeroed page by page by the kernel, which profiled at a quarter
+    of a merge's CPU time. Only buffers this pool handed out are ever taken back, and only when the
+    caller says it is done with them (`give`); at most `keep` idle buffers are held. Thread-safe.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._idle: list[torch.Tensor] = []  # uint8 buffers, free to hand out again
+        self._issued: dict[int, torch.Tensor] = {}  # storage address -> its whole buffer
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of `shape` and `dtype`, in a recycled buffer when one fits."""
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        if nbytes < _MIN_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            fitting = [b for b in self._idle if b.numel() >= nbytes]
+            buf = min(fitting, key=lambda b: b.numel()) if fitting else None
+            if buf is not None:
+                self._idle.remove(buf)
+        if buf is None:
+            buf = empty_buffer((nbytes,), torch.uint8)
+        with self._lock:
+            self._issued[buf.data_ptr()] = buf
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def give(self, t: torch.Tensor) -> None:
+        """Take back a tensor from `take` whose caller no longer uses it (others are ignored)."""
+        if t.device.type != "cpu" or t.numel() == 0:
+            return
+        with self._lock:
+            buf = self._issued.pop(t.untyped_storage().data_ptr(), None)
+            if buf is not None:
+                self._idle.append(buf)
+                if len(self._idle) > self._keep:  # drop the smallest: big ones fit any request
+                    self._idle.remove(min(self._idle, key=lambda b: b.numel()))

@@ -25,7 +25,7 @@ import torch
 
 from savepoint.errors import CorruptCheckpointError, Problem
 from savepoint.io.files import open_fd_inside
-from savepoint.io.memory import empty_buffer
+from savepoint.io.memory import Allocate, empty_buffer
 
 # safetensors' own limit on the JSON header; a claimed length above it is refused before any read.
 MAX_HEADER_BYTES = 100_000_000
@@ -193,13 +193,14 @@ class SafetensorsFile(AbstractContextManager["SafetensorsFile"]):
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def read(self, name: str) -> torch.Tensor:
-        """A freshly allocated tensor holding `name`'s bytes (KeyError for an unknown name).
+    def read(self, name: str, allocate: Allocate = empty_buffer) -> torch.Tensor:
+        """A tensor of its own holding `name`'s bytes (KeyError for an unknown name); `allocate(shape,
+        dtype)` makes the buffer (a BufferPool's `take` recycles memory across a pass).
 
         The tensor after it in the file is then announced to the kernel (POSIX_FADV_WILLNEED), so a
         pass in file order reads the next tensor from disk while the caller works on this one."""
         e = self.entries[name]
-        buf = empty_buffer((e.nbytes,), torch.uint8)
+        buf = allocate((e.nbytes,), torch.uint8)
         if e.nbytes:
             array: Any = buf.numpy()  # shares buf's memory: the read lands in the tensor
             self._pread_into(memoryview(array), e.start)

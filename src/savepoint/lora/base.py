@@ -23,6 +23,7 @@ import torch
 
 from savepoint._json import read_json_file
 from savepoint.errors import MergeError
+from savepoint.io.memory import Allocate, empty_buffer
 from savepoint.io.safetensors import SafetensorsFile, open_safetensors
 from savepoint.manifest import resolve_inside
 
@@ -126,8 +127,9 @@ class BaseWeights(AbstractContextManager["BaseWeights"]):
     def keys(self) -> list[str]:
         return list(self.infos)
 
-    def get(self, key: str) -> torch.Tensor:
-        """One tensor, read from disk now (or from memory). Opening another file closes the last one."""
+    def get(self, key: str, allocate: Allocate = empty_buffer) -> torch.Tensor:
+        """One tensor, read from disk now into `allocate(shape, dtype)`'s buffer (or from memory, as
+        is). Opening another file closes the last one."""
         if self._tensors is not None:
             return self._tensors[key].cpu()
         info = self.infos[key]
@@ -135,7 +137,7 @@ class BaseWeights(AbstractContextManager["BaseWeights"]):
             self.close()
             self._handle = _open_weight_file(self.root, info.file)
             self._handle_file = info.file
-        return self._handle.read(key)
+        return self._handle.read(key, allocate)
 
     def close(self) -> None:
         if self._handle is not None:

@@ -20,7 +20,7 @@ from types import TracebackType
 
 import torch
 
-from savepoint.io.memory import empty_buffer
+from savepoint.io.memory import Allocate, empty_buffer
 from savepoint.lora.math import fits
 
 BLOCK_ELEMENTS = 1 << 20  # float32 elements per block: 4 MB, cache-sized
@@ -34,7 +34,8 @@ def _single_threaded_torch() -> None:
 class BlockedMerger(AbstractContextManager["BlockedMerger"]):
     """A pool of single-threaded torch workers for `merge_linear`; use it as a context manager."""
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, allocate: Allocate = empty_buffer) -> None:
+        self._allocate = allocate
         count = workers or min(
             _MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         )
@@ -63,7 +64,7 @@ class BlockedMerger(AbstractContextManager["BlockedMerger"]):
             return None
         a, b = lora_a.detach().to(torch.float32), lora_b.detach().to(torch.float32)
         w = weight.detach()
-        out = empty_buffer(w.shape, dtype)
+        out = self._allocate(tuple(w.shape), dtype)
         rows = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
 
         def block(start: int) -> bool:

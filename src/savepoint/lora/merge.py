@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from savepoint.errors import IncompatibleCheckpointError, MergeError
+from savepoint.io.memory import BufferPool
 from savepoint.lora import math as lora_math
 from savepoint.lora.adapter import (
     MergePlan,
@@ -194,10 +195,15 @@ def _write_weights(
     done = 0
     fp = Fingerprinter()
 
+    pool = BufferPool()  # base and merged tensors land in recycled memory (see io/memory.py)
+
     def produce(key: str) -> torch.Tensor:
-        base = weights.get(key)
+        base = weights.get(key, pool.take)
         fp.add(base)
-        return merged_tensor(key, base, plan, layout[key][0], merger)
+        out = merged_tensor(key, base, plan, layout[key][0], merger)
+        if out.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+            pool.give(base)  # merged into a new tensor: the base's buffer is free now
+        return out
 
     def advance(nbytes: int) -> None:
         nonlocal done
@@ -205,11 +211,11 @@ def _write_weights(
         if progress is not None:
             progress(done, total)
 
-    with weights, BlockedMerger() as merger:
+    with weights, BlockedMerger(allocate=pool.take) as merger:
         for name, keys in shards.items():
-            write_shard(
-                staged, os.path.join(subdir, name), {k: layout[k] for k in keys}, produce, on_tensor=advance
-            )
+            shard_layout = {k: layout[k] for k in keys}
+            relpath = os.path.join(subdir, name)
+            write_shard(staged, relpath, shard_layout, produce, on_tensor=advance, on_written=pool.give)
     if len(shards) > 1:
         write_index(staged, os.path.join(subdir, INDEX_NAME), shards, total)
     return fp.result()

@@ -45,11 +45,13 @@ def write_shard(
     produce: Callable[[str], torch.Tensor],
     *,
     on_tensor: Callable[[int], None] | None = None,
+    on_written: Callable[[torch.Tensor], None] | None = None,
 ) -> None:
-    """Write one shard holding `layout`'s keys in order; `produce(key)` makes each tensor when needed."""
+    """Write one shard holding `layout`'s keys in order; `produce(key)` makes each tensor when needed
+    (`on_written(tensor)` hears when one is out: see write_streamed)."""
     with staged.create(relpath) as out:
         try:
-            write_streamed(out, layout, produce, {"format": "pt"}, on_tensor=on_tensor)
+            write_streamed(out, layout, produce, {"format": "pt"}, on_tensor=on_tensor, on_written=on_written)
         except ValueError as exc:
             raise MergeError(f"internal error writing {relpath}: {exc}") from exc
 
