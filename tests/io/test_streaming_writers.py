@@ -181,3 +181,16 @@ def test_buffer_pool_recycles_only_what_it_handed_out() -> None:
     assert c.untyped_storage().data_ptr() != first
     small = pool.take((10,), torch.float32)
     pool.give(small)  # small tensors are never pooled
+
+
+def test_buffer_pool_serves_mixed_sizes_and_keeps_a_bounded_number() -> None:
+    from savepoint.io.memory import BufferPool
+
+    pool = BufferPool(keep=2)
+    sizes = [(3 << 20,), (5 << 20,), (4 << 20,)]  # float32: 12, 20 and 16 MB
+    taken = [pool.take(s, torch.float32) for s in sizes]
+    for t in taken:
+        pool.give(t)
+    assert len(pool._idle) == 2  # the 12 MB one was dropped
+    again = pool.take((4 << 20,), torch.float32)  # the 16 MB buffer is the best fit
+    assert again.untyped_storage().data_ptr() == taken[2].untyped_storage().data_ptr()

@@ -71,10 +71,11 @@ class BufferPool:
         if nbytes < _MIN_BYTES:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
-            fitting = [b for b in self._idle if b.numel() >= nbytes]
-            buf = min(fitting, key=lambda b: b.numel()) if fitting else None
-            if buf is not None:
-                self._idle.remove(buf)
+            fitting = [i for i, b in enumerate(self._idle) if b.numel() >= nbytes]
+            best = min(fitting, key=lambda i: self._idle[i].numel()) if fitting else None
+            buf = (
+                self._idle.pop(best) if best is not None else None
+            )  # by position: == on tensors compares values
         if buf is None:
             buf = empty_buffer((nbytes,), torch.uint8)
         with self._lock:
@@ -90,4 +91,4 @@ class BufferPool:
             if buf is not None:
                 self._idle.append(buf)
                 if len(self._idle) > self._keep:  # drop the smallest: big ones fit any request
-                    self._idle.remove(min(self._idle, key=lambda b: b.numel()))
+                    self._idle.pop(min(range(len(self._idle)), key=lambda i: self._idle[i].numel()))
