@@ -35,7 +35,7 @@ __all__ = [
 
 Layout = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]  # name -> (dtype, shape), in file order
 _ALIGN = 8
-_WRITE_CHUNK = 64 * 1024 * 1024
+_WRITE_CHUNK = 8 * 1024 * 1024  # hashed, then written while still in the CPU cache
 
 
 class BinaryWriter(Protocol):
@@ -138,7 +138,7 @@ class _BackgroundWriter:
             view, tensor = item
             del item
             try:
-                # Large tensors go out in chunks so the hasher and the page cache work on bounded pieces.
+                # Cache-sized chunks: the hasher reads each one and the write copies it while it is hot.
                 for start in range(0, view.nbytes, _WRITE_CHUNK):
                     self.out.write(view[start : start + _WRITE_CHUNK])
                 del view
