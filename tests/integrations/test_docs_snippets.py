@@ -73,7 +73,10 @@ SETUP = {
 }
 # What each snippet must have left behind: a check that could fail.
 CHECK = {
-    "trainer": "import savepoint; assert savepoint.CheckpointManager('runs/exp1').latest_step == 4; savepoint.verify('runs/exp1')",
+    "trainer": (
+        "import savepoint; assert savepoint.CheckpointManager('runs/exp1').latest_step == 4; savepoint.verify('runs/exp1');"
+        "assert trainer.state.best_model_checkpoint.endswith(f'step-{callback.manager.best_step:08d}')"
+    ),
     "accelerate": "import savepoint; assert savepoint.CheckpointManager('runs/acc').latest_step == 12",
     "rl": "assert (mgr.best_step, mgr.latest_step) == (3, 3) and abs(kl.value - 0.1 * 1.01**3) < 1e-12",
     "s3": "assert [c.step for c in mgr.checkpoints] == [100]",
