@@ -87,10 +87,14 @@ def _state_json(state: TrainerState) -> str:
 
 
 def step_metrics(state: TrainerState) -> dict[str, float]:
-    """Every finite number the Trainer logged at the current step (train loss, learning rate, eval_*)."""
+    """Every finite number the Trainer logged at the current step (train loss, learning rate, eval_*).
+
+    The end-of-training summary (`train_runtime`, `train_loss` over the whole run...) is no metric
+    of the step, though it is logged at the last one.
+    """
     out: dict[str, float] = {}
     for entry in state.log_history:
-        if entry.get("step") != state.global_step:
+        if entry.get("step") != state.global_step or "train_runtime" in entry:
             continue
         for key, value in entry.items():
             number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -331,7 +335,8 @@ class SavepointCallback(TrainerCallback):
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not self._awaits_evaluation:
+        # The step's training log (not an evaluation's, nor the end-of-training summary)
+        if not self._awaits_evaluation and "loss" in (kwargs.get("logs") or {}):
             self._flush(state, kwargs)
 
     def on_evaluate(
@@ -343,7 +348,7 @@ class SavepointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._flush(state, kwargs)
-        self.manager.wait()
+        self.manager.close()  # durable, and the root released: a new Trainer in this process may resume it
         if args.load_best_model_at_end:
             self._load_best(state, kwargs["model"])
         if self._download is not None:
