@@ -1,6 +1,7 @@
 """TRL trainers resume exactly through `SavepointCallback`: a `DPOTrainer` with a synced reference model
 (TR-DPO), SIGKILLed and resumed, logs what the uninterrupted run logs at every step (loss, rewards,
-TRL's `num_tokens`) and ends with the same policy and reference weights."""
+TRL's `num_tokens`) and ends with the same policy and reference weights; an `SFTTrainer` with LoRA
+keeps its losses, token count and adapter weights across a resume."""
 
 from __future__ import annotations
 
@@ -93,3 +94,24 @@ def test_only_trl_trainers_get_trl_state(tmp_path: Path, reference) -> None:  # 
 
     assert not trl_integration.is_trl_trainer(Trainer.__new__(Trainer))
     assert trl_integration.trainer_state(object()) == {}
+
+
+def test_sft_with_lora_resumes_with_its_token_count(tmp_path: Path) -> None:
+    """An `SFTTrainer` with a LoRA adapter, stopped after a save that is not on a logging step and
+    resumed (in-process), logs the uninterrupted run's losses and `num_tokens`, adapters bit-equal."""
+    ref = trl_script.sft_trainer(str(tmp_path / "ref"))
+    ref.train()
+    stopped = trl_script.sft_trainer(str(tmp_path / "run"), stop_at=3)
+    stopped.train()
+    assert savepoint.CheckpointManager(tmp_path / "run").latest_step == 3
+    resumed = trl_script.sft_trainer(str(tmp_path / "run"))
+    resumed.train(resume_from_checkpoint=True)
+
+    ours, theirs = logged(resumed), logged(ref)
+    assert sorted(ours) == sorted(theirs) and 3 in ours  # the save step was logged
+    assert {s: (e["loss"], e["num_tokens"]) for s, e in ours.items()} == {
+        s: (e["loss"], e["num_tokens"]) for s, e in theirs.items()
+    }
+    mine, expected = weights(resumed.model), weights(ref.model)
+    lora = [k for k in expected if "lora_" in k]
+    assert lora and all(torch.equal(mine[k], expected[k]) for k in lora)

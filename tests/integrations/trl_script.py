@@ -1,5 +1,5 @@
-"""A tiny TRL `DPOTrainer` run with a synced reference model (TR-DPO), saving through `SavepointCallback`;
-run in-process or as a child to SIGKILL.
+"""Tiny TRL runs saving through `SavepointCallback`: a `DPOTrainer` with a synced reference model (TR-DPO),
+run in-process or as a child to SIGKILL, and an `SFTTrainer` with LoRA.
 
     python trl_script.py ROOT OUT --max-steps 6 --die-at 5     # SIGKILLed after step 5
 
@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from peft import LoraConfig
 from tests.helpers.models import make_tokenizer
 from transformers import TrainerCallback
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from savepoint.demo import tiny
 from savepoint.integrations.transformers import SavepointCallback
@@ -84,6 +85,46 @@ def make_trainer(
         callbacks=callbacks,
     )
     return trainer, callback
+
+
+class StopAt(TrainerCallback):
+    """Ends training cleanly after a step (the run then resumes in the same process)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def sft_trainer(root: str, *, stop_at: int | None = None) -> SFTTrainer:
+    """A tiny `SFTTrainer` with a LoRA adapter (dropout on), saving every 3 steps, logging every 2."""
+    torch.set_num_threads(1)
+    words = tiny.load_corpus().split()
+    texts = [" ".join(words[i * 12 : (i + 1) * 12]) for i in range(16)]
+    args = SFTConfig(
+        output_dir=f"{root}-out",
+        max_steps=8,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        save_steps=3,
+        logging_steps=2,
+        max_length=32,
+        seed=0,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+    )
+    callbacks: list[TrainerCallback] = [SavepointCallback(root)] + ([StopAt(stop_at)] if stop_at else [])
+    return SFTTrainer(
+        model=tiny.tiny_llama(seed=0, attention_dropout=0.1),
+        args=args,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=make_tokenizer(),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1),
+        callbacks=callbacks,
+    )
 
 
 if __name__ == "__main__":
