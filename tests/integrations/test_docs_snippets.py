@@ -120,13 +120,13 @@ def test_snippet_runs(name: str, tmp_path: Path, request: pytest.FixtureRequest)
     assert check.returncode == 0, check.stderr.decode()[-3000:]
 
 
-def test_accelerate_snippet_resumes_exactly_after_kills(tmp_path: Path) -> None:
-    """The README's Accelerate loop, as printed, SIGKILLed right after the last batch of an epoch
-    (8 rows, batch 2: 4 steps per epoch), then mid-epoch, and started again each time, ends with
-    the weights of the run never stopped (dropout on, plain shuffled loader)."""
+def test_accelerate_snippet_resumes_exactly_after_a_kill(tmp_path: Path) -> None:
+    """The README's Accelerate loop, as printed, SIGKILLed after it saved the last batch of an epoch
+    (8 rows, batch 2: 4 steps per epoch) and started again, ends with the weights of the run never
+    stopped (dropout on, plain shuffled loader). Mid-epoch kills: tests/integrations/test_accelerate.py."""
     _, code = snippets()["accelerate"]
     program = SETUP["accelerate"] + "\n" + code + "\n"
-    for run, die_at in [("ref", None), ("run", 5), ("run", 11), ("run", None)]:
+    for run, die_at in [("ref", None), ("run", 5), ("run", None)]:
         (tmp_path / run).mkdir(exist_ok=True)
         env = environment() | ({"SNIPPET_DIE_AT": str(die_at)} if die_at else {})
         done = subprocess.run(
