@@ -147,8 +147,7 @@ def calling_trainer(callback: TrainerCallback) -> Trainer | None:
     try:
         while frame is not None:
             candidate = frame.f_locals.get("self")
-            handler = getattr(candidate, "callback_handler", None)
-            if isinstance(candidate, Trainer) and callback in getattr(handler, "callbacks", ()):
+            if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
                 return candidate
             frame = frame.f_back
         return None
@@ -280,8 +279,9 @@ class SavepointCallback(TrainerCallback):
             stateful=self._stateful(),
             step=state.global_step,
         )
-        self.extra.clear()
-        self.extra.update(result.extra)
+        if result.extra:  # saved only when it held something: otherwise keep the values given
+            self.extra.clear()
+            self.extra.update(result.extra)
         self._rng = rng_state()
 
     def on_epoch_begin(
