@@ -115,3 +115,24 @@ def test_killed_and_resumed_accelerate_run_matches(tmp_path: Path, processes: in
     theirs = load_file(tmp_path / "ref" / f"step-{final:08d}" / "model.safetensors")
     assert all(torch.equal(ours_model[k], theirs[k]) for k in theirs)
     savepoint.verify(run)
+
+
+def test_a_position_at_the_last_batch_resumes_with_the_next_epoch() -> None:
+    """Accelerate counts the epoch only once its iterator is exhausted, after the loop body of the
+    last batch: a checkpoint taken in that body must still record the next epoch."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from savepoint.integrations.accelerate import epoch_to_resume
+
+    accelerator = Accelerator(
+        cpu=True,
+        dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True, use_seedable_sampler=True),
+    )
+    loader = accelerator.prepare(torch.utils.data.DataLoader(torch.arange(6), batch_size=2, shuffle=True))
+    for epoch in range(2):
+        during = []
+        for _ in loader:
+            during.append((loader.iteration, epoch_to_resume(loader)))
+        assert during == [(epoch, epoch), (epoch, epoch), (epoch, epoch + 1)]
+        assert (loader.iteration, epoch_to_resume(loader)) == (epoch + 1, epoch + 1)  # after the loop
