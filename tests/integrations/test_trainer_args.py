@@ -161,3 +161,12 @@ def test_resume_from_checkpoint_true_on_an_empty_root_names_the_fix(tmp_path: Pa
     trainer = make_trainer(make_args(tmp_path), callback)
     with pytest.raises(savepoint.CheckpointNotFoundError, match=r"callback\.resume_checkpoint\(\)"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_one_callback_serves_a_second_trainer_resuming_in_the_same_process(tmp_path: Path) -> None:
+    callback = SavepointCallback(tmp_path / "ckpt")
+    make_trainer(make_args(tmp_path, max_steps=4), callback).train()
+    resumed = make_trainer(make_args(tmp_path, max_steps=6), callback)  # the root was released at train end
+    resumed.train(resume_from_checkpoint=True)
+    assert [i.step for i in callback.manager.checkpoints] == [2, 4, 6]
+    assert resumed.state.log_history[0]["step"] == 2  # the history up to step 4 came from the checkpoint

@@ -269,6 +269,8 @@ class SavepointCallback(TrainerCallback):
         if self._trainer is None:  # added with trainer.add_callback(), after on_init_end
             trainer = calling_trainer(self)
             self._trainer = weakref.ref(trainer) if trainer is not None else None
+        # A callback may serve several train() calls (a second Trainer resuming this root, say).
+        self._pending_step, self._awaits_evaluation, self._saved_step = None, False, None
         if state.global_step == 0:
             return
         # The Trainer read trainer_state.json from the checkpoint; load everything else, verified.
