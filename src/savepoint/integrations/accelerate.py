@@ -63,9 +63,8 @@ class LoaderPosition:
         base = getattr(self.loader, "base_dataloader", self.loader)
         stateful_format.restore(base, state["position"])
         if base is not self.loader and hasattr(self.loader, "dl_state_dict"):
-            self.loader.dl_state_dict = (
-                base.state_dict()
-            )  # a save before the next batch records this position
+            # the wrapper's cache: a save before the next batch must record the restored position
+            self.loader.dl_state_dict = base.state_dict()
 
 
 def epoch_to_resume(loader: Any) -> int:
