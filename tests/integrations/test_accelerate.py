@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -117,22 +118,42 @@ def test_killed_and_resumed_accelerate_run_matches(tmp_path: Path, processes: in
     savepoint.verify(run)
 
 
-def test_a_position_at_the_last_batch_resumes_with_the_next_epoch() -> None:
-    """Accelerate counts the epoch only once its iterator is exhausted, after the loop body of the
-    last batch: a checkpoint taken in that body must still record the next epoch."""
+def prepared_loader(rows: int) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
-
-    from savepoint.integrations.accelerate import epoch_to_resume
 
     accelerator = Accelerator(
         cpu=True,
         dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True, use_seedable_sampler=True),
     )
-    loader = accelerator.prepare(torch.utils.data.DataLoader(torch.arange(6), batch_size=2, shuffle=True))
+    return accelerator.prepare(torch.utils.data.DataLoader(torch.arange(rows), batch_size=2, shuffle=True))
+
+
+def test_a_position_at_the_last_batch_resumes_with_the_next_epoch() -> None:
+    """Accelerate counts the epoch only once its iterator is exhausted, after the loop body of the
+    last batch: a checkpoint taken in that body must still record the next epoch."""
+    from savepoint.integrations.accelerate import epoch_to_resume
+
+    loader = prepared_loader(6)
     for epoch in range(2):
         during = []
         for _ in loader:
             during.append((loader.iteration, epoch_to_resume(loader)))
         assert during == [(epoch, epoch), (epoch, epoch), (epoch, epoch + 1)]
         assert (loader.iteration, epoch_to_resume(loader)) == (epoch + 1, epoch + 1)  # after the loop
+
+
+def test_a_restored_loader_reports_its_position_before_it_iterates_and_goes_on_from_it() -> None:
+    from savepoint.integrations.accelerate import LoaderPosition
+
+    torch.manual_seed(0)
+    loader = prepared_loader(10)
+    batches = iter(loader)
+    next(batches), next(batches)
+    saved = LoaderPosition(loader).state_dict()
+
+    other = prepared_loader(10)
+    LoaderPosition(other).load_state_dict(saved)
+    assert LoaderPosition(other).state_dict() == saved  # a save right after a restore
+    rest = [b.tolist() for b in other]
+    assert rest == [b.tolist() for b in batches] and len(rest) == 3
