@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from savepoint.cli.app import app, console
 from savepoint.cli.ls import human_size
+from savepoint.cli.render import markup
 from savepoint.discovery import STEP_DIR, check_root, is_checkpoint_dir
 from savepoint.errors import (
     CheckpointNotFoundError,
@@ -76,7 +77,7 @@ def verify_one(ckpt_dir: str) -> Verdict:
 
 
 def _print_verdict(verdict: Verdict) -> None:
-    name = os.path.basename(os.path.normpath(verdict.path))
+    name = markup(os.path.basename(os.path.normpath(verdict.path)))
     if verdict.intact:
         console.print(
             f"[green]✓ {name}: intact ({verdict.files} files, {human_size(verdict.size)})[/]", highlight=False
@@ -84,8 +85,8 @@ def _print_verdict(verdict: Verdict) -> None:
         return
     console.print(f"[bold red]✗ {name}: damaged[/]", highlight=False)
     for problem in verdict.problems:
-        where = f"{name}/{problem.path}" if problem.path else name
-        console.print(f"  [red]{where}: {problem.reason}[/]", highlight=False, soft_wrap=True)
+        where = f"{name}/{markup(problem.path)}" if problem.path else name
+        console.print(f"  [red]{where}: {markup(problem.reason)}[/]", highlight=False, soft_wrap=True)
 
 
 def _verify_all(dirs: list[str]) -> list[Verdict]:
@@ -97,7 +98,7 @@ def _verify_all(dirs: list[str]) -> list[Verdict]:
     with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("verifying", total=len(dirs))
         for d in dirs:
-            progress.update(task, description=f"verifying {os.path.basename(d)}")
+            progress.update(task, description=f"verifying {markup(os.path.basename(d))}")
             verdicts.append(verify_one(d))
             progress.advance(task)
     return verdicts
@@ -134,10 +135,10 @@ def _verify_remote(url: str) -> None:
         verified = verify(url)
     except CorruptCheckpointError as exc:
         for problem in exc.problems:
-            console.print(f"  [red]{problem}[/]", highlight=False, soft_wrap=True)
+            console.print(f"  [red]{markup(problem)}[/]", highlight=False, soft_wrap=True)
         console.print(
             "[bold red]damaged[/]; restore an earlier checkpoint or delete the damaged one", highlight=False
         )
         raise typer.Exit(1) from None
     for step_url in verified:
-        console.print(f"[green]✓ {step_url}: intact[/]", highlight=False)
+        console.print(f"[green]✓ {markup(step_url)}: intact[/]", highlight=False)
