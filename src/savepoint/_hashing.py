@@ -31,7 +31,7 @@ def hash_fd(fd: int) -> tuple[int, str]:
     hasher = new_hasher()
     f = os.fdopen(fd, "rb", buffering=0, closefd=False)
     with f:
-        size = _hash_stream(f, hasher)  # type: ignore[arg-type]
+        size = _hash_stream(f, hasher)
     return size, hasher.hexdigest()
 
 
@@ -40,7 +40,7 @@ def hash_inside(root: str, relpath: str) -> tuple[int, str]:
     only a regular file is read (`savepoint.io.files`); the bytes hashed are the bytes of that open file."""
     hasher = new_hasher()
     with open_inside(root, relpath) as f:
-        size = _hash_stream(f, hasher)  # type: ignore[arg-type]
+        size = _hash_stream(f, hasher)  # type: ignore[arg-type]  # an unbuffered FileIO in fact
     return size, hasher.hexdigest()
 
 

@@ -244,7 +244,9 @@ def _read_json(root: str, rel: str) -> Any:
     """A JSON file below `root` as data, or None when it is unreadable, unsafe or not valid JSON
     (inspect reports, it does not fail)."""
     try:
-        return read_json_inside(root, rel, lambda reason: CorruptCheckpointError(root, [Problem(rel, reason)]))
+        return read_json_inside(
+            root, rel, lambda reason: CorruptCheckpointError(root, [Problem(rel, reason)])
+        )
     except SavepointError:
         return None
 
@@ -493,7 +495,9 @@ def render_report(report: Mapping[str, Any], *, limit: int | None = DEFAULT_TENS
         _section(_tensors_title(rel, rows), _tensors_table(rows, limit))
     for p in report["problems"]:
         console.print(
-            f"[red]{markup(p['path'])}: {markup(p['reason'])}[/] (not parsed)", highlight=False, soft_wrap=True
+            f"[red]{markup(p['path'])}: {markup(p['reason'])}[/] (not parsed)",
+            highlight=False,
+            soft_wrap=True,
         )
 
 

@@ -148,7 +148,7 @@ def list_dir_inside(root: str, relpath: str = "") -> list[tuple[str, str]]:
     parts = split_relpath(relpath, root) if relpath else []
     fd = open_dir_inside(root, parts, relpath)
     try:
-        out = []
+        out: list[tuple[str, str]] = []
         with os.scandir(fd) as entries:
             for entry in entries:
                 if len(out) >= MAX_ENTRIES:

@@ -161,4 +161,6 @@ def _files_to_export(ckpt: str, *, only: str | None, skip_weights: bool) -> tupl
 
 
 def _is_weight_file(rel: str) -> bool:
-    return rel in (SINGLE, INDEX, "config.json") or (rel.startswith("model-") and rel.endswith(".safetensors"))
+    return rel in (SINGLE, INDEX, "config.json") or (
+        rel.startswith("model-") and rel.endswith(".safetensors")
+    )
