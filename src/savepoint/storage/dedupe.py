@@ -18,9 +18,9 @@ Who may be linked to (the root may hold files someone else made: DESIGN.md, prom
 the inode, so whoever can write the parent file could later change the new checkpoint. The parent
 file is opened below the previous checkpoint without following any symlink, and is linked only if
 that open file is a regular file that the current user owns, that neither group nor others may write,
-that lies on the root's file system, and whose link count is no larger than the number of entries in
-the root (each checkpoint, or its leftover, holds at most one link: more means a name outside the
-root). Otherwise its bytes are copied. The link is made and then checked to be that same inode.
+that lies on the root's file system, and whose link count is no larger than the number of checkpoint
+directories in the root, leftovers included, besides this save's own (each holds at most one link:
+more means a name outside the root). Otherwise its bytes are copied. The link is made and then checked to be that same inode.
 """
 
 from __future__ import annotations
@@ -35,10 +35,19 @@ from io import BufferedWriter
 from savepoint._hashing import hash_file, new_hasher
 from savepoint.errors import SavepointError
 from savepoint.io.files import open_fd_inside
-from savepoint.storage.local import MANIFEST_NAME, StagedDir, start_writeback, storage_error
+from savepoint.storage.local import (
+    DELETE_PREFIX,
+    MANIFEST_NAME,
+    REPLACED_PREFIX,
+    TMP_PREFIX,
+    StagedDir,
+    start_writeback,
+    storage_error,
+)
 
 _COMPARE_PIECE = 1024 * 1024  # a changed file is found different after reading ~1 MiB of its parent
 _WRITEBACK_EVERY = 32 * 1024 * 1024
+_LINK_HOLDERS = ("step-", TMP_PREFIX, DELETE_PREFIX, REPLACED_PREFIX)
 
 
 @dataclass
@@ -226,7 +235,10 @@ def _may_link(fd: int, root: str) -> bool:
         return False
     if info.st_dev != os.stat(root).st_dev:
         return False
-    return info.st_nlink <= len(os.listdir(root))
+    # Each checkpoint (or leftover being deleted) holds at most one link to this inode; the staging
+    # directory of this very save holds none yet.
+    holders = [n for n in os.listdir(root) if n.startswith(_LINK_HOLDERS)]
+    return info.st_nlink <= max(1, len(holders) - 1)
 
 
 def _same_bytes(path: str, parent: ParentFile) -> bool:
