@@ -376,7 +376,9 @@ def test_step_directory_named_with_non_ascii_digits(tmp_path: Path) -> None:
     assert os.path.isdir(fake), "retention deleted a directory that is not one of its checkpoints"
 
 
-def test_step_directory_symlinked_out_of_the_root(tmp_path: Path) -> None:
+def test_step_directory_symlinked_out_of_the_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     elsewhere = str(tmp_path / "elsewhere")
     save_steps(elsewhere, (7,))
     outside = step_path(elsewhere, 7)
@@ -387,6 +389,12 @@ def test_step_directory_symlinked_out_of_the_root(tmp_path: Path) -> None:
     assert [i.step for i in list_checkpoints(root)] == [1]
     with pytest.raises(CorruptCheckpointError, match="symbolic link"):
         savepoint.verify(root)
+    code, out = cli_ok(capsys, monkeypatch, "verify", root)
+    assert code == 1 and "symbolic link" in out and "intact (" not in out.split("step-00000007")[1]
+    code, out = cli_ok(capsys, monkeypatch, "ls", root)
+    assert code == 0 and "symbolic link" in out
+    with pytest.raises(UnsafeCheckpointError, match="symbolic link"):
+        savepoint.CheckpointManager(root).restore(model=train_state(1, fresh=True).model, step=7)
     save_steps(root, (8, 9), keep_last=1)
     assert sorted(os.listdir(outside)) == before, "retention reached through a symlink"
     assert savepoint.verify(outside)

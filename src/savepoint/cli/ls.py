@@ -107,6 +107,9 @@ def scan_root(root: str) -> list[Row]:
         if not match or not os.path.isdir(path):
             continue
         step = int(match.group(1))
+        if os.path.islink(path):  # never followed: it may lead out of the root
+            rows.append(Row(step, path, reason="a symbolic link, not followed"))
+            continue
         info = readable.get(path)
         rows.append(Row(step, path, info) if info else Row(step, path, reason=_unreadable_reason(path, step)))
     return sorted(rows, key=lambda r: r.step)

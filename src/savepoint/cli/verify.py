@@ -60,8 +60,13 @@ def checkpoints_to_verify(path: str) -> list[str]:
     return dirs
 
 
-def verify_one(ckpt_dir: str) -> Verdict:
-    """Verify one checkpoint directory; problems are named relative to it."""
+def verify_one(ckpt_dir: str, *, in_root: bool = False) -> Verdict:
+    """Verify one checkpoint directory; problems are named relative to it.
+
+    `in_root`: it was found under a root, so a symlink there is reported, not followed.
+    """
+    if in_root and os.path.islink(ckpt_dir):
+        return Verdict(ckpt_dir, [Problem("", "is a symbolic link; savepoint follows none out of a root")])
     if not os.path.isdir(ckpt_dir):
         # A file named like a checkpoint: savepoint.verify would fail with a raw NotADirectoryError.
         return Verdict(ckpt_dir, [Problem("", "is a file, not a checkpoint directory")])
@@ -89,17 +94,17 @@ def _print_verdict(verdict: Verdict) -> None:
         console.print(f"  [red]{where}: {markup(problem.reason)}[/]", highlight=False, soft_wrap=True)
 
 
-def _verify_all(dirs: list[str]) -> list[Verdict]:
+def _verify_all(dirs: list[str], root: str) -> list[Verdict]:
     # A progress bar only on a terminal: in logs and pipes it would be noise.
     if not console.is_terminal or len(dirs) < 2:
-        return [verify_one(d) for d in dirs]
+        return [verify_one(d, in_root=d != root) for d in dirs]
     verdicts = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("verifying", total=len(dirs))
         for d in dirs:
             progress.update(task, description=f"verifying {markup(os.path.basename(d))}")
-            verdicts.append(verify_one(d))
+            verdicts.append(verify_one(d, in_root=d != root))
             progress.advance(task)
     return verdicts
 
@@ -116,7 +121,7 @@ def verify_command(
     if is_remote_url(path):
         _verify_remote(path)
         return
-    verdicts = _verify_all(checkpoints_to_verify(path))
+    verdicts = _verify_all(checkpoints_to_verify(path), path)
     for verdict in verdicts:
         _print_verdict(verdict)
     damaged = [v for v in verdicts if not v.intact]

@@ -179,7 +179,15 @@ def walk_inside(
         current = pending.pop()
         depth = current.count("/") + 1 if current else 0
         children = []
-        for name, kind in list_dir_inside(root, current):
+        try:
+            entries = list_dir_inside(root, current)
+        except OSError as exc:
+            if current == relpath:
+                raise  # the starting directory: the caller words "missing" or "unreadable" itself
+            raise CorruptCheckpointError(
+                root, [Problem(current, f"unreadable ({exc.strerror or exc})")]
+            ) from exc
+        for name, kind in entries:
             rel = f"{current}/{name}" if current else name
             yield rel, kind
             if kind == DIRECTORY and not (skip and skip(rel)):
