@@ -32,8 +32,8 @@ from savepoint.discovery import STEP_DIR, info_from_manifest
 from savepoint.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    IncompatibleCheckpointError,
     Problem,
+    SavepointError,
 )
 from savepoint.manifest import MAX_MANIFEST_BYTES, Manifest, find_problems, parse_manifest
 from savepoint.policy import CheckpointInfo
@@ -125,7 +125,7 @@ class RemoteRoot:
                 continue  # an upload in progress or interrupted: not a checkpoint
             try:
                 manifest = self.read_manifest(name)
-            except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
+            except SavepointError as exc:  # one bad manifest spoils one checkpoint, never the listing
                 if warn:
                     warnings.warn(f"skipping {self.step_url(name)}: {exc}", stacklevel=2)
                 continue
