@@ -202,7 +202,9 @@ class RemoteRoot:
             # A file that cannot be placed (a listed "a" and "a/b") or is absent is reported "missing"
             # by the check; one whose size is not the listed one is fetched only to one byte past it,
             # so disk and time follow the manifest's claim, never an object's real size.
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError, FileExistsError):
+            with contextlib.suppress(
+                FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError
+            ):
                 target = os.path.join(local, rel)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 self._fetch(self._key(name, rel), target, entry.size)
