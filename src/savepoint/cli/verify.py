@@ -94,7 +94,7 @@ def _print_verdict(verdict: Verdict) -> None:
         console.print(f"  [red]{where}: {markup(problem.reason)}[/]", highlight=False, soft_wrap=True)
 
 
-def _verify_all(dirs: list[str], root: str) -> list[Verdict]:
+def _verify_all(dirs: list[str], root: str | None = None) -> list[Verdict]:
     # A progress bar only on a terminal: in logs and pipes it would be noise.
     if not console.is_terminal or len(dirs) < 2:
         return [verify_one(d, in_root=d != root) for d in dirs]
