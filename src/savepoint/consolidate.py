@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
+from savepoint._json import read_json_inside
 from savepoint.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
@@ -196,8 +197,17 @@ def _not_a_side_file(name: str) -> bool:
 
 def _set_config_dtype(staged: StagedDir, dtype: torch.dtype) -> None:
     path = staged.abspath("config.json")
-    with open(path, encoding="utf-8") as f:
-        config: dict[str, Any] = json.load(f)
+
+    def fail(reason: str) -> CorruptCheckpointError:  # the copied (verified) source config is malformed
+        return CorruptCheckpointError(
+            staged.path,
+            [Problem("config.json", reason)],
+            hint="nothing was written; fix the source's config.json",
+        )
+
+    config: dict[str, Any] = read_json_inside(staged.path, "config.json", fail)
+    if not isinstance(config, dict):
+        raise fail("is not a JSON object")
     config["dtype"] = str(dtype).removeprefix("torch.")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
