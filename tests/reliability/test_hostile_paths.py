@@ -400,6 +400,19 @@ def test_step_directory_symlinked_out_of_the_root(
     assert savepoint.verify(outside)
 
 
+@pytest.mark.parametrize(
+    "leftover", [".tmp-step-00000005-abcd", ".del-step-00000001-abcd", ".old-step-00000009-abcd"]
+)
+def test_sweep_never_deletes_through_a_symlink(tmp_path: Path, secret: Path, leftover: str) -> None:
+    root = str(tmp_path / "run")
+    save_steps(root, (1,))
+    victim = secret.parent
+    os.symlink(victim, os.path.join(root, leftover))  # looks like debris of an interrupted save
+    save_steps(root, (2,), keep_last=1)  # opening the root sweeps; retention deletes step 1
+    assert secret.read_bytes() == SECRET and sorted(os.listdir(victim)) == ["secret.json"]
+    assert [i.step for i in list_checkpoints(root)] == [2]
+
+
 # ---------------------------------------------------------------- symlinks and special files
 
 
