@@ -20,7 +20,8 @@ file is opened below the previous checkpoint without following any symlink, and 
 that open file is a regular file that the current user owns, that neither group nor others may write,
 that lies on the root's file system, and whose link count is no larger than the number of checkpoint
 directories in the root, leftovers included, besides this save's own (each holds at most one link:
-more means a name outside the root). Otherwise its bytes are copied. The link is made and then checked to be that same inode.
+more means a name outside the root). Otherwise its bytes are copied. The link is made by name and
+then checked to be that same inode (a file swapped in between is unlinked and copied instead).
 """
 
 from __future__ import annotations
