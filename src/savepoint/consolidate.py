@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
+from savepoint._json import read_json_inside
 from savepoint.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
@@ -34,6 +34,7 @@ from savepoint.formats import sharded
 from savepoint.formats.hf import WEIGHTS_INDEX_NAME, parse_dtype
 from savepoint.formats.safetensors_io import write_safetensors
 from savepoint.manifest import MANIFEST_NAME, build_manifest, find_problems, read_manifest
+from savepoint.side_files import copy_model_side_files
 from savepoint.storage.local import StagedDir
 
 # Files of a checkpoint that do not belong in a model directory.
@@ -185,19 +186,28 @@ def _write_shards(
 
 
 def _copy_model_side_files(directory: str, staged: StagedDir) -> None:
-    """config, generation config and tokenizer files: every top-level JSON/text file but ours and weights."""
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name in _NOT_MODEL_FILES or name.endswith(".safetensors") or name == WEIGHTS_INDEX_NAME:
-            continue
-        if os.path.isfile(path) and not os.path.islink(path):
-            shutil.copyfile(path, staged.abspath(name))
+    """config, generation config and tokenizer files: every top-level file but ours and the weights,
+    confined to `directory` and checked against its manifest when it has one (`savepoint.side_files`)."""
+    copy_model_side_files(directory, staged, skip=_not_a_side_file)
+
+
+def _not_a_side_file(name: str) -> bool:
+    return name in _NOT_MODEL_FILES or name.endswith(".safetensors") or name == WEIGHTS_INDEX_NAME
 
 
 def _set_config_dtype(staged: StagedDir, dtype: torch.dtype) -> None:
     path = staged.abspath("config.json")
-    with open(path, encoding="utf-8") as f:
-        config: dict[str, Any] = json.load(f)
+
+    def fail(reason: str) -> CorruptCheckpointError:  # the copied (verified) source config is malformed
+        return CorruptCheckpointError(
+            staged.path,
+            [Problem("config.json", reason)],
+            hint="nothing was written; fix the source's config.json",
+        )
+
+    config: dict[str, Any] = read_json_inside(staged.path, "config.json", fail)
+    if not isinstance(config, dict):
+        raise fail("is not a JSON object")
     config["dtype"] = str(dtype).removeprefix("torch.")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

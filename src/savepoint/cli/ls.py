@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from savepoint.cli.app import app, console
+from savepoint.cli.render import markup
 from savepoint.discovery import STEP_DIR, check_root, is_checkpoint_dir, list_checkpoints
 from savepoint.errors import SavepointError
 from savepoint.manifest import read_manifest
@@ -44,8 +45,11 @@ def human_size(nbytes: int) -> str:
 
 
 def human_time(timestamp: float) -> str:
-    """A wall-clock time in the local time zone, to the second."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    """A wall-clock time in the local time zone, to the second (a time no calendar holds: as a number)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    except (OverflowError, OSError, ValueError):  # a manifest may claim any finite number
+        return f"{timestamp:.6g}"
 
 
 def format_metric(value: float) -> str:
@@ -103,6 +107,9 @@ def scan_root(root: str) -> list[Row]:
         if not match or not os.path.isdir(path):
             continue
         step = int(match.group(1))
+        if os.path.islink(path):  # never followed: it may lead out of the root
+            rows.append(Row(step, path, reason="a symbolic link, not followed"))
+            continue
         info = readable.get(path)
         rows.append(Row(step, path, info) if info else Row(step, path, reason=_unreadable_reason(path, step)))
     return sorted(rows, key=lambda r: r.step)
@@ -166,17 +173,17 @@ def _caption(listing: Listing) -> str:
 
 def listing_table(listing: Listing) -> Table:
     """The rich table for a computed listing."""
-    table = Table(title=f"checkpoints in {listing.root}", caption=_caption(listing))
+    table = Table(title=f"checkpoints in {markup(listing.root)}", caption=markup(_caption(listing)))
     table.add_column("step", justify="right", style="bold")
     table.add_column("time")
     table.add_column("size", justify="right")
     for name in listing.metrics:
-        table.add_column(name, justify="right")
+        table.add_column(markup(name), justify="right")
     table.add_column("")
     for row in listing.rows:
         if row.info is None:
             blanks = [""] * len(listing.metrics)
-            table.add_row(str(row.step), "", "", *blanks, f"[red]unreadable[/]: {row.reason}")
+            table.add_row(str(row.step), "", "", *blanks, f"[red]unreadable[/]: {markup(row.reason)}")
             continue
         info = row.info
         values = [format_metric(info.metrics[m]) if m in info.metrics else "" for m in listing.metrics]

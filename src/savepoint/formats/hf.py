@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
-from savepoint._json import read_json_file
+from savepoint._json import read_json_inside
 from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
 from savepoint.formats.safetensors_io import DTYPE_NAMES, read_header, read_safetensors, write_safetensors
 from savepoint.manifest import Manifest, resolve_inside, verify_files
@@ -208,8 +208,9 @@ def weight_files(ckpt_dir: str, manifest: Manifest, prefix: str = "") -> list[st
 
 def read_index(model_dir: str, index_rel: str = WEIGHTS_INDEX_NAME) -> dict[str, str]:
     """The `weight_map` of a safetensors index, refusing entries that leave the directory."""
-    path = resolve_inside(model_dir, index_rel)
-    doc = read_json_file(path, lambda reason: CorruptCheckpointError(model_dir, [Problem(index_rel, reason)]))
+    doc = read_json_inside(
+        model_dir, index_rel, lambda reason: CorruptCheckpointError(model_dir, [Problem(index_rel, reason)])
+    )
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from savepoint.errors import CorruptCheckpointError, Problem, UnsafeCheckpointError
@@ -118,3 +119,81 @@ def read_bytes_inside(root: str, relpath: str, *, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise CorruptCheckpointError(root, [Problem(relpath, f"grew past {max_bytes} bytes while read")])
     return data
+
+
+# ---------------------------------------------------------------- listing
+
+
+FILE, DIRECTORY, SYMLINK, OTHER = "file", "directory", "symlink", "other"
+MAX_DEPTH = 32  # savepoint writes at most 4 levels; HF model directories a few more
+MAX_ENTRIES = 1_000_000  # a listing is held in memory: bound it, whatever the directory claims
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return FILE
+    if stat.S_ISDIR(mode):
+        return DIRECTORY
+    if stat.S_ISLNK(mode):
+        return SYMLINK
+    return OTHER
+
+
+def list_dir_inside(root: str, relpath: str = "") -> list[tuple[str, str]]:
+    """(name, kind) of every entry of the directory `root/relpath`, sorted, without following symlinks.
+
+    `kind` is FILE, DIRECTORY, SYMLINK or OTHER (FIFO, socket, device), from `lstat` relative to the
+    directory's descriptor, so a symlink is reported as one and never followed.
+    """
+    parts = split_relpath(relpath, root) if relpath else []
+    fd = open_dir_inside(root, parts, relpath)
+    try:
+        out: list[tuple[str, str]] = []
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if len(out) >= MAX_ENTRIES:
+                    raise CorruptCheckpointError(
+                        root, [Problem(relpath or ".", f"holds more than {MAX_ENTRIES} entries")]
+                    )
+                try:
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                except FileNotFoundError:
+                    continue  # removed while listed
+                out.append((entry.name, _kind(mode)))
+        return sorted(out)
+    finally:
+        os.close(fd)
+
+
+def walk_inside(
+    root: str, relpath: str = "", *, max_depth: int = MAX_DEPTH, skip: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, str]]:
+    """(relpath, kind) of every entry below `root/relpath`, depth first, directories before their contents.
+
+    Symlinks are reported, never followed. Iterative, not recursive, so a hostile nesting depth
+    cannot exhaust the stack; deeper than `max_depth` levels is an UnsafeCheckpointError. `skip(rel)`
+    prunes a directory (it is still reported).
+    """
+    pending = [relpath]
+    while pending:
+        current = pending.pop()
+        depth = current.count("/") + 1 if current else 0
+        children = []
+        try:
+            entries = list_dir_inside(root, current)
+        except OSError as exc:
+            if current == relpath:
+                raise  # the starting directory: the caller words "missing" or "unreadable" itself
+            raise CorruptCheckpointError(
+                root, [Problem(current, f"unreadable ({exc.strerror or exc})")]
+            ) from exc
+        for name, kind in entries:
+            rel = f"{current}/{name}" if current else name
+            yield rel, kind
+            if kind == DIRECTORY and not (skip and skip(rel)):
+                if depth + 1 > max_depth:
+                    raise UnsafeCheckpointError(
+                        root, [Problem(rel, f"directories nest deeper than {max_depth} levels")]
+                    )
+                children.append(rel)
+        pending.extend(reversed(children))
