@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -70,11 +71,15 @@ def open_fd_inside(root: str, relpath: str, *, max_bytes: int | None = None) -> 
         try:
             fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
+            blob_fd = open_hub_cache_blob(root, parts, dir_fd) if exc.errno == errno.ELOOP else None
+            if blob_fd is not None:
+                fd = blob_fd
+            elif exc.errno == errno.ELOOP:
                 raise UnsafeCheckpointError(root, [Problem(relpath, "is a symbolic link")]) from exc
-            if exc.errno in (errno.ENXIO, errno.EISDIR):
+            elif exc.errno in (errno.ENXIO, errno.EISDIR):
                 raise UnsafeCheckpointError(root, [Problem(relpath, "is not a regular file")]) from exc
-            raise
+            else:
+                raise
     finally:
         os.close(dir_fd)
     try:
@@ -93,6 +98,36 @@ def open_fd_inside(root: str, relpath: str, *, max_bytes: int | None = None) -> 
     except BaseException:
         os.close(fd)
         raise
+
+
+# The Hugging Face cache stores a snapshot's files as links `../../blobs/<sha>` into its repo folder:
+# `models--org--name/snapshots/<rev>/config.json -> ../../blobs/<sha>`. That one shape is followed,
+# and only into that repo folder's own `blobs/` directory, itself opened without following links.
+_HUB_BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def open_hub_cache_blob(root: str, parts: list[str], dir_fd: int) -> int | None:
+    """The blob behind a Hugging Face cache link `root/parts`, or None when it is any other link."""
+    snapshot = os.path.abspath(root)
+    snapshots_dir, repo_dir = os.path.dirname(snapshot), os.path.dirname(os.path.dirname(snapshot))
+    if os.path.basename(snapshots_dir) != "snapshots" or not os.path.basename(repo_dir).startswith(
+        ("models--", "datasets--", "spaces--")
+    ):
+        return None
+    try:
+        target = os.readlink(parts[-1], dir_fd=dir_fd)
+    except OSError:
+        return None
+    up, _, blob = target.rpartition("blobs/")
+    if up != "../" * (len(parts) + 1) or not _HUB_BLOB_NAME.fullmatch(blob):
+        return None
+    blobs_fd = open_dir_inside(repo_dir, ["blobs"], "/".join(parts))
+    try:
+        return os.open(blob, _FILE_FLAGS, dir_fd=blobs_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(blobs_fd)
 
 
 def open_inside(root: str, relpath: str, *, max_bytes: int | None = None) -> BinaryIO:
