@@ -344,11 +344,11 @@ def restore_collective(
 ) -> Any:
     """Restore a checkpoint written at any world size into this rank (or a plain process).
 
-    Checks first (files, keys, shapes), then changes state: the model from the HF files (each rank
-    keeps its shard), the optimizer through DCP (resharded), scheduler, stateful objects and RNG per rank.
+    Checks first (files, keys, shapes; DCP tensors are read into fresh buffers), then changes state:
+    stateful objects, the optimizer, the model (each rank keeps its shard), scheduler and RNG per rank.
     """
     from savepoint.integrations import deepspeed as ds
-    from savepoint.restoring import finish_restore
+    from savepoint.restoring import apply_stateful, check_blobs, finish_restore
 
     if ds.is_engine(model):
         return ds.restore(
@@ -358,16 +358,19 @@ def restore_collective(
     optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
     stateful = dict(stateful or {})
     _warn_world_size(path, manifest, stateful)
-    load_model = _plan_model(model, path, manifest)
+    metadata = sharded.read_metadata(path, manifest) if sharded.has_dcp(manifest) else None
+    load_model = _plan_model(model, path, manifest, metadata)
     blobs = _read_blobs(path, manifest, optimizer=optimizer, scheduler=scheduler, stateful=stateful)
+    check_blobs(path, blobs, scheduler=scheduler, stateful=stateful)
     load_optimizer = (
-        _plan_optimizer(model, optimizer, path, manifest, blobs) if optimizer is not None else None
+        _plan_optimizer(model, optimizer, path, manifest, blobs, metadata) if optimizer is not None else None
     )
     # Everything is checked: from here on, state changes.
+    apply_stateful(blobs, stateful)
     if load_optimizer is not None:
-        load_optimizer()  # before the model: initialising empty optimizer state runs a (zero-lr) step
+        load_optimizer()  # before the model: it may hold views of the parameters
     load_model()
-    return finish_restore(path, manifest, blobs, scheduler=scheduler, stateful=stateful)
+    return finish_restore(path, manifest, blobs, scheduler=scheduler, stateful={})
 
 
 def _warn_world_size(path: str, manifest: Manifest, stateful: Mapping[str, Any]) -> None:
@@ -393,7 +396,7 @@ def _warn_world_size(path: str, manifest: Manifest, stateful: Mapping[str, Any])
     )
 
 
-def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
+def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest, metadata: Any) -> Any:
     if manifest.kind == "adapter" or is_peft_model(model):
         from savepoint.lora.sharded import prime_fingerprint, uses_dtensor
 
@@ -413,7 +416,7 @@ def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
         # peft puts full adapter tensors into FSDP2's DTensor parameters itself (each rank keeps its shard).
         return lambda: peft_format.load_adapter_into(model, path, manifest)
     if manifest.kind == "sharded":
-        return _plan_model_from_dcp(model, path, manifest)
+        return _plan_model_from_dcp(model, path, manifest, metadata)
     if not is_sharded(model):
         files, targets = hf.check_model_files(model, path, manifest)
         return lambda: hf.copy_model_files(path, files, targets)
@@ -431,10 +434,12 @@ def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
     return lambda: _load_full_files(model, path, files)
 
 
-def _plan_model_from_dcp(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
+def _plan_model_from_dcp(model: torch.nn.Module, path: str, manifest: Manifest, metadata: Any) -> Any:
+    """Check the stored shapes and read this rank's shards into fresh buffers; return the function
+    that puts them into the model."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    stored = sharded.read_metadata(path, manifest).state_dict_metadata
+    stored = metadata.state_dict_metadata
     targets = sharded.model_tensors(model)
     problems = [f"missing in checkpoint: {k}" for k in sorted(targets.keys() - stored.keys())]
     problems += [
@@ -444,19 +449,16 @@ def _plan_model_from_dcp(model: torch.nn.Module, path: str, manifest: Manifest) 
     problems += [
         f"shape of {k}: checkpoint {list(stored[k].size)}, model {list(t.shape)}"
         for k, t in targets.items()
-        if k in stored and list(getattr(stored[k], "size", [])) != list(t.shape)
+        if k in stored and list(stored[k].size) != list(t.shape)
     ]
     if problems:
         raise IncompatibleCheckpointError(
             f"the model does not match checkpoint {path}; nothing was loaded:", mismatches=problems
         )
-
-    def load() -> None:
-        sharded.read_dcp(path, manifest, targets)
-        prefix = len(sharded.MODEL_PREFIX)
-        set_model_state_dict(model, {k[prefix:]: v for k, v in targets.items()})
-
-    return load
+    buffers = {k: torch.zeros_like(t) for k, t in targets.items()}  # a failed read changes no parameter
+    sharded.read_dcp(path, manifest, buffers, metadata=metadata)
+    prefix = len(sharded.MODEL_PREFIX)
+    return lambda: set_model_state_dict(model, {k[prefix:]: v for k, v in buffers.items()})
 
 
 def _expected_shapes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -520,8 +522,15 @@ def _read_blobs(
 
 
 def _plan_optimizer(
-    model: torch.nn.Module, optimizer: Any, path: str, manifest: Manifest, blobs: dict[str, Any]
+    model: torch.nn.Module,
+    optimizer: Any,
+    path: str,
+    manifest: Manifest,
+    blobs: dict[str, Any],
+    metadata: Any,
 ) -> Any:
+    """Check the saved optimizer state against `optimizer` (and read its DCP tensors); return the
+    function that loads it. Nothing about `optimizer` is left changed when a check fails."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     saved = blobs["optimizer"]
@@ -530,35 +539,64 @@ def _plan_optimizer(
             prepared = train_state.prepare_optimizer_state(optimizer, model, saved, path)
             return lambda: optimizer.load_state_dict(prepared)
         # Saved unsharded (name-keyed, full tensors): torch shards it into this rank's optimizer.
+        _check_groups(model, optimizer, saved, path)
+        train_state.check_optimizer_moments(saved.get("state"), _param_shapes(model), path)
         options = StateDictOptions(full_state_dict=True)
         return lambda: set_optimizer_state_dict(model, optimizer, saved, options=options)
-    current = [sorted(n) for n in _group_names(optimizer, model)]
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not isinstance(groups, list) or current != [sorted(g.get("params", [])) for g in groups]:
-        raise IncompatibleCheckpointError(
-            f"the optimizer's parameters differ from those saved in {path}; nothing was loaded. Build the "
-            "optimizer over the same parameters, in the same groups, as the run that saved it."
-        )
-    metadata = sharded.read_metadata(path, manifest)
+    _check_groups(model, optimizer, saved, path)
     stored = metadata.state_dict_metadata
+    shapes = _param_shapes(model)
+    moments = {
+        k[len(sharded.OPTIM_PREFIX) :]: list(m.size)
+        for k, m in stored.items()
+        if k.startswith(sharded.OPTIM_PREFIX)
+    }
+    by_param: dict[str, dict[str, Any]] = {}
+    for key, size in moments.items():
+        name, _, state_key = key.rpartition(".")
+        by_param.setdefault(name, {})[state_key] = torch.empty(size, device="meta")
+    train_state.check_optimizer_moments(by_param, shapes, path)
+    train_state.check_optimizer_moments(saved.get("state"), shapes, path)  # the JSON rest: names only
 
-    def load() -> None:
+    was_empty = not optimizer.state
+    try:
         template = sharded.optimizer_state(model, optimizer)  # initialises empty state (zero-lr step)
         tensors, _ = sharded.split_optimizer_state(template)
         problems = [f"missing in checkpoint: {k}" for k in sorted(tensors.keys() - stored.keys())]
         problems += [
             f"shape of {k}: checkpoint {list(stored[k].size)}, optimizer {list(t.shape)}"
             for k, t in tensors.items()
-            if k in stored and list(getattr(stored[k], "size", [])) != list(t.shape)
+            if k in stored and list(stored[k].size) != list(t.shape)
         ]
         if problems:
             raise IncompatibleCheckpointError(
                 f"the optimizer does not match checkpoint {path}:", mismatches=problems
             )
-        sharded.read_dcp(path, manifest, tensors)
-        set_optimizer_state_dict(model, optimizer, sharded.join_optimizer_state(template, tensors, saved))
+        buffers = {k: torch.zeros_like(t) for k, t in tensors.items()}
+        sharded.read_dcp(path, manifest, buffers, metadata=metadata)
+    except BaseException:
+        if was_empty:
+            optimizer.state.clear()  # undo the initialisation: the optimizer is as it was given
+        raise
+    joined = sharded.join_optimizer_state(template, buffers, saved)
+    return lambda: set_optimizer_state_dict(model, optimizer, joined)
 
-    return load
+
+def _check_groups(model: torch.nn.Module, optimizer: Any, saved: Any, path: str) -> None:
+    current = [sorted(n) for n in _group_names(optimizer, model)]
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or current != [
+        sorted(g.get("params", [])) if isinstance(g, dict) else None for g in groups
+    ]:
+        raise IncompatibleCheckpointError(
+            f"the optimizer's parameters differ from those saved in {path}; nothing was loaded. Build the "
+            "optimizer over the same parameters, in the same groups, as the run that saved it."
+        )
+
+
+def _param_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) shapes by the names torch's optimizer state dicts use."""
+    return {_clean_name(n): tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def _group_names(optimizer: Any, model: torch.nn.Module) -> list[list[str]]:
