@@ -98,16 +98,18 @@ class FileLoader:
         except Exception as exc:  # the weights-only unpickler refused it, or it is no torch file
             raise UnsafeCheckpointError(
                 self.checkpoint,
-                [
-                    Problem(
-                        name,
-                        f"not readable by torch's weights-only loader ({type(exc).__name__}: {exc})"[:400],
-                    )
-                ],
+                [Problem(name, f"refused by torch's weights-only loader ({_reason(exc)})")],
                 hint="savepoint reads DeepSpeed's files only through torch's weights_only unpickler",
             ) from exc
         finally:
             os.close(fd)
+
+
+def _reason(exc: Exception) -> str:
+    """The line of torch's message that says what was refused (not its advice to turn the check off)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    found = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+    return f"{type(exc).__name__}: {found}"[:300]
 
 
 def refuse_unsafe_options(engine: Any, checkpoint: str) -> None:
