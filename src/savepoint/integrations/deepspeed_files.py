@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Collection, Iterator
 from typing import Any
@@ -107,9 +108,9 @@ class FileLoader:
 
 def _reason(exc: Exception) -> str:
     """The line of torch's message that says what was refused (not its advice to turn the check off)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    found = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
-    return f"{type(exc).__name__}: {found}"[:300]
+    text = str(exc)
+    found = re.search(r"Unsupported (?:global: GLOBAL \S+|[^.\n]*)", text)
+    return f"{type(exc).__name__}: {found.group(0) if found else text.strip().splitlines()[0]}"[:300]
 
 
 def refuse_unsafe_options(engine: Any, checkpoint: str) -> None:
