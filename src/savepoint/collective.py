@@ -540,12 +540,11 @@ def _plan_optimizer(
             return lambda: optimizer.load_state_dict(prepared)
         # Saved unsharded (name-keyed, full tensors): torch shards it into this rank's optimizer.
         _check_groups(model, optimizer, saved, path)
-        train_state.check_optimizer_moments(saved.get("state"), _param_shapes(model), path)
+        _check_moments(model, saved.get("state"), path)
         options = StateDictOptions(full_state_dict=True)
         return lambda: set_optimizer_state_dict(model, optimizer, saved, options=options)
     _check_groups(model, optimizer, saved, path)
     stored = metadata.state_dict_metadata
-    shapes = _param_shapes(model)
     moments = {
         k[len(sharded.OPTIM_PREFIX) :]: list(m.size)
         for k, m in stored.items()
@@ -555,8 +554,8 @@ def _plan_optimizer(
     for key, size in moments.items():
         name, _, state_key = key.rpartition(".")
         by_param.setdefault(name, {})[state_key] = torch.empty(size, device="meta")
-    train_state.check_optimizer_moments(by_param, shapes, path)
-    train_state.check_optimizer_moments(saved.get("state"), shapes, path)  # the JSON rest: names only
+    _check_moments(model, by_param, path)
+    _check_moments(model, saved.get("state"), path)  # the JSON rest: names only
 
     was_empty = not optimizer.state
     try:
@@ -594,9 +593,15 @@ def _check_groups(model: torch.nn.Module, optimizer: Any, saved: Any, path: str)
         )
 
 
-def _param_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Full (unsharded) shapes by the names torch's optimizer state dicts use."""
-    return {_clean_name(n): tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+def _check_moments(model: torch.nn.Module, state: Any, path: str) -> None:
+    """Optimizer moments against the parameters' full shapes (DTensor or plain). FSDP1 exposes only
+    flat local shards, so there the check is left to torch's resharding of the loaded state."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return
+    shapes = {_clean_name(n): tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    train_state.check_optimizer_moments(state, shapes, path)
 
 
 def _group_names(optimizer: Any, model: torch.nn.Module) -> list[list[str]]:
