@@ -69,7 +69,8 @@ _HOSTILE: dict[str, Tally] = {}
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Count each hostile-input test (one case per parameter) into the ledger, by function."""
-    if "test_hostile_inputs.py" not in report.nodeid or report.when != "call":
+    path = report.nodeid.split("::")[0]
+    if not os.path.basename(path).startswith("test_hostile_") or report.when != "call":
         return
     func = report.nodeid.split("::")[-1].split("[")[0]
     env = "SAVEPOINT_TORTURE=full " if FULL else ""
@@ -77,7 +78,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if t is None:
         t = _HOSTILE[func] = Tally(
             f"hostile: {func.removeprefix('test_')}",
-            f"{env}.venv/bin/python -m pytest -q 'tests/reliability/test_hostile_inputs.py::{func}'",
+            f"{env}.venv/bin/python -m pytest -q '{path}::{func}'",
             xfail=False,
         )
         _TALLIES.append(t)
