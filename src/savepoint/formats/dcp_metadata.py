@@ -274,21 +274,23 @@ class _Builder:
 
         if not isinstance(value, dict):
             raise self.fail("storage_data is not a mapping")
-        # (fqn, chunk offsets) -> (chunk index, bytes the chunk needs at least)
-        wanted = {
-            (fqn, tuple(c.offsets)): (i, c.sizes.numel() * t.properties.dtype.itemsize)
-            for fqn, t in tensors.items()
-            for i, c in enumerate(t.chunks)
-        }
-        if len(wanted) != sum(len(t.chunks) for t in tensors.values()):
-            raise self.fail("two chunks of one tensor start at the same offsets")
+        # (fqn, chunk offsets) -> (chunk index, bytes the chunk needs at least), for chunks holding data;
+        # an empty chunk (a rank whose shard of an unevenly split tensor is empty) needs no entry.
+        wanted: dict[tuple[str, tuple[int, ...]], tuple[int, int]] = {}
+        empty: dict[tuple[str, tuple[int, ...]], tuple[int, int]] = {}
+        for fqn, t in tensors.items():
+            for i, c in enumerate(t.chunks):
+                into = wanted if c.sizes.numel() else empty
+                if (fqn, tuple(c.offsets)) in wanted or (fqn, tuple(c.offsets)) in into:
+                    raise self.fail(f"two chunks of {fqn!r:.200} start at {list(c.offsets)}")
+                into[(fqn, tuple(c.offsets))] = (i, c.sizes.numel() * t.properties.dtype.itemsize)
         out: dict[Any, StorageEntry] = {}
         spans: dict[str, list[tuple[int, int]]] = {}
         for key, info in value.items():
             kf = self.fields(key, "MetadataIndex", "a storage key")
             fqn = self.name(kf.get("fqn"), "a storage key's tensor name")
             offset = self.size(kf.get("offset"), f"a storage key's offset for {fqn!r:.200}")
-            found = wanted.pop((fqn, tuple(offset)), None)
+            found = wanted.pop((fqn, tuple(offset)), None) or empty.pop((fqn, tuple(offset)), None)
             if found is None:
                 raise self.fail(f"a storage entry for {fqn!r:.200} at {list(offset)} matches no chunk")
             entry = self.entry(info, fqn)
