@@ -1,7 +1,10 @@
 """Restoring one checkpoint into live objects: verify everything, check it fits, then change things.
 
 Order matters: every file is checksummed and every piece of state decoded and matched against its
-target before the first tensor of the model is overwritten, so a bad checkpoint changes nothing.
+target (weights and optimizer moments against the parameters' shapes, the scheduler's keys against its
+own `state_dict()`, RNG states decoded into throwaway generators) before the first live object
+changes, so a bad checkpoint changes nothing. Then the user's stateful objects go first (their
+`load_state_dict` is code that may still refuse), the RNGs last.
 """
 
 from __future__ import annotations

@@ -166,7 +166,10 @@ def restore(
     scheduler: Any = None,
     stateful: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Restore a DeepSpeed checkpoint into `engine` at the world size it was saved at."""
+    """Restore a DeepSpeed checkpoint into `engine` at the world size it was saved at.
+
+    Before the engine changes: every DeepSpeed file verified, this rank's files decoded (weights-only,
+    memory-mapped), the small state checked. What DeepSpeed then checks while loading is its own."""
     from savepoint.collective import _read_blobs
     from savepoint.restoring import check_blobs, finish_restore
 
