@@ -159,6 +159,6 @@ def _plan_model_load(model: torch.nn.Module, path: str, manifest: Manifest) -> C
             )
         from savepoint.formats import peft as peft_format
 
-        return lambda: peft_format.load_adapter_into(model, path, manifest)
+        return peft_format.plan_adapter_load(model, path, manifest)
     files, targets = check_model_files(model, path, manifest)
     return lambda: copy_model_files(path, files, targets)

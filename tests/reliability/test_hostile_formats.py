@@ -364,6 +364,30 @@ def test_dcp_bare_directory(tmp_path: Path) -> None:
     assert not os.path.exists(sentinel)
 
 
+@pytest.fixture(scope="module")
+def distributed_dcp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.distributed.common import torchrun
+
+    out = tmp_path_factory.mktemp("hostile-dcp")
+    torchrun("worker_hostile_dcp.py", str(out), nproc=2)
+    return out
+
+
+@pytest.mark.parametrize("case", ["bomb", "rank1-rng"])
+def test_dcp_distributed_restore(distributed_dcp_run: Path, case: str) -> None:
+    """A genuine FSDP2 checkpoint (2 ranks, weights in DCP), damaged: every rank raises promptly (the
+    ranks vote before any collective read), nothing is unpickled, no rank's shards change."""
+    expected = {
+        "bomb": ["UnsafeCheckpointError", "UnsafeCheckpointError"],
+        "rank1-rng": ["DistributedSaveError", "CorruptCheckpointError"],
+    }[case]
+    for rank, kind in enumerate(expected):
+        got = json.loads((distributed_dcp_run / f"result-{rank}.json").read_text())[case]
+        assert got["error"] and got["error"].startswith(kind), f"rank {rank}: {got}"
+        assert "rank-00001.json" in got["error"] or case == "bomb", got["error"]
+        assert not got["sentinel"] and got["unchanged"] and got["seconds"] < 30, f"rank {rank}: {got}"
+
+
 # ---------------------------------------------------------------- DeepSpeed
 
 
