@@ -202,8 +202,8 @@ def check_rng_state(state: Any, ckpt_dir: str, relpath: str) -> None:
         _check_generator_state(state["torch"], torch.Generator())
         if "cuda" in state and torch.cuda.is_available():
             cuda = state["cuda"]
-            if not isinstance(cuda, list | tuple) or len(cuda) != torch.cuda.device_count():
-                raise ValueError(f"{len(cuda) if isinstance(cuda, list | tuple) else 'no'} CUDA states")
+            if not isinstance(cuda, list | tuple):
+                raise TypeError("the CUDA states are not a list")
             for blob in cuda:
                 _check_generator_state(blob, torch.Generator(device="cuda"))
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError) as exc:
@@ -252,7 +252,15 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"].to(torch.uint8))
     if "cuda" in state:
         if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(state["cuda"]))
+            saved, count = list(state["cuda"]), torch.cuda.device_count()
+            if len(saved) != count:
+                warnings.warn(
+                    f"the checkpoint holds CUDA RNG states of {len(saved)} GPU(s) and this process sees {count}; "
+                    f"the first {min(len(saved), count)} were restored",
+                    stacklevel=3,
+                )
+            for index, blob in enumerate(saved[:count]):
+                torch.cuda.set_rng_state(blob, index)
         else:
             warnings.warn(
                 "the checkpoint holds CUDA RNG state but no GPU is available; it was not restored",
