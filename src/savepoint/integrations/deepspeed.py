@@ -186,19 +186,28 @@ def restore(
             f"{distributed.world_size()}: a DeepSpeed engine restores at the same world size (its partitions are "
             "per rank). Restore with the same number of ranks, or consolidate it and start from the weights."
         )
-    refuse_unsafe_options(engine, path)
     tag = tag_of(manifest.step or 0)
-    files = sorted(p for p in manifest.files if p.startswith(f"{DS_DIR}/{tag}/"))
-    if not files:
-        raise CorruptCheckpointError(path, [Problem(f"{DS_DIR}/{tag}", "no DeepSpeed files for this step")])
-    verify_files(path, manifest, files)  # every pickle matches its checksum before any is opened
     stateful = dict(stateful or {})
-    blobs = _read_blobs(path, manifest, optimizer=None, scheduler=scheduler, stateful=stateful)
-    check_blobs(path, blobs, scheduler=scheduler, stateful=stateful)
-    names = [f.rsplit("/", 1)[1] for f in files]
-    loader = FileLoader(os.path.join(path, DS_DIR, tag), listed=names, checkpoint=path)
-    # Decode this rank's files (weights-only, memory-mapped) before the engine changes at all.
-    loader.preload([n for n in names if _file_rank(n) in (None, distributed.rank())])
+    error, blobs, loader = None, {}, None
+    try:
+        refuse_unsafe_options(engine, path)
+        files = sorted(p for p in manifest.files if p.startswith(f"{DS_DIR}/{tag}/"))
+        if not files:
+            raise CorruptCheckpointError(
+                path, [Problem(f"{DS_DIR}/{tag}", "no DeepSpeed files for this step")]
+            )
+        verify_files(path, manifest, files)  # every pickle matches its checksum before any is opened
+        blobs = _read_blobs(path, manifest, optimizer=None, scheduler=scheduler, stateful=stateful)
+        check_blobs(path, blobs, scheduler=scheduler, stateful=stateful)
+        names = [f.rsplit("/", 1)[1] for f in files]
+        loader = FileLoader(os.path.join(path, DS_DIR, tag), listed=names, checkpoint=path)
+        # Decode this rank's files (weights-only, memory-mapped) before the engine changes at all.
+        loader.preload([n for n in names if _file_rank(n) in (None, distributed.rank())])
+    except BaseException as exc:
+        error = exc
+    # Every rank learns of a problem on any rank before one of them enters DeepSpeed's collectives.
+    distributed.agree(error, timeout=None, what=f"restore of {path}")
+    assert loader is not None
     with engine_reads_through(engine, loader):
         loaded, _ = engine.load_checkpoint(
             os.path.join(path, DS_DIR), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
