@@ -8,14 +8,17 @@ is touched, so memory is bounded by one output shard, not the model.
     >>> consolidate("runs/x/step-00001000", "export/")  # doctest: +SKIP
 
 Sources: a savepoint checkpoint saved with `sharded_model=True` (verified against its manifest
-first), or, with `trust_metadata=True`, a bare DCP directory written by another tool (torch's
-`.metadata` is a pickle: only do this for directories you wrote yourself).
+first; a file it does not list is refused), or, with `trust_metadata=True`, a bare DCP directory
+written by another tool. Either way torch's `.metadata` (a pickle) is read only through savepoint's
+allow-list reader (formats/dcp_metadata.py), never unpickled: without a manifest nothing vouches
+for the bytes, so the flag says that you know where the directory comes from.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -67,8 +70,8 @@ def consolidate(
         return deepspeed.consolidate(
             source, out, max_shard_size=max_shard_size, dtype=target, config_dir=cfg, progress=progress
         )
-    dcp_dir, extra_dir = _locate(source, trust_metadata)
-    names = _tensor_plan(dcp_dir)
+    dcp_dir, extra_dir, metadata = _locate(source, trust_metadata)
+    names = _tensor_plan(metadata)
     if not names:
         raise IncompatibleCheckpointError(
             f"{source} holds no model weights in its DCP directory (no `model.` tensors); it was saved "
@@ -77,7 +80,7 @@ def consolidate(
     target = parse_dtype(dtype)
     staged = StagedDir(os.path.dirname(out), os.path.basename(out))
     try:
-        _write_shards(dcp_dir, names, staged, max_shard_size, target, progress)
+        _write_shards(dcp_dir, metadata, names, staged, max_shard_size, target, progress)
         for directory in (extra_dir, os.fspath(config_dir) if config_dir else None):
             if directory:
                 _copy_model_side_files(directory, staged)
@@ -99,8 +102,10 @@ def _is_deepspeed_checkpoint(source: str) -> bool:
     return find_checkpoint(source) is not None
 
 
-def _locate(source: str, trust_metadata: bool) -> tuple[str, str | None]:
-    """(DCP directory, directory whose config/tokenizer files come along), after verification."""
+def _locate(source: str, trust_metadata: bool) -> tuple[str, str | None, Any]:
+    """(DCP directory, directory whose config/tokenizer files come along, its checked DCP metadata)."""
+    from savepoint.formats.dcp_reader import read_dcp_metadata
+
     if os.path.exists(os.path.join(source, MANIFEST_NAME)):
         manifest = read_manifest(source)
         if manifest.kind != "sharded":
@@ -108,34 +113,31 @@ def _locate(source: str, trust_metadata: bool) -> tuple[str, str | None]:
                 f"{source} is a {manifest.kind!r} checkpoint: its model files already load with "
                 "from_pretrained, there is nothing to consolidate (use `savepoint export` to copy or cast them)"
             )
-        problems = find_problems(source, manifest, check_unlisted=False)
+        problems = find_problems(source, manifest, check_unlisted=True)  # nothing unlisted is read
         if problems:
             raise CorruptCheckpointError(source, problems)
-        return os.path.join(source, sharded.DCP_DIR), source
+        return os.path.join(source, sharded.DCP_DIR), source, sharded.read_metadata(source, manifest)
     if os.path.exists(os.path.join(source, ".metadata")):
         if not trust_metadata:
-            problem = Problem(
-                ".metadata", "a pickle (torch DCP metadata) that no savepoint manifest vouches for"
-            )
+            problem = Problem(".metadata", "DCP metadata (a pickle) that no savepoint manifest vouches for")
             raise UnsafeCheckpointError(
                 source,
                 [problem],
                 hint=(
-                    "Pass trust_metadata=True (CLI: --trust-dcp-metadata) only for a directory you wrote yourself."
+                    "Pass trust_metadata=True (CLI: --trust-dcp-metadata) only for a directory whose origin "
+                    "you know; it is still read through savepoint's allow-list, never unpickled."
                 ),
             )
-        return source, None
+        return source, None, read_dcp_metadata(source, "")
     raise IncompatibleCheckpointError(
         f"{source} is neither a savepoint checkpoint nor a DCP directory (no .metadata)"
     )
 
 
-def _tensor_plan(dcp_dir: str) -> dict[str, tuple[str, torch.Size, torch.dtype]]:
+def _tensor_plan(metadata: Any) -> dict[str, tuple[str, torch.Size, torch.dtype]]:
     """output name -> (DCP key, shape, dtype), for the model's tensors (`model.` keys, else all tensors)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = dcp.FileSystemReader(dcp_dir).read_metadata()
     tensors = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
     prefix = sharded.MODEL_PREFIX if any(k.startswith(sharded.MODEL_PREFIX) for k in tensors) else ""
     if prefix == "" and any(k.startswith(sharded.OPTIM_PREFIX) for k in tensors):
@@ -149,13 +151,14 @@ def _tensor_plan(dcp_dir: str) -> dict[str, tuple[str, torch.Size, torch.dtype]]
 
 def _write_shards(
     dcp_dir: str,
+    metadata: Any,
     names: dict[str, tuple[str, torch.Size, torch.dtype]],
     staged: StagedDir,
     max_shard_size: int | str,
     dtype: torch.dtype | None,
     progress: Progress | None,
 ) -> None:
-    import torch.distributed.checkpoint as dcp
+    from savepoint.formats.dcp_reader import load_tensors
 
     def out_dtype(d: torch.dtype) -> torch.dtype:
         return dtype if dtype is not None and d.is_floating_point else d
@@ -167,9 +170,7 @@ def _write_shards(
     total = len(split.filename_to_tensors)
     for done, (filename, members) in enumerate(split.filename_to_tensors.items(), start=1):
         buffers = {names[n][0]: torch.empty(names[n][1], dtype=names[n][2]) for n in members}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(buffers, storage_reader=dcp.FileSystemReader(dcp_dir), no_dist=True)
+        load_tensors(dcp_dir, metadata, buffers, checkpoint=dcp_dir)
         with staged.create(filename) as f:
             write_safetensors(
                 f, {n: buffers[names[n][0]].to(out_dtype(names[n][2])) for n in members}, {"format": "pt"}

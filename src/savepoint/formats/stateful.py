@@ -51,6 +51,33 @@ def capture(obj: Any) -> Any:
     return {_WRAPPED: 1, "state": state, "generators": live}
 
 
+def check(obj: Any, state: Any, ckpt_dir: str, relpath: str) -> None:
+    """What can be checked before any object changes: a data loader's document and generator states.
+
+    Other objects' `load_state_dict` is their own code; restore runs them before it changes anything
+    else, so an object that refuses its state still leaves the rest untouched.
+    """
+    from savepoint.errors import CorruptCheckpointError, Problem
+
+    if not (_is_stateful_data_loader(obj) and isinstance(state, dict) and _WRAPPED in state):
+        return
+    generators = state.get("generators", {})
+    problem = None
+    if (
+        state.get(_WRAPPED) != 1
+        or not isinstance(state.get("state"), dict)
+        or not isinstance(generators, dict)
+    ):
+        problem = "malformed data-loader state"
+    else:
+        for name, saved in generators.items():
+            ok = isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.dim() == 1
+            if not ok or saved.numel() != torch.Generator().get_state().numel():
+                problem = f"generator state {name!r:.100} is not a CPU generator state"
+    if problem:
+        raise CorruptCheckpointError(ckpt_dir, [Problem(relpath, problem)])
+
+
 def restore(obj: Any, state: Any) -> None:
     """Load a stored state tree into `obj`."""
     if not (_is_stateful_data_loader(obj) and isinstance(state, dict) and state.get(_WRAPPED) == 1):

@@ -54,8 +54,8 @@ from savepoint import policy
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, SavepointError
 from savepoint.formats.train_state import rng_state, set_rng_state
 from savepoint.integrations import trl as trl_integration
+from savepoint.integrations.trainer_files import resume_problems
 from savepoint.manager import CheckpointManager
-from savepoint.manifest import find_problems
 from savepoint.policy import RetentionPolicy
 from savepoint.storage.remote import RemoteRoot, is_remote_url
 
@@ -205,7 +205,7 @@ class SavepointCallback(TrainerCallback):
         """
         for info in reversed(self.manager.checkpoints):
             local = self._local(info.path)
-            problems = find_problems(local, check_unlisted=False)
+            problems = resume_problems(local)  # before the Trainer opens any file there
             if not problems:
                 return local
             warnings.warn(
