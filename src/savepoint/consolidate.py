@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import warnings
 from collections.abc import Callable
 from typing import Any
 
