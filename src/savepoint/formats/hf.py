@@ -2,8 +2,9 @@
 
 A transformers model becomes what `from_pretrained` expects: config.json, generation_config.json,
 `model.safetensors` or shards named and indexed exactly as transformers names them (huggingface_hub's
-splitter decides the shards), and the tokenizer's files. A plain `nn.Module` becomes
-`model.safetensors` plus `savepoint_module.json`.
+splitter decides the shards), and the tokenizer's files. Weights go in the Hub's layout, which
+transformers' own conversions give (`formats/hub_layout.py`: MoE experts one tensor per expert, not
+fused). A plain `nn.Module` becomes `model.safetensors` plus `savepoint_module.json`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from savepoint._json import read_json_file
 from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
+from savepoint.formats.hub_layout import HubLoader, HubTensors, plan_hub_layout
 from savepoint.formats.safetensors_io import DTYPE_NAMES, read_header, read_safetensors, write_safetensors
 from savepoint.manifest import Manifest, resolve_inside, verify_files
 from savepoint.storage.local import StagedDir, storage_error
@@ -105,7 +107,7 @@ def write_model_files(
     target = parse_dtype(dtype)
     if state is None:
         state = savable_state_dict(model)
-    write_weights(state, staged, max_shard_size=max_shard_size, dtype=target)
+    write_weights(hub_state(model, state), staged, max_shard_size=max_shard_size, dtype=target)
     if is_transformers_model(model):
         _write_config(model, staged, target)
         kind = "model"
@@ -117,6 +119,12 @@ def write_model_files(
             tokenizer.save_pretrained(staged.path)
     staged.record_unlisted()
     return kind
+
+
+def hub_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """`state` (the model's savable tensors) under the names and shapes transformers saves them with."""
+    layout = plan_hub_layout(model, state) if is_transformers_model(model) else None
+    return state if layout is None else HubTensors(layout, state)
 
 
 @contextlib.contextmanager
@@ -146,11 +154,16 @@ def write_weights(
     def out_dtype(t: torch.Tensor) -> torch.dtype:
         return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
 
-    # Split on shape-only tensors of the target dtype, so shard sizes are those written to disk.
-    planned = {k: torch.empty(tuple(v.shape), dtype=out_dtype(v), device="meta") for k, v in state.items()}
-    split = split_torch_state_dict_into_shards(
-        planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-    )
+    if isinstance(state, HubTensors):  # converted on access: the layout plans the shards as transformers does
+        split = state.layout.split(max_shard_size=max_shard_size, dtype=dtype)
+    else:
+        # Split on shape-only tensors of the target dtype, so shard sizes are those written to disk.
+        planned = {
+            k: torch.empty(tuple(v.shape), dtype=out_dtype(v), device="meta") for k, v in state.items()
+        }
+        split = split_torch_state_dict_into_shards(
+            planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        )
     total = len(split.filename_to_tensors)
     for done, (filename, names) in enumerate(split.filename_to_tensors.items(), start=1):
         with staged.create(prefix + filename) as out:
@@ -222,16 +235,21 @@ def read_index(model_dir: str, index_rel: str = WEIGHTS_INDEX_NAME) -> dict[str,
     return weight_map
 
 
+ModelTargets = dict[str, torch.Tensor] | HubLoader
+
+
 def check_model_files(
     model: torch.nn.Module, ckpt_dir: str, manifest: Manifest, prefix: str = ""
-) -> tuple[list[str], dict[str, torch.Tensor]]:
+) -> tuple[list[str], ModelTargets]:
     """Verify a checkpoint's weight files and check they fit `model`; change nothing.
 
-    Returns the files and the model's tensors to copy into, for `copy_model_files`.
+    Returns the files and where their tensors go (the model's own tensors, or a HubLoader converting
+    the Hub's layout into them), for `copy_model_files`.
     """
     files = weight_files(ckpt_dir, manifest, prefix)
     verify_files(ckpt_dir, manifest, files)
-    expected = savable_state_dict(unwrap_model(model))
+    model = unwrap_model(model)
+    expected = savable_state_dict(model)
     found: dict[str, tuple[str, list[int]]] = {}
     duplicates = []
     for rel in files:
@@ -243,24 +261,34 @@ def check_model_files(
         found.update(header)
     if duplicates:
         raise CorruptCheckpointError(ckpt_dir, duplicates)
-    mismatches = _compare(expected, found)
+    # Checkpoints hold the Hub's layout; older savepoint versions wrote the in-memory one, which loads as is.
+    layout = plan_hub_layout(model, expected) if found.keys() != expected.keys() else None
+    mismatches = _compare(layout.meta if layout else expected, found)
     if mismatches:
         raise IncompatibleCheckpointError(
             f"the model does not match checkpoint {ckpt_dir}; nothing was loaded. Build the model with the "
             "checkpoint's config (config.json), or restore into the architecture it was saved from:",
             mismatches=mismatches,
         )
-    return files, expected
+    if layout is None:
+        return files, expected
+    layout.check_round_trip(expected)
+    return files, HubLoader(layout, expected)
 
 
-def copy_model_files(ckpt_dir: str, files: list[str], targets: dict[str, torch.Tensor]) -> None:
+def copy_model_files(ckpt_dir: str, files: list[str], targets: ModelTargets) -> None:
     """Copy checked weight files into the model's tensors in place, one file in memory at a time."""
     with torch.no_grad():
         for rel in files:
             for name, tensor in read_safetensors(
                 os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel
             ).items():
-                targets[name].copy_(tensor)
+                if isinstance(targets, HubLoader):
+                    targets.put(name, tensor)
+                else:
+                    targets[name].copy_(tensor)
+    if isinstance(targets, HubLoader):
+        targets.finish()
 
 
 def load_model_files(model: torch.nn.Module, ckpt_dir: str, manifest: Manifest, prefix: str = "") -> None:

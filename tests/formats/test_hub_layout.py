@@ -1,0 +1,137 @@
+"""Models that transformers converts on load are written in the Hub's layout, as its save_pretrained writes them.
+
+Compared with transformers itself: the same files, index, tensor names, shapes and bytes; from_pretrained of
+savepoint's output gives the same logits; a checkpoint restores into the live (fused) model exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from tests.helpers.converted_models import BUILDERS, logits, sample_ids, tiny_llava
+from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+import savepoint
+from savepoint.errors import IncompatibleCheckpointError
+from savepoint.formats import hf
+
+ALL = {**BUILDERS, "llava": tiny_llava}
+SHARD = "24KB"  # several shards, so the split and the index are compared too
+
+
+def weight_files(model_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every safetensors file of a model directory: file name -> its tensors."""
+    out = {}
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, name), "pt") as f:
+                out[name] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
+    return out
+
+
+def assert_same_weights(ours: str | Path, theirs: str | Path) -> None:
+    a, b = weight_files(ours), weight_files(theirs)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert sorted(a[name]) == sorted(b[name]), name
+        for key, tensor in a[name].items():
+            other = b[name][key]
+            assert (tensor.shape, tensor.dtype) == (other.shape, other.dtype), key
+            assert torch.equal(tensor, other), key
+    index = "model.safetensors.index.json"
+    if os.path.exists(os.path.join(theirs, index)):
+        ours_map = json.loads(Path(ours, index).read_text())["weight_map"]
+        assert ours_map == json.loads(Path(theirs, index).read_text())["weight_map"]
+
+
+def load(arch: str, path: str) -> Any:
+    cls = LlavaForConditionalGeneration if arch == "llava" else AutoModelForCausalLM
+    return cls.from_pretrained(path)
+
+
+@pytest.mark.parametrize("arch", sorted(ALL))
+def test_save_pretrained_writes_what_transformers_writes(arch: str, tmp_path: Path) -> None:
+    model = ALL[arch]()
+    ours = savepoint.save_pretrained(model, tmp_path / "ours", max_shard_size=SHARD)
+    model.save_pretrained(tmp_path / "theirs", max_shard_size=SHARD)
+    assert_same_weights(ours, tmp_path / "theirs")
+    if arch != "llava":  # the MoE layouts are the Hub's: one tensor per expert, nothing fused
+        names = [k for tensors in weight_files(ours).values() for k in tensors]
+        assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in names)
+        assert any(".experts.3." in k for k in names)
+    torch.testing.assert_close(
+        logits(load(arch, ours), sample_ids()), logits(model, sample_ids()), rtol=0, atol=0
+    )
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> float:
+    model.train()
+    ids = torch.randint(4, 128, (2, 10), generator=torch.Generator().manual_seed(seed))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return float(loss)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("async_save", [False, True])
+def test_checkpoint_has_hub_layout_and_resumes_exactly(arch: str, async_save: bool, tmp_path: Path) -> None:
+    model = BUILDERS[arch]()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_step(model, opt, 0)
+    mgr = savepoint.CheckpointManager(tmp_path / "run", async_save=async_save)
+    path = mgr.save(1, model=model, optimizer=opt)
+    mgr.wait()
+    model.save_pretrained(tmp_path / "theirs")
+    assert_same_weights(path, tmp_path / "theirs")
+    expected = [train_step(model, opt, s) for s in (1, 2)]
+
+    fresh = BUILDERS[arch]()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert savepoint.CheckpointManager(tmp_path / "run").restore(model=fresh, optimizer=fresh_opt).step == 1
+    assert [train_step(fresh, fresh_opt, s) for s in (1, 2)] == expected
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_in_the_fused_layout_of_older_versions_still_restores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = BUILDERS["qwen3_moe"]()
+    monkeypatch.setattr(hf, "plan_hub_layout", lambda model, state: None)
+    path = savepoint.CheckpointManager(tmp_path).save(1, model=model)
+    monkeypatch.undo()
+    assert any(k.endswith("gate_up_proj") for t in weight_files(path).values() for k in t)
+    fresh = BUILDERS["qwen3_moe"]()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    savepoint.CheckpointManager(tmp_path).restore(model=fresh)
+    torch.testing.assert_close(logits(fresh, sample_ids()), logits(model, sample_ids()), rtol=0, atol=0)
+
+
+def test_restore_into_another_expert_count_names_the_tensors_and_changes_nothing(tmp_path: Path) -> None:
+    savepoint.CheckpointManager(tmp_path).save(1, model=BUILDERS["mixtral"]())
+    other = type(BUILDERS["mixtral"]())(
+        BUILDERS["mixtral"]().config.__class__(
+            **{**BUILDERS["mixtral"]().config.to_dict(), "num_local_experts": 3}
+        )
+    )
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(IncompatibleCheckpointError, match=r"experts\.3\.w1\.weight"):
+        savepoint.CheckpointManager(tmp_path).restore(model=other, step=1)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_bf16_save_casts_after_conversion(tmp_path: Path) -> None:
+    model = BUILDERS["olmoe"]()
+    ours = savepoint.save_pretrained(model, tmp_path / "ours", dtype="bf16", max_shard_size=SHARD)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "theirs", max_shard_size=SHARD)
+    assert_same_weights(ours, tmp_path / "theirs")
