@@ -1,7 +1,9 @@
 """`savepoint export`: a deployable model directory from any training checkpoint.
 
-A full-model checkpoint is copied without savepoint's own files (`train_state/`, `savepoint.json`,
-`metrics.json`), or re-sharded when a dtype is asked for; a LoRA checkpoint is copied as an adapter,
+A full-model checkpoint is copied without its training files (`train_state/`, `trainer_state.json`,
+`metrics.json`, the checkpoint's `savepoint.json`: the output gets its own, of kind "export", without
+step, metrics or parent; and the Trainer's or DeepSpeed's own training files where a directory has
+them), or re-sharded when a dtype is asked for; a LoRA checkpoint is copied as an adapter,
 or merged onto its base with `merge_lora=True`. Every copied byte is hashed on the way and checked
 against the checkpoint's manifest, so a damaged checkpoint is refused in the same single pass.
 
@@ -10,6 +12,7 @@ against the checkpoint's manifest, so a damaged checkpoint is refused in the sam
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from typing import Any
 
@@ -23,8 +26,21 @@ from savepoint.lora.output import copy_file
 from savepoint.manifest import Manifest, build_manifest, read_manifest, resolve_inside
 from savepoint.storage.local import MANIFEST_NAME, StagedDir
 
-EXCLUDED_FILES = (MANIFEST_NAME, "metrics.json")
-EXCLUDED_DIRS = ("train_state", "merged")
+# Training files, left out of a deployment directory (glob patterns on a top-level file's name).
+EXCLUDED_FILES = (
+    MANIFEST_NAME,
+    "metrics.json",
+    "trainer_state.json",
+    "training_args.bin",
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "latest",  # DeepSpeed's pointer to its global_step* directory
+    "zero_to_fp32.py",
+)
+EXCLUDED_DIRS = ("train_state", "merged", "global_step*")
 MERGED_DIR = "merged"
 
 
@@ -124,11 +140,12 @@ def _files_to_export(ckpt: str, *, only: str | None, skip_weights: bool) -> list
     start = os.path.join(ckpt, only) if only else ckpt
     for dirpath, dirs, names in os.walk(start):
         rel_dir = os.path.relpath(dirpath, ckpt).replace(os.sep, "/")
-        if rel_dir == "." or (only and rel_dir == only):
-            dirs[:] = sorted(d for d in dirs if only or d not in EXCLUDED_DIRS)
+        top = rel_dir == "." or (only and rel_dir == only)
+        if top:
+            dirs[:] = sorted(d for d in dirs if only or not _matches(d, EXCLUDED_DIRS))
         for name in sorted(names):
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            if rel in EXCLUDED_FILES or name.startswith(".tmp-"):
+            if (top and _matches(name, EXCLUDED_FILES)) or name.startswith(".tmp-"):
                 continue
             if skip_weights and (
                 rel in (SINGLE, INDEX, "config.json")
@@ -137,6 +154,10 @@ def _files_to_export(ckpt: str, *, only: str | None, skip_weights: bool) -> list
                 continue
             out.append(rel)
     return out
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _check_against(manifest: Manifest | None, rel: str, entry: tuple[int, str]) -> Problem | None:
