@@ -168,13 +168,18 @@ def write_weights(
     for done, (filename, names) in enumerate(split.filename_to_tensors.items(), start=1):
         with staged.create(prefix + filename) as out:
             # contiguous() also materialises lazy tensors (DeepSpeed's gathered fp32 weights) one shard at a time
-            shard = {n: state[n].contiguous().to(out_dtype(state[n])) for n in names}
+            shard = {n: _to_write(state[n], out_dtype) for n in names}
             write_safetensors(out, shard, {"format": "pt"})
         if progress is not None:
             progress(filename, done, total)
     if split.is_sharded:
         index = {"metadata": {**split.metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         staged.write_bytes(prefix + WEIGHTS_INDEX_NAME, json.dumps(index, indent=2).encode())
+
+
+def _to_write(t: torch.Tensor, out_dtype: Callable[[torch.Tensor], torch.dtype]) -> torch.Tensor:
+    # One access per tensor: HubTensors converts on access.
+    return t.contiguous().to(out_dtype(t))
 
 
 def _write_config(model: torch.nn.Module, staged: StagedDir, dtype: torch.dtype | None) -> None:

@@ -130,11 +130,15 @@ class HubTensors(Mapping[str, torch.Tensor]):
         self.layout = layout
         self.state = state
         self._converted: dict[str, torch.Tensor] = {}
+        self._served: set[str] = set()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._converted:
             group = self.layout.group_of[name]  # KeyError for a name the layout does not have
-            self._converted.update(self.layout.to_hub(self.state, group))
+            # Keep only what is still to be handed out, so asking twice leaks nothing.
+            part = self.layout.to_hub(self.state, group)
+            self._converted.update({k: v for k, v in part.items() if k == name or k not in self._served})
+        self._served.add(name)
         return self._converted.pop(name)
 
     def __iter__(self) -> Iterator[str]:
