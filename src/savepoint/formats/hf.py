@@ -107,7 +107,11 @@ def write_model_files(
     target = parse_dtype(dtype)
     if state is None:
         state = savable_state_dict(model)
-    write_weights(hub_state(model, state), staged, max_shard_size=max_shard_size, dtype=target)
+    # transformers' index also records the parameter count; keep the index identical to its own.
+    counts = {"total_parameters": model.num_parameters()} if is_transformers_model(model) else {}  # type: ignore[operator]
+    write_weights(
+        hub_state(model, state), staged, max_shard_size=max_shard_size, dtype=target, index_metadata=counts
+    )
     if is_transformers_model(model):
         _write_config(model, staged, target)
         kind = "model"
@@ -144,6 +148,7 @@ def write_weights(
     dtype: torch.dtype | None = None,
     prefix: str = "",
     progress: Callable[[str, int, int], None] | None = None,
+    index_metadata: Mapping[str, Any] | None = None,
 ) -> None:
     """Write tensors as one file or transformers-style shards plus index, cast to `dtype` if given.
 
@@ -173,7 +178,10 @@ def write_weights(
         if progress is not None:
             progress(filename, done, total)
     if split.is_sharded:
-        index = {"metadata": {**split.metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        index = {
+            "metadata": {**(index_metadata or {}), **split.metadata},
+            "weight_map": dict(sorted(split.tensor_to_filename.items())),
+        }
         staged.write_bytes(prefix + WEIGHTS_INDEX_NAME, json.dumps(index, indent=2).encode())
 
 
