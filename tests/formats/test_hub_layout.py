@@ -69,6 +69,25 @@ def test_save_pretrained_writes_what_transformers_writes(arch: str, tmp_path: Pa
     )
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "llava"])
+def test_model_loaded_by_from_pretrained_saves_and_restores_like_transformers(
+    arch: str, tmp_path: Path
+) -> None:
+    # from_pretrained records the conversions it used; save_pretrained reverts those, and so do we.
+    ALL[arch]().save_pretrained(tmp_path / "hub")
+    model = load(arch, str(tmp_path / "hub"))
+    path = savepoint.CheckpointManager(tmp_path / "run").save(1, model=model)
+    model.save_pretrained(tmp_path / "theirs")
+    assert_same_weights(path, tmp_path / "theirs")
+    fresh = load(arch, str(tmp_path / "hub"))
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    savepoint.CheckpointManager(tmp_path / "run").restore(model=fresh)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> float:
     model.train()
     ids = torch.randint(4, 128, (2, 10), generator=torch.Generator().manual_seed(seed))
