@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +183,6 @@ def test_conversion_streams_without_a_second_copy_of_the_model() -> None:
     # 50 MB of Mixtral, 95% of it experts, in 4 MB shards. Converting the whole model at once (as
     # transformers does) makes new tensors for every expert's gate and up halves: 2/3 of the model.
     # Group by group, the peak grows by a layer's experts and a shard.
-    import subprocess
-    import sys
-
     def growth(writer: str) -> float:
         done = subprocess.run(
             [sys.executable, "-c", PEAK_SCRIPT, writer],
@@ -196,3 +195,23 @@ def test_conversion_streams_without_a_second_copy_of_the_model() -> None:
 
     ours = growth("savepoint")
     assert ours < 0.4, f"peak memory grew by {ours:.2f}x the model's size during the save"
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_of_a_moe_model_has_hub_layout_and_resumes_exactly(tmp_path: Path) -> None:
+    from tests.distributed.common import REPO, worker_env
+
+    subprocess_args = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "formats" / "worker_moe_fsdp2.py"),
+        str(tmp_path),
+    ]
+    done = subprocess.run(subprocess_args, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-6000:]
+    for rank, losses in enumerate(json.loads((tmp_path / "result.json").read_text())):
+        assert losses["again"] == losses["first"], f"rank {rank} diverged after restore"
+    names = [k for t in weight_files(tmp_path / "run" / "step-00000002").values() for k in t]
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in names
+    assert not any(k.endswith("gate_up_proj") for k in names)

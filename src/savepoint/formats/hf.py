@@ -15,6 +15,7 @@ import copy
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from savepoint._json import read_json_file
 from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
-from savepoint.formats.hub_layout import HubLoader, HubTensors, plan_hub_layout
+from savepoint.formats.hub_layout import HubLayout, HubLoader, HubTensors, plan_hub_layout
 from savepoint.formats.safetensors_io import DTYPE_NAMES, read_header, read_safetensors, write_safetensors
 from savepoint.manifest import Manifest, resolve_inside, verify_files
 from savepoint.storage.local import StagedDir, storage_error
@@ -248,7 +249,13 @@ def read_index(model_dir: str, index_rel: str = WEIGHTS_INDEX_NAME) -> dict[str,
     return weight_map
 
 
-ModelTargets = dict[str, torch.Tensor] | HubLoader
+@dataclass
+class ModelTargets:
+    """Where a checked checkpoint's tensors go: the model's own tensors, under in-memory names, and the
+    Hub layout to convert the files from (None when the files hold the in-memory names)."""
+
+    tensors: dict[str, torch.Tensor]
+    layout: HubLayout | None = None
 
 
 def check_model_files(
@@ -256,13 +263,24 @@ def check_model_files(
 ) -> tuple[list[str], ModelTargets]:
     """Verify a checkpoint's weight files and check they fit `model`; change nothing.
 
-    Returns the files and where their tensors go (the model's own tensors, or a HubLoader converting
-    the Hub's layout into them), for `copy_model_files`.
+    Returns the files and where their tensors go, for `copy_model_files`.
     """
     files = weight_files(ckpt_dir, manifest, prefix)
     verify_files(ckpt_dir, manifest, files)
     model = unwrap_model(model)
     expected = savable_state_dict(model)
+    layout, mismatches = match_model_files(model, expected, read_headers(ckpt_dir, files))
+    if mismatches:
+        raise IncompatibleCheckpointError(
+            f"the model does not match checkpoint {ckpt_dir}; nothing was loaded. Build the model with the "
+            "checkpoint's config (config.json), or restore into the architecture it was saved from:",
+            mismatches=mismatches,
+        )
+    return files, ModelTargets(expected, layout)
+
+
+def read_headers(ckpt_dir: str, files: list[str]) -> dict[str, tuple[str, list[int]]]:
+    """name -> (dtype, shape) over all weight files; a tensor stored twice is a CorruptCheckpointError."""
     found: dict[str, tuple[str, list[int]]] = {}
     duplicates = []
     for rel in files:
@@ -274,34 +292,47 @@ def check_model_files(
         found.update(header)
     if duplicates:
         raise CorruptCheckpointError(ckpt_dir, duplicates)
+    return found
+
+
+def match_model_files(
+    model: torch.nn.Module, expected: dict[str, torch.Tensor], found: Mapping[str, tuple[str, list[int]]]
+) -> tuple[HubLayout | None, list[str]]:
+    """How files holding `found` map onto the model's `expected` tensors: the Hub layout to convert
+    from (or None), and what does not fit. `expected` may be meta tensors (a sharded model's shapes)."""
     # Checkpoints hold the Hub's layout; older savepoint versions wrote the in-memory one, which loads as is.
     layout = plan_hub_layout(model, expected) if found.keys() != expected.keys() else None
-    mismatches = _compare(layout.meta if layout else expected, found)
-    if mismatches:
-        raise IncompatibleCheckpointError(
-            f"the model does not match checkpoint {ckpt_dir}; nothing was loaded. Build the model with the "
-            "checkpoint's config (config.json), or restore into the architecture it was saved from:",
-            mismatches=mismatches,
-        )
-    if layout is None:
-        return files, expected
-    layout.check_round_trip(expected)
-    return files, HubLoader(layout, expected)
+    mismatches = _compare(layout.meta if layout else expected, dict(found))
+    if layout is not None and not mismatches:
+        layout.check_round_trip(expected)
+    return layout, mismatches
+
+
+def iter_model_parts(
+    ckpt_dir: str, files: list[str], layout: HubLayout | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The weight files' tensors under the model's in-memory names: file by file, or, converting from
+    the Hub layout, group by group as each group's tensors have been read."""
+    loader = HubLoader(layout) if layout is not None else None
+    for rel in files:
+        tensors = read_safetensors(os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel)
+        if loader is None:
+            yield tensors
+            continue
+        for name in list(tensors):
+            part = loader.put(name, tensors.pop(name))
+            if part is not None:
+                yield part
+    if loader is not None:
+        loader.finish()
 
 
 def copy_model_files(ckpt_dir: str, files: list[str], targets: ModelTargets) -> None:
-    """Copy checked weight files into the model's tensors in place, one file in memory at a time."""
+    """Copy checked weight files into the model's tensors in place, one file (or group) in memory at a time."""
     with torch.no_grad():
-        for rel in files:
-            for name, tensor in read_safetensors(
-                os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel
-            ).items():
-                if isinstance(targets, HubLoader):
-                    targets.put(name, tensor)
-                else:
-                    targets[name].copy_(tensor)
-    if isinstance(targets, HubLoader):
-        targets.finish()
+        for part in iter_model_parts(ckpt_dir, files, targets.layout):
+            for name, tensor in part.items():
+                targets.tensors[name].copy_(tensor)
 
 
 def load_model_files(model: torch.nn.Module, ckpt_dir: str, manifest: Manifest, prefix: str = "") -> None:

@@ -149,25 +149,24 @@ class HubTensors(Mapping[str, torch.Tensor]):
 
 
 class HubLoader:
-    """Copies Hub tensors read from a checkpoint into the model's in-memory tensors, group by group."""
+    """Gathers Hub tensors read from a checkpoint into groups; a complete group comes out converted."""
 
-    def __init__(self, layout: HubLayout, targets: dict[str, torch.Tensor]) -> None:
+    def __init__(self, layout: HubLayout) -> None:
         self.layout = layout
-        self.targets = targets
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self._sizes: dict[int, int] = {}
         for group in layout.group_of.values():
             self._sizes[group] = self._sizes.get(group, 0) + 1
 
-    def put(self, name: str, tensor: torch.Tensor) -> None:
+    def put(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Add one Hub tensor; return its group's in-memory tensors once the group is complete."""
         group = self.layout.group_of[name]
         pending = self._pending.setdefault(group, {})
         pending[name] = tensor
-        if len(pending) == self._sizes[group]:
-            del self._pending[group]
-            with torch.no_grad():
-                for key, value in self.layout.to_memory(pending).items():
-                    self.targets[key].copy_(value)
+        if len(pending) < self._sizes[group]:
+            return None
+        del self._pending[group]
+        return self.layout.to_memory(pending)
 
     def finish(self) -> None:
         if self._pending:
