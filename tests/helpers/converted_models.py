@@ -15,7 +15,7 @@ import transformers
 from transformers import PreTrainedModel
 
 VOCAB = 128
-_TEXT = {
+TEXT_CONFIG = {
     "vocab_size": VOCAB,
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -25,7 +25,7 @@ _TEXT = {
     "max_position_embeddings": 64,
     "tie_word_embeddings": False,
 }
-_MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 16}
+MOE_CONFIG = {"num_experts_per_tok": 2, "moe_intermediate_size": 16}
 
 
 def _build(config_cls: Any, model_cls: Any, **kwargs: Any) -> Callable[[], PreTrainedModel]:
@@ -40,22 +40,22 @@ BUILDERS: dict[str, Callable[[], PreTrainedModel]] = {
     "mixtral": _build(
         transformers.MixtralConfig,
         transformers.MixtralForCausalLM,
-        **_TEXT,
+        **TEXT_CONFIG,
         num_local_experts=4,
         num_experts_per_tok=2,
     ),
     "qwen3_moe": _build(
         transformers.Qwen3MoeConfig,
         transformers.Qwen3MoeForCausalLM,
-        **_TEXT,
-        **_MOE,
+        **TEXT_CONFIG,
+        **MOE_CONFIG,
         num_experts=4,
         head_dim=8,
     ),
     "olmoe": _build(
         transformers.OlmoeConfig,
         transformers.OlmoeForCausalLM,
-        **_TEXT,
+        **TEXT_CONFIG,
         num_experts=4,
         num_experts_per_tok=2,
         eos_token_id=1,
@@ -64,8 +64,8 @@ BUILDERS: dict[str, Callable[[], PreTrainedModel]] = {
     "deepseek_v3": _build(
         transformers.DeepseekV3Config,
         transformers.DeepseekV3ForCausalLM,
-        **_TEXT,
-        **_MOE,
+        **TEXT_CONFIG,
+        **MOE_CONFIG,
         n_routed_experts=4,
         n_shared_experts=1,
         first_k_dense_replace=1,
@@ -91,7 +91,7 @@ def tiny_llava() -> PreTrainedModel:
         patch_size=4,
         projection_dim=16,
     )
-    text = transformers.LlamaConfig(**_TEXT)
+    text = transformers.LlamaConfig(**TEXT_CONFIG)
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=3)
     return transformers.LlavaForConditionalGeneration(config).eval()
 
