@@ -44,6 +44,8 @@ class HubLayout:
     meta: dict[str, torch.Tensor]
     groups: list[Group]
     group_of: dict[str, int] = field(default_factory=dict)  # Hub name -> index in `groups`
+    # Hub name -> in-memory name, for tensors only renamed: they need no conversion, one at a time.
+    renamed: dict[str, str] = field(default_factory=dict)
     # Hub name -> (storage identity, storage bytes) of the tensor transformers' conversion gives: its shard
     # splitter keeps views of one storage (one layer's experts) in one shard and counts the storage once.
     storage: dict[str, tuple[Any, int]] = field(default_factory=dict)
@@ -77,6 +79,14 @@ class HubLayout:
 
     def check_round_trip(self, memory_meta: Mapping[str, torch.Tensor]) -> None:
         """Check that every group converts back to the model's own names and shapes (on meta tensors)."""
+        back = self.to_memory({name: self.meta[name] for name in self.renamed})
+        if {k: tuple(v.shape) for k, v in back.items()} != {
+            k: tuple(memory_meta[k].shape) for k in self.renamed.values()
+        }:
+            raise IncompatibleCheckpointError(
+                f"transformers' renaming of {type(self.model).__name__}'s weights does not rename them back; "
+                "savepoint cannot restore this model from its Hub layout: load it with from_pretrained instead"
+            )
         for index, group in enumerate(self.groups):
             hub = {name: self.meta[name] for name, g in self.group_of.items() if g == index}
             back = self.to_memory(hub)
@@ -105,8 +115,13 @@ def plan_hub_layout(model: Any, state: Mapping[str, torch.Tensor]) -> HubLayout 
         return None
     layout = HubLayout(model, transforms, hub_meta, _groups(transforms, memory_meta))
     layout.storage = _storage(hub_meta, memory_meta, state)
-    converted: dict[str, torch.Tensor] = {}
-    produced = 0
+    # A renaming hands the tensor itself through, so identity tells which Hub tensors are only renamed.
+    source = {id(t): name for name, t in memory_meta.items()}
+    layout.renamed = {name: source[id(t)] for name, t in hub_meta.items() if id(t) in source}
+    converted = {name: hub_meta[name] for name in layout.renamed}
+    produced = len(converted)
+    renamed_sources = set(layout.renamed.values())
+    layout.groups = [g for g in layout.groups if not renamed_sources.issuperset(g)]
     for index in range(len(layout.groups)):
         part = layout.to_hub(memory_meta, index)
         layout.group_of.update(dict.fromkeys(part, index))
@@ -116,6 +131,7 @@ def plan_hub_layout(model: Any, state: Mapping[str, torch.Tensor]) -> HubLayout 
         # Our grouping missed a many-to-one conversion: convert everything at once, as transformers does.
         layout.groups = [tuple(memory_meta)]
         layout.group_of = dict.fromkeys(hub_meta, 0)
+        layout.renamed = {}
     return layout
 
 
@@ -133,6 +149,8 @@ class HubTensors(Mapping[str, torch.Tensor]):
         self._served: set[str] = set()
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.layout.renamed:
+            return self.state[self.layout.renamed[name]]
         if name not in self._converted:
             group = self.layout.group_of[name]  # KeyError for a name the layout does not have
             # Keep only what is still to be handed out, so asking twice leaks nothing.
@@ -160,6 +178,8 @@ class HubLoader:
 
     def put(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Add one Hub tensor; return its group's in-memory tensors once the group is complete."""
+        if name in self.layout.renamed:
+            return {self.layout.renamed[name]: tensor}
         group = self.layout.group_of[name]
         pending = self._pending.setdefault(group, {})
         pending[name] = tensor
@@ -190,7 +210,8 @@ def _conversions(model: Any) -> list[Any]:
 def _groups(transforms: list[Any], memory_meta: Mapping[str, torch.Tensor]) -> list[Group]:
     """In-memory names that must convert together: those one converter turns into the same target.
 
-    Names only renamed convert alone, so they share one group (renaming copies nothing).
+    Names no converter matches share one group; `plan_hub_layout` then takes those only renamed out of
+    the groups altogether (see `HubLayout.renamed`).
     """
     from transformers.core_model_loading import WeightConverter, apply_converters
 
