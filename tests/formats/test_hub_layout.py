@@ -215,6 +215,13 @@ def test_fsdp2_checkpoint_of_a_moe_model_has_hub_layout_and_resumes_exactly(tmp_
     names = [k for t in weight_files(tmp_path / "run" / "step-00000002").values() for k in t]
     assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in names
     assert not any(k.endswith("gate_up_proj") for k in names)
+    config = json.loads((tmp_path / "run" / "step-00000002" / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"]  # not fully_shard's FSDPMixtralForCausalLM
+    # The sharded-weights checkpoint consolidates into the same Hub layout, shards and bytes.
+    from savepoint.consolidate import consolidate
+
+    out = consolidate(tmp_path / "sharded" / "step-00000002", tmp_path / "consolidated")
+    assert_same_weights(out, tmp_path / "run" / "step-00000002")
 
 
 # More architectures transformers converts, from their own configs shrunk to a few KB (GPT-OSS keeps

@@ -1,6 +1,7 @@
 """Run under `torchrun --nproc_per_node=2`: an FSDP2 Mixtral (fused experts in memory) saved and restored.
 
-Trains 2 steps and saves (weights gathered into the Hub's layout); trains 2 more; builds a fresh sharded
+Trains 2 steps and saves (weights gathered into the Hub's layout, and again as DCP shards with
+`sharded_model=True`); trains 2 more; builds a fresh sharded
 model, restores (each rank converts the Hub's tensors back to the fused ones and keeps its shard) and
 trains the same 2 steps again. Rank 0 writes `result.json` with both runs' losses per rank.
 """
@@ -45,6 +46,9 @@ def main(out: str) -> None:
     model, opt = build()
     train(model, opt, range(2))
     mgr.save(2, model=model, optimizer=opt)
+    sharded = savepoint.CheckpointManager(f"{out}/sharded", sharded_model=True, dist_timeout=120)
+    sharded.save(2, model=model, optimizer=opt)  # weights stay DCP shards, for `savepoint consolidate`
+    sharded.close()
     first = train(model, opt, range(2, 4))
 
     fresh, fresh_opt = build()
@@ -55,6 +59,8 @@ def main(out: str) -> None:
     if dist.get_rank() == 0:
         with open(f"{out}/result.json", "w") as f:
             json.dump(gathered, f)
+    mgr.close()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -193,7 +193,8 @@ def _to_write(t: torch.Tensor, out_dtype: Callable[[torch.Tensor], torch.dtype])
 
 def _write_config(model: torch.nn.Module, staged: StagedDir, dtype: torch.dtype | None) -> None:
     config: Any = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
+    # FSDP2's fully_shard swaps in a class named FSDP<Model>; transformers strips the prefix the same way.
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
     saved_dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if saved_dtype is not None:
         config.dtype = str(saved_dtype).removeprefix("torch.")

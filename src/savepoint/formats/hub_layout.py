@@ -194,6 +194,26 @@ class HubLoader:
             raise IncompatibleCheckpointError(f"the checkpoint's weight files lack {missing[:5]}")
 
 
+def layout_for_config(
+    model_dir: str, state: Mapping[str, torch.Tensor]
+) -> tuple[HubLayout | None, int | None]:
+    """The Hub layout of `state` (in-memory names) for the model `model_dir/config.json` describes, and
+    its parameter count; (None, None) when no transformers class is known for it. The model is built on
+    the meta device (no weights), from transformers' own classes only: nothing from the directory runs."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        model_cls = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+        if model_cls is None:
+            return None, None
+        with torch.device("meta"):
+            model = model_cls(config)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None, None
+    return plan_hub_layout(model, state), model.num_parameters()
+
+
 def _conversions(model: Any) -> list[Any]:
     """The transforms `revert_weight_conversion` undoes when transformers saves `model` (same rule)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -265,7 +285,9 @@ def _storage(
     out: dict[str, tuple[Any, int]] = {}
     for name, t in hub_meta.items():
         root = t._base if t._base is not None else t
-        if id(root) in source:  # the model's own tensor, or a view of it
+        if id(root) in source and state[source[id(root)]].device.type == "meta":  # planned from shapes only
+            out[name] = (("memory", source[id(root)]), root.untyped_storage().nbytes())
+        elif id(root) in source:  # the model's own tensor, or a view of it
             real = state[source[id(root)]]
             out[name] = (get_torch_storage_id(real), get_torch_storage_size(real))
         else:  # a fresh tensor the conversion made
