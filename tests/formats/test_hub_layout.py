@@ -234,7 +234,6 @@ MORE = [
     "GptOss",
     "HunYuanMoEV1",
     "Jamba",
-    "LongcatFlash",
     "MiniMax",
     "Qwen2Moe",
     "Qwen3Next",
