@@ -457,15 +457,12 @@ def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest, metadata:
     files = hf.weight_files(path, manifest)
     verify_files(path, manifest, files)
     expected = _expected_shapes(model)
-    found: dict[str, tuple[str, list[int]]] = {}
-    for rel in files:
-        found.update(hf.read_header(os.path.join(path, rel), checkpoint=path, relpath=rel))
-    mismatches = hf._compare(expected, found)
+    layout, mismatches = hf.match_model_files(_hf_model(model), expected, hf.read_headers(path, files))
     if mismatches:
         raise IncompatibleCheckpointError(
             f"the model does not match checkpoint {path}; nothing was loaded:", mismatches=mismatches
         )
-    return _ready(lambda: _load_full_files(model, path, files))
+    return _ready(lambda: _load_full_files(model, path, files, layout))
 
 
 def _plan_model_from_dcp(model: torch.nn.Module, path: str, manifest: Manifest, metadata: Any) -> _Step:
@@ -511,14 +508,14 @@ def _expected_shapes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t for n, t in meta.items() if n not in aliases}
 
 
-def _load_full_files(model: torch.nn.Module, path: str, files: list[str]) -> None:
-    """Each rank reads the full weight files, one at a time, and keeps its own shard of each tensor."""
+def _load_full_files(model: torch.nn.Module, path: str, files: list[str], layout: Any = None) -> None:
+    """Each rank reads the full weight files, one at a time (converted from the Hub's layout group by
+    group where `layout` says so), and keeps its own shard of each tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, strict=False)
-    for rel in files:
-        part: dict[str, Any] = hf.read_safetensors(os.path.join(path, rel), checkpoint=path, relpath=rel)
-        set_model_state_dict(model, part, options=options)
+    for part in hf.iter_model_parts(path, files, layout):
+        set_model_state_dict(model, dict[str, Any](part), options=options)
 
 
 def _read_blobs(

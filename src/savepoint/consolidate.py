@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -32,7 +32,8 @@ from savepoint.errors import (
     UnsafeCheckpointError,
 )
 from savepoint.formats import sharded
-from savepoint.formats.hf import WEIGHTS_INDEX_NAME, parse_dtype
+from savepoint.formats.hf import WEIGHTS_INDEX_NAME, parse_dtype, write_weights
+from savepoint.formats.hub_layout import HubTensors, layout_for_config
 from savepoint.formats.safetensors_io import write_safetensors
 from savepoint.manifest import MANIFEST_NAME, build_manifest, find_problems, read_manifest
 from savepoint.side_files import copy_model_side_files
@@ -78,7 +79,11 @@ def consolidate(
     target = parse_dtype(dtype)
     staged = StagedDir(os.path.dirname(out), os.path.basename(out))
     try:
-        _write_shards(dcp_dir, metadata, names, staged, max_shard_size, target, progress)
+        config_source = os.fspath(config_dir) if config_dir else extra_dir
+        if not _write_hub_layout(
+            dcp_dir, metadata, names, config_source, staged, max_shard_size, target, progress
+        ):
+            _write_shards(dcp_dir, metadata, names, staged, max_shard_size, target, progress)
         for directory in (extra_dir, os.fspath(config_dir) if config_dir else None):
             if directory:
                 _copy_model_side_files(directory, staged)
@@ -145,6 +150,59 @@ def _tensor_plan(metadata: Any) -> dict[str, tuple[str, torch.Size, torch.dtype]
         for k, m in sorted(tensors.items())
         if k.startswith(prefix)
     }
+
+
+def _write_hub_layout(
+    dcp_dir: str,
+    metadata: Any,
+    names: dict[str, tuple[str, torch.Size, torch.dtype]],
+    config_source: str | None,
+    staged: StagedDir,
+    max_shard_size: int | str,
+    dtype: torch.dtype | None,
+    progress: Progress | None,
+) -> bool:
+    """Write the weights in the Hub's layout when the model converts them (MoE experts, VLM prefixes),
+    reading each tensor from the shards when its conversion group is written; False when it does not."""
+    if config_source is None or not os.path.exists(os.path.join(config_source, "config.json")):
+        return False
+    meta = {n: torch.empty(shape, dtype=d, device="meta") for n, (_, shape, d) in names.items()}
+    layout, num_parameters = layout_for_config(config_source, meta)
+    if layout is None:
+        return False
+    write_weights(
+        HubTensors(layout, _DcpTensors(dcp_dir, metadata, names)),
+        staged,
+        max_shard_size=max_shard_size,
+        dtype=dtype,
+        progress=progress,
+        index_metadata={"total_parameters": num_parameters},
+    )
+    return True
+
+
+class _DcpTensors(Mapping[str, torch.Tensor]):
+    """The model's tensors in a DCP directory, each read from the rank shards when asked for."""
+
+    def __init__(
+        self, dcp_dir: str, metadata: Any, names: dict[str, tuple[str, torch.Size, torch.dtype]]
+    ) -> None:
+        self.dcp_dir, self.metadata, self.names = dcp_dir, metadata, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        # Through the allow-list reader: the metadata was checked once, and no pickle is loaded here.
+        from savepoint.formats.dcp_reader import load_tensors
+
+        key, shape, dtype = self.names[name]
+        buffers = {key: torch.empty(shape, dtype=dtype)}
+        load_tensors(self.dcp_dir, self.metadata, buffers, checkpoint=self.dcp_dir)
+        return buffers[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _write_shards(

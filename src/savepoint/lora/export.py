@@ -1,7 +1,9 @@
 """`savepoint export`: a deployable model directory from any training checkpoint.
 
-A full-model checkpoint is copied without savepoint's own files (`train_state/`, `savepoint.json`,
-`metrics.json`), or re-sharded when a dtype is asked for; a LoRA checkpoint is copied as an adapter,
+A full-model checkpoint is copied without its training files (`train_state/`, `trainer_state.json`,
+`metrics.json`, the checkpoint's `savepoint.json`: the output gets its own, of kind "export", without
+step, metrics or parent; and the Trainer's or DeepSpeed's own training files where a directory has
+them), or re-sharded when a dtype is asked for; a LoRA checkpoint is copied as an adapter,
 or merged onto its base with `merge_lora=True`. Every copied byte is hashed on the way and checked
 against the checkpoint's manifest, so a damaged checkpoint is refused in the same single pass.
 
@@ -10,6 +12,7 @@ against the checkpoint's manifest, so a damaged checkpoint is refused in the sam
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from typing import Any
 
@@ -24,8 +27,21 @@ from savepoint.manifest import Manifest, build_manifest, read_manifest, verify_f
 from savepoint.side_files import copy_checked
 from savepoint.storage.local import MANIFEST_NAME, StagedDir
 
-EXCLUDED_FILES = (MANIFEST_NAME, "metrics.json")
-EXCLUDED_DIRS = ("train_state", "merged")
+# Training files, left out of a deployment directory (glob patterns on a top-level file's name).
+EXCLUDED_FILES = (
+    MANIFEST_NAME,
+    "metrics.json",
+    "trainer_state.json",
+    "training_args.bin",
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "latest",  # DeepSpeed's pointer to its global_step* directory
+    "zero_to_fp32.py",
+)
+EXCLUDED_DIRS = ("train_state", "merged", "global_step*")
 MERGED_DIR = "merged"
 
 
@@ -143,15 +159,19 @@ def _copy_tree(
 
 def _files_to_export(ckpt: str, *, only: str | None, skip_weights: bool) -> tuple[list[str], list[str]]:
     """(files to copy, weight files skipped), walking without following symlinks; a symlink or special
-    file is kept in the list so that copying it reports it by name."""
+    file is kept in the list so that copying it reports it by name. Training files at the top (of the
+    checkpoint, or of `only`) are left out: the output is for deployment."""
     out, weights = [], []
 
+    def at_top(rel: str) -> bool:
+        return "/" not in (rel.removeprefix(f"{only}/") if only else rel)
+
     def skip(rel: str) -> bool:
-        return only is None and rel in EXCLUDED_DIRS
+        return only is None and at_top(rel) and _matches(rel, EXCLUDED_DIRS)
 
     for rel, kind in walk_inside(ckpt, only or "", skip=skip):
         name = rel.rsplit("/", 1)[-1]
-        if kind == DIRECTORY or rel in EXCLUDED_FILES or name.startswith(".tmp-"):
+        if kind == DIRECTORY or name.startswith(".tmp-") or (at_top(rel) and _matches(name, EXCLUDED_FILES)):
             continue
         if skip_weights and kind == FILE and _is_weight_file(rel):
             weights.append(rel)
@@ -164,3 +184,7 @@ def _is_weight_file(rel: str) -> bool:
     return rel in (SINGLE, INDEX, "config.json") or (
         rel.startswith("model-") and rel.endswith(".safetensors")
     )
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
