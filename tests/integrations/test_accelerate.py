@@ -157,3 +157,30 @@ def test_a_restored_loader_reports_its_position_before_it_iterates_and_goes_on_f
     assert LoaderPosition(other).state_dict() == saved  # a save right after a restore
     rest = [b.tolist() for b in other]
     assert rest == [b.tolist() for b in batches] and len(rest) == 3
+
+
+def test_a_prepared_loader_given_straight_to_the_manager_resumes_with_the_global_rng_exact(
+    tmp_path: Path,
+) -> None:
+    """Without AcceleratorCheckpointer: `stateful={"data": loader}` on a prepared plain shuffled loader.
+
+    The resumed iterator must be built during restore, before the RNG states go back; built at the
+    user's next iter(), it would draw a seed from the global RNG and shift dropout from then on."""
+    import savepoint
+
+    torch.manual_seed(0)
+    loader = prepared_loader(10)
+    batches = iter(loader)
+    next(batches), next(batches)
+    with savepoint.CheckpointManager(str(tmp_path / "run")) as mgr:
+        mgr.save(2, model=torch.nn.Linear(2, 2), stateful={"data": loader})
+    expected_rest = [b.tolist() for b in batches]
+    expected_draw = torch.rand(4)
+
+    torch.manual_seed(0)  # a fresh process: the script seeds, prepares, then restores
+    other = prepared_loader(10)
+    torch.rand(7)  # model init and whatever else the script draws before restore
+    with savepoint.CheckpointManager(str(tmp_path / "run")) as mgr:
+        assert mgr.restore(model=torch.nn.Linear(2, 2), stateful={"data": other}).step == 2
+    assert [b.tolist() for b in other] == expected_rest
+    assert torch.equal(torch.rand(4), expected_draw)

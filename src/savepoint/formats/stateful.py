@@ -83,9 +83,15 @@ def restore(obj: Any, state: Any) -> None:
     if not (_is_stateful_data_loader(obj) and isinstance(state, dict) and state.get(_WRAPPED) == 1):
         obj.load_state_dict(state)
         return
-    obj.load_state_dict(state["state"])
-    obj.state_dict()  # materialise the resumed iterator now; the next iter() reuses it
-    generators = _generators(obj)
+    # Accelerate's wrapper (DataLoaderShard) answers state_dict() from a cache, so the torchdata loader
+    # under it is restored directly: its resumed iterator is built now, and whatever that draws from the
+    # global RNG is drawn before the RNG states are put back, not at the user's next iter().
+    loader = getattr(obj, "base_dataloader", obj)
+    loader.load_state_dict(state["state"])
+    loader.state_dict()  # materialise the resumed iterator now; the next iter() reuses it
+    if loader is not obj and hasattr(obj, "dl_state_dict"):
+        obj.dl_state_dict = loader.state_dict()  # a save before the next batch records the restored position
+    generators = _generators(loader)
     for name, saved in state.get("generators", {}).items():
         if name in generators:
             generators[name].set_state(saved)

@@ -57,14 +57,8 @@ class LoaderPosition:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(state["epoch"])  # the seedable sampler's order is a function of the epoch
-        # Accelerate's wrapper answers state_dict() from a cache, so the torchdata loader under it is
-        # restored directly: that builds the resumed iterator now, and whatever it draws from the
-        # global RNG is drawn before savepoint puts the RNG states back, not at the user's next iter().
-        base = getattr(self.loader, "base_dataloader", self.loader)
-        stateful_format.restore(base, state["position"])
-        if base is not self.loader and hasattr(self.loader, "dl_state_dict"):
-            # the wrapper's cache: a save before the next batch must record the restored position
-            self.loader.dl_state_dict = base.state_dict()
+        # formats.stateful restores the torchdata loader under Accelerate's wrapper (see there why).
+        stateful_format.restore(self.loader, state["position"])
 
 
 def epoch_to_resume(loader: Any) -> int:
