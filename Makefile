@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[hf,data,plot,s3,dist,dev]"
+	$(PIP) install -q -e ".[hf,data,plot,s3,dist,trl,dev]"
 	touch $@
 
 venv: .venv/.installed

@@ -11,7 +11,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from savepoint.errors import SavepointError
+from savepoint.errors import CorruptCheckpointError, SavepointError, UnsafeCheckpointError
+from savepoint.io.files import read_bytes_inside
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # far above any config, index or state document savepoint reads
 
@@ -24,14 +25,30 @@ def parse_json(raw: bytes | str, fail: Callable[[str], SavepointError]) -> Any:
         raise fail(f"not valid JSON ({str(exc)[:200]})") from exc
 
 
-def read_json_file(path: str | os.PathLike[str], fail: Callable[[str], SavepointError]) -> Any:
-    """Read and parse a JSON file no larger than MAX_JSON_BYTES; failures raise `fail(reason)`."""
+def read_json_file(
+    path: str | os.PathLike[str], fail: Callable[[str], SavepointError], *, max_bytes: int = MAX_JSON_BYTES
+) -> Any:
+    """Read and parse a JSON file no larger than `max_bytes`; failures raise `fail(reason)`.
+
+    The file itself is opened without following a symlink and must be a regular file (a FIFO would
+    block); use `read_json_inside` when the whole path below a directory must be checked.
+    """
+    directory, name = os.path.split(os.fspath(path))
+    return read_json_inside(directory or ".", name, fail, max_bytes=max_bytes)
+
+
+def read_json_inside(
+    root: str, relpath: str, fail: Callable[[str], SavepointError], *, max_bytes: int = MAX_JSON_BYTES
+) -> Any:
+    """Read and parse the JSON file `root/relpath`: no symlink below `root` followed, regular files only,
+    at most `max_bytes`. Every failure raises `fail(reason)`; a symlink or special file keeps its
+    UnsafeCheckpointError (it names the file)."""
     try:
-        size = os.path.getsize(path)
-        if size > MAX_JSON_BYTES:
-            raise fail(f"is {size} bytes, far larger than any JSON file savepoint reads")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
+        raw = read_bytes_inside(root, relpath, max_bytes=max_bytes)
+    except UnsafeCheckpointError:
+        raise
+    except CorruptCheckpointError as exc:  # larger than max_bytes
+        raise fail(exc.problems[0].reason if exc.problems else str(exc)) from exc
     except OSError as exc:
         raise fail(f"unreadable ({exc.strerror or exc})") from exc
     return parse_json(raw, fail)

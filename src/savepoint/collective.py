@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -344,11 +345,11 @@ def restore_collective(
 ) -> Any:
     """Restore a checkpoint written at any world size into this rank (or a plain process).
 
-    Checks first (files, keys, shapes), then changes state: the model from the HF files (each rank
-    keeps its shard), the optimizer through DCP (resharded), scheduler, stateful objects and RNG per rank.
+    Checks first (files, keys, shapes; DCP tensors are read into fresh buffers), then changes state:
+    stateful objects, the optimizer, the model (each rank keeps its shard), scheduler and RNG per rank.
     """
     from savepoint.integrations import deepspeed as ds
-    from savepoint.restoring import finish_restore
+    from savepoint.restoring import apply_stateful, check_blobs, finish_restore
 
     if ds.is_engine(model):
         return ds.restore(
@@ -358,16 +359,49 @@ def restore_collective(
     optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
     stateful = dict(stateful or {})
     _warn_world_size(path, manifest, stateful)
-    load_model = _plan_model(model, path, manifest)
-    blobs = _read_blobs(path, manifest, optimizer=optimizer, scheduler=scheduler, stateful=stateful)
-    load_optimizer = (
-        _plan_optimizer(model, optimizer, path, manifest, blobs) if optimizer is not None else None
-    )
-    # Everything is checked: from here on, state changes.
-    if load_optimizer is not None:
-        load_optimizer()  # before the model: initialising empty optimizer state runs a (zero-lr) step
+    # 1. What each rank can check alone: files, metadata, shapes, every blob. Then the ranks vote, so a
+    # problem on one rank stops every rank before any of them enters a collective read.
+    what = f"restore of {path}"
+    error, blobs = None, {}
+    model_step, optimizer_step = _ready(lambda: None), _ready(lambda: None)
+    try:
+        metadata = sharded.read_metadata(path, manifest) if sharded.has_dcp(manifest) else None
+        model_step = _plan_model(model, path, manifest, metadata)
+        blobs = _read_blobs(path, manifest, optimizer=optimizer, scheduler=scheduler, stateful=stateful)
+        check_blobs(path, blobs, scheduler=scheduler, stateful=stateful)
+        if optimizer is not None:
+            optimizer_step = _plan_optimizer(model, optimizer, path, manifest, blobs, metadata)
+    except BaseException as exc:
+        error = exc
+    try:
+        agree(error, timeout=None, what=what)
+    except DistributedSaveError as exc:
+        if exc is error:
+            raise
+        lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(exc.failed.items())) or str(exc)
+        raise DistributedSaveError(
+            f"{what} was refused, nothing was changed on any rank: {lines}", failed=exc.failed
+        ) from exc
+    # 2. Collective reads into fresh buffers (DCP raises on every rank); nothing live is changed yet:
+    # the model's first, as the optimizer's step undoes its own initialisation when it fails.
+    load_model = model_step.stage()
+    load_optimizer = optimizer_step.stage()
+    # 3. Everything is checked and read: from here on, state changes.
+    apply_stateful(blobs, stateful)
+    load_optimizer()  # before the model: it may hold views of the parameters
     load_model()
-    return finish_restore(path, manifest, blobs, scheduler=scheduler, stateful=stateful)
+    return finish_restore(path, manifest, blobs, scheduler=scheduler, stateful={})
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One piece of a restore: `stage()` does its collective reads and returns the change to apply."""
+
+    stage: Callable[[], Callable[[], object]]
+
+
+def _ready(apply: Callable[[], object]) -> _Step:
+    return _Step(stage=lambda: apply)
 
 
 def _warn_world_size(path: str, manifest: Manifest, stateful: Mapping[str, Any]) -> None:
@@ -393,7 +427,7 @@ def _warn_world_size(path: str, manifest: Manifest, stateful: Mapping[str, Any])
     )
 
 
-def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
+def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest, metadata: Any) -> _Step:
     if manifest.kind == "adapter" or is_peft_model(model):
         from savepoint.lora.sharded import prime_fingerprint, uses_dtensor
 
@@ -408,33 +442,34 @@ def _plan_model(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
             )
         from savepoint.formats import peft as peft_format
 
-        if is_sharded(model):  # collective: the full base's fingerprint, as a plain process computes it
-            prime_fingerprint(model)
-        # peft puts full adapter tensors into FSDP2's DTensor parameters itself (each rank keeps its shard).
-        return lambda: peft_format.load_adapter_into(model, path, manifest)
+        def stage_adapter() -> Callable[[], object]:
+            if is_sharded(model):  # collective: the full base's fingerprint, as a plain process computes it
+                prime_fingerprint(model)
+            # peft puts full adapter tensors into FSDP2's DTensor parameters itself (each rank its shard).
+            return peft_format.plan_adapter_load(model, path, manifest)
+
+        return _Step(stage=stage_adapter)
     if manifest.kind == "sharded":
-        return _plan_model_from_dcp(model, path, manifest)
+        return _plan_model_from_dcp(model, path, manifest, metadata)
     if not is_sharded(model):
         files, targets = hf.check_model_files(model, path, manifest)
-        return lambda: hf.copy_model_files(path, files, targets)
+        return _ready(lambda: hf.copy_model_files(path, files, targets))
     files = hf.weight_files(path, manifest)
     verify_files(path, manifest, files)
     expected = _expected_shapes(model)
-    found: dict[str, tuple[str, list[int]]] = {}
-    for rel in files:
-        found.update(hf.read_header(os.path.join(path, rel), checkpoint=path, relpath=rel))
-    mismatches = hf._compare(expected, found)
+    layout, mismatches = hf.match_model_files(_hf_model(model), expected, hf.read_headers(path, files))
     if mismatches:
         raise IncompatibleCheckpointError(
             f"the model does not match checkpoint {path}; nothing was loaded:", mismatches=mismatches
         )
-    return lambda: _load_full_files(model, path, files)
+    return _ready(lambda: _load_full_files(model, path, files, layout))
 
 
-def _plan_model_from_dcp(model: torch.nn.Module, path: str, manifest: Manifest) -> Any:
+def _plan_model_from_dcp(model: torch.nn.Module, path: str, manifest: Manifest, metadata: Any) -> _Step:
+    """Check the stored shapes; the step reads this rank's shards into fresh buffers."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    stored = sharded.read_metadata(path, manifest).state_dict_metadata
+    stored = metadata.state_dict_metadata
     targets = sharded.model_tensors(model)
     problems = [f"missing in checkpoint: {k}" for k in sorted(targets.keys() - stored.keys())]
     problems += [
@@ -444,19 +479,20 @@ def _plan_model_from_dcp(model: torch.nn.Module, path: str, manifest: Manifest) 
     problems += [
         f"shape of {k}: checkpoint {list(stored[k].size)}, model {list(t.shape)}"
         for k, t in targets.items()
-        if k in stored and list(getattr(stored[k], "size", [])) != list(t.shape)
+        if k in stored and list(stored[k].size) != list(t.shape)
     ]
     if problems:
         raise IncompatibleCheckpointError(
             f"the model does not match checkpoint {path}; nothing was loaded:", mismatches=problems
         )
 
-    def load() -> None:
-        sharded.read_dcp(path, manifest, targets)
+    def stage() -> Callable[[], object]:
+        buffers = {k: torch.zeros_like(t) for k, t in targets.items()}  # a failed read changes no parameter
+        sharded.read_dcp(path, manifest, buffers, metadata=metadata)  # collective
         prefix = len(sharded.MODEL_PREFIX)
-        set_model_state_dict(model, {k[prefix:]: v for k, v in targets.items()})
+        return lambda: set_model_state_dict(model, {k[prefix:]: v for k, v in buffers.items()})
 
-    return load
+    return _Step(stage=stage)
 
 
 def _expected_shapes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -472,14 +508,14 @@ def _expected_shapes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t for n, t in meta.items() if n not in aliases}
 
 
-def _load_full_files(model: torch.nn.Module, path: str, files: list[str]) -> None:
-    """Each rank reads the full weight files, one at a time, and keeps its own shard of each tensor."""
+def _load_full_files(model: torch.nn.Module, path: str, files: list[str], layout: Any = None) -> None:
+    """Each rank reads the full weight files, one at a time (converted from the Hub's layout group by
+    group where `layout` says so), and keeps its own shard of each tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, strict=False)
-    for rel in files:
-        part: dict[str, Any] = hf.read_safetensors(os.path.join(path, rel), checkpoint=path, relpath=rel)
-        set_model_state_dict(model, part, options=options)
+    for part in hf.iter_model_parts(path, files, layout):
+        set_model_state_dict(model, dict[str, Any](part), options=options)
 
 
 def _read_blobs(
@@ -520,45 +556,89 @@ def _read_blobs(
 
 
 def _plan_optimizer(
-    model: torch.nn.Module, optimizer: Any, path: str, manifest: Manifest, blobs: dict[str, Any]
-) -> Any:
+    model: torch.nn.Module,
+    optimizer: Any,
+    path: str,
+    manifest: Manifest,
+    blobs: dict[str, Any],
+    metadata: Any,
+) -> _Step:
+    """Check the saved optimizer state against `optimizer`; the step reads its DCP tensors. Nothing
+    about `optimizer` is left changed when a check or the read fails."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     saved = blobs["optimizer"]
     if not sharded.has_sharded_optimizer(manifest):
         if not is_sharded(model):
             prepared = train_state.prepare_optimizer_state(optimizer, model, saved, path)
-            return lambda: optimizer.load_state_dict(prepared)
+            return _ready(lambda: optimizer.load_state_dict(prepared))
         # Saved unsharded (name-keyed, full tensors): torch shards it into this rank's optimizer.
+        _check_groups(model, optimizer, saved, path)
+        _check_moments(model, saved.get("state"), path)
         options = StateDictOptions(full_state_dict=True)
-        return lambda: set_optimizer_state_dict(model, optimizer, saved, options=options)
+        return _ready(lambda: set_optimizer_state_dict(model, optimizer, saved, options=options))
+    _check_groups(model, optimizer, saved, path)
+    stored = metadata.state_dict_metadata
+    moments = {
+        k[len(sharded.OPTIM_PREFIX) :]: list(m.size)
+        for k, m in stored.items()
+        if k.startswith(sharded.OPTIM_PREFIX)
+    }
+    by_param: dict[str, dict[str, Any]] = {}
+    for key, size in moments.items():
+        name, _, state_key = key.rpartition(".")
+        by_param.setdefault(name, {})[state_key] = torch.empty(size, device="meta")
+    _check_moments(model, by_param, path)
+    _check_moments(model, saved.get("state"), path)  # the JSON rest: names only
+
+    def stage() -> Callable[[], object]:
+        was_empty = not optimizer.state
+        try:
+            template = sharded.optimizer_state(model, optimizer)  # initialises empty state (zero-lr step)
+            tensors, _ = sharded.split_optimizer_state(template)
+            problems = [f"missing in checkpoint: {k}" for k in sorted(tensors.keys() - stored.keys())]
+            problems += [
+                f"shape of {k}: checkpoint {list(stored[k].size)}, optimizer {list(t.shape)}"
+                for k, t in tensors.items()
+                if k in stored and list(stored[k].size) != list(t.shape)
+            ]
+            if problems:
+                raise IncompatibleCheckpointError(
+                    f"the optimizer does not match checkpoint {path}:", mismatches=problems
+                )
+            buffers = {k: torch.zeros_like(t) for k, t in tensors.items()}
+            sharded.read_dcp(path, manifest, buffers, metadata=metadata)  # collective
+        except BaseException:
+            if was_empty:
+                optimizer.state.clear()  # undo the initialisation: the optimizer is as it was given
+            raise
+        joined = sharded.join_optimizer_state(template, buffers, saved)
+        return lambda: set_optimizer_state_dict(model, optimizer, joined)
+
+    return _Step(stage=stage)
+
+
+def _check_groups(model: torch.nn.Module, optimizer: Any, saved: Any, path: str) -> None:
     current = [sorted(n) for n in _group_names(optimizer, model)]
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not isinstance(groups, list) or current != [sorted(g.get("params", [])) for g in groups]:
+    if not isinstance(groups, list) or current != [
+        sorted(g.get("params", [])) if isinstance(g, dict) else None for g in groups
+    ]:
         raise IncompatibleCheckpointError(
             f"the optimizer's parameters differ from those saved in {path}; nothing was loaded. Build the "
             "optimizer over the same parameters, in the same groups, as the run that saved it."
         )
-    metadata = sharded.read_metadata(path, manifest)
-    stored = metadata.state_dict_metadata
 
-    def load() -> None:
-        template = sharded.optimizer_state(model, optimizer)  # initialises empty state (zero-lr step)
-        tensors, _ = sharded.split_optimizer_state(template)
-        problems = [f"missing in checkpoint: {k}" for k in sorted(tensors.keys() - stored.keys())]
-        problems += [
-            f"shape of {k}: checkpoint {list(stored[k].size)}, optimizer {list(t.shape)}"
-            for k, t in tensors.items()
-            if k in stored and list(getattr(stored[k], "size", [])) != list(t.shape)
-        ]
-        if problems:
-            raise IncompatibleCheckpointError(
-                f"the optimizer does not match checkpoint {path}:", mismatches=problems
-            )
-        sharded.read_dcp(path, manifest, tensors)
-        set_optimizer_state_dict(model, optimizer, sharded.join_optimizer_state(template, tensors, saved))
 
-    return load
+def _check_moments(model: torch.nn.Module, state: Any, path: str) -> None:
+    """Optimizer moments against the parameters' full shapes (DTensor or plain). FSDP1 exposes only
+    flat local shards, so there the check is left to torch's resharding of the loaded state."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return
+    shapes = {_clean_name(n): tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    train_state.check_optimizer_moments(state, shapes, path)
 
 
 def _group_names(optimizer: Any, model: torch.nn.Module) -> list[list[str]]:

@@ -9,22 +9,23 @@ memory is bounded by the largest tensor or one batch, not by a shard or the mode
     >>> consolidate("runs/x/step-00001000", "export/")  # doctest: +SKIP
 
 Sources: a savepoint checkpoint saved with `sharded_model=True` (verified against its manifest
-first), or, with `trust_metadata=True`, a bare DCP directory written by another tool (torch's
-`.metadata` is a pickle: only do this for directories you wrote yourself).
+first; a file it does not list is refused), or, with `trust_metadata=True`, a bare DCP directory
+written by another tool. Either way torch's `.metadata` (a pickle) is read only through savepoint's
+allow-list reader (formats/dcp_metadata.py), never unpickled: without a manifest nothing vouches
+for the bytes, so the flag says that you know where the directory comes from.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
+from savepoint._json import read_json_inside
 from savepoint.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
@@ -32,9 +33,11 @@ from savepoint.errors import (
     UnsafeCheckpointError,
 )
 from savepoint.formats import sharded
-from savepoint.formats.hf import WEIGHTS_INDEX_NAME, parse_dtype
+from savepoint.formats.hf import WEIGHTS_INDEX_NAME, parse_dtype, write_weights
+from savepoint.formats.hub_layout import HubTensors, layout_for_config
 from savepoint.formats.safetensors_io import write_streamed
 from savepoint.manifest import MANIFEST_NAME, build_manifest, find_problems, read_manifest
+from savepoint.side_files import copy_model_side_files
 from savepoint.storage.local import StagedDir
 
 # Files of a checkpoint that do not belong in a model directory.
@@ -68,8 +71,8 @@ def consolidate(
         return deepspeed.consolidate(
             source, out, max_shard_size=max_shard_size, dtype=target, config_dir=cfg, progress=progress
         )
-    dcp_dir, extra_dir = _locate(source, trust_metadata)
-    names = _tensor_plan(dcp_dir)
+    dcp_dir, extra_dir, metadata = _locate(source, trust_metadata)
+    names = _tensor_plan(metadata)
     if not names:
         raise IncompatibleCheckpointError(
             f"{source} holds no model weights in its DCP directory (no `model.` tensors); it was saved "
@@ -78,7 +81,11 @@ def consolidate(
     target = parse_dtype(dtype)
     staged = StagedDir(os.path.dirname(out), os.path.basename(out))
     try:
-        _write_shards(dcp_dir, names, staged, max_shard_size, target, progress)
+        config_source = os.fspath(config_dir) if config_dir else extra_dir
+        if not _write_hub_layout(
+            dcp_dir, metadata, names, config_source, staged, max_shard_size, target, progress
+        ):
+            _write_shards(dcp_dir, metadata, names, staged, max_shard_size, target, progress)
         for directory in (extra_dir, os.fspath(config_dir) if config_dir else None):
             if directory:
                 _copy_model_side_files(directory, staged)
@@ -100,8 +107,10 @@ def _is_deepspeed_checkpoint(source: str) -> bool:
     return find_checkpoint(source) is not None
 
 
-def _locate(source: str, trust_metadata: bool) -> tuple[str, str | None]:
-    """(DCP directory, directory whose config/tokenizer files come along), after verification."""
+def _locate(source: str, trust_metadata: bool) -> tuple[str, str | None, Any]:
+    """(DCP directory, directory whose config/tokenizer files come along, its checked DCP metadata)."""
+    from savepoint.formats.dcp_reader import read_dcp_metadata
+
     if os.path.exists(os.path.join(source, MANIFEST_NAME)):
         manifest = read_manifest(source)
         if manifest.kind != "sharded":
@@ -109,34 +118,31 @@ def _locate(source: str, trust_metadata: bool) -> tuple[str, str | None]:
                 f"{source} is a {manifest.kind!r} checkpoint: its model files already load with "
                 "from_pretrained, there is nothing to consolidate (use `savepoint export` to copy or cast them)"
             )
-        problems = find_problems(source, manifest, check_unlisted=False)
+        problems = find_problems(source, manifest, check_unlisted=True)  # nothing unlisted is read
         if problems:
             raise CorruptCheckpointError(source, problems)
-        return os.path.join(source, sharded.DCP_DIR), source
+        return os.path.join(source, sharded.DCP_DIR), source, sharded.read_metadata(source, manifest)
     if os.path.exists(os.path.join(source, ".metadata")):
         if not trust_metadata:
-            problem = Problem(
-                ".metadata", "a pickle (torch DCP metadata) that no savepoint manifest vouches for"
-            )
+            problem = Problem(".metadata", "DCP metadata (a pickle) that no savepoint manifest vouches for")
             raise UnsafeCheckpointError(
                 source,
                 [problem],
                 hint=(
-                    "Pass trust_metadata=True (CLI: --trust-dcp-metadata) only for a directory you wrote yourself."
+                    "Pass trust_metadata=True (CLI: --trust-dcp-metadata) only for a directory whose origin "
+                    "you know; it is still read through savepoint's allow-list, never unpickled."
                 ),
             )
-        return source, None
+        return source, None, read_dcp_metadata(source, "")
     raise IncompatibleCheckpointError(
         f"{source} is neither a savepoint checkpoint nor a DCP directory (no .metadata)"
     )
 
 
-def _tensor_plan(dcp_dir: str) -> dict[str, tuple[str, torch.Size, torch.dtype]]:
+def _tensor_plan(metadata: Any) -> dict[str, tuple[str, torch.Size, torch.dtype]]:
     """output name -> (DCP key, shape, dtype), for the model's tensors (`model.` keys, else all tensors)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = dcp.FileSystemReader(dcp_dir).read_metadata()
     tensors = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
     prefix = sharded.MODEL_PREFIX if any(k.startswith(sharded.MODEL_PREFIX) for k in tensors) else ""
     if prefix == "" and any(k.startswith(sharded.OPTIM_PREFIX) for k in tensors):
@@ -148,8 +154,62 @@ def _tensor_plan(dcp_dir: str) -> dict[str, tuple[str, torch.Size, torch.dtype]]
     }
 
 
+def _write_hub_layout(
+    dcp_dir: str,
+    metadata: Any,
+    names: dict[str, tuple[str, torch.Size, torch.dtype]],
+    config_source: str | None,
+    staged: StagedDir,
+    max_shard_size: int | str,
+    dtype: torch.dtype | None,
+    progress: Progress | None,
+) -> bool:
+    """Write the weights in the Hub's layout when the model converts them (MoE experts, VLM prefixes),
+    reading each tensor from the shards when its conversion group is written; False when it does not."""
+    if config_source is None or not os.path.exists(os.path.join(config_source, "config.json")):
+        return False
+    meta = {n: torch.empty(shape, dtype=d, device="meta") for n, (_, shape, d) in names.items()}
+    layout, num_parameters = layout_for_config(config_source, meta)
+    if layout is None:
+        return False
+    write_weights(
+        HubTensors(layout, _DcpTensors(dcp_dir, metadata, names)),
+        staged,
+        max_shard_size=max_shard_size,
+        dtype=dtype,
+        progress=progress,
+        index_metadata={"total_parameters": num_parameters},
+    )
+    return True
+
+
+class _DcpTensors(Mapping[str, torch.Tensor]):
+    """The model's tensors in a DCP directory, each read from the rank shards when asked for."""
+
+    def __init__(
+        self, dcp_dir: str, metadata: Any, names: dict[str, tuple[str, torch.Size, torch.dtype]]
+    ) -> None:
+        self.dcp_dir, self.metadata, self.names = dcp_dir, metadata, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        # Through the allow-list reader: the metadata was checked once, and no pickle is loaded here.
+        from savepoint.formats.dcp_reader import load_tensors
+
+        key, shape, dtype = self.names[name]
+        buffers = {key: torch.empty(shape, dtype=dtype)}
+        load_tensors(self.dcp_dir, self.metadata, buffers, checkpoint=self.dcp_dir)
+        return buffers[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def _write_shards(
     dcp_dir: str,
+    metadata: Any,
     names: dict[str, tuple[str, torch.Size, torch.dtype]],
     staged: StagedDir,
     max_shard_size: int | str,
@@ -166,7 +226,7 @@ def _write_shards(
     total = len(split.filename_to_tensors)
     for done, (filename, members) in enumerate(split.filename_to_tensors.items(), start=1):
         layout = {n: (planned[n].dtype, tuple(planned[n].shape)) for n in members}
-        loader = _BatchedLoader(dcp_dir, names, members, out_dtype)
+        loader = _BatchedLoader(dcp_dir, metadata, names, members, out_dtype)
         with staged.create(filename) as f:
             write_streamed(f, layout, loader.take, {"format": "pt"})
         if progress is not None:
@@ -181,17 +241,18 @@ def _write_shards(
 
 class _BatchedLoader:
     """Loads a shard's tensors from DCP in file order, a batch of at most `_BATCH_BYTES` (or one larger
-    tensor) per `dcp.load`, and hands each out once: fewer DCP calls than one per tensor, and never a
-    whole shard in memory."""
+    tensor) per load, and hands each out once: fewer DCP calls than one per tensor, and never a whole
+    shard in memory."""
 
     def __init__(
         self,
         dcp_dir: str,
+        metadata: Any,
         names: dict[str, tuple[str, torch.Size, torch.dtype]],
         members: list[str],
         out_dtype: Callable[[torch.dtype], torch.dtype],
     ) -> None:
-        self.dcp_dir, self.names, self.pending = dcp_dir, names, list(members)
+        self.dcp_dir, self.metadata, self.names, self.pending = dcp_dir, metadata, names, list(members)
         self.out_dtype = out_dtype
         self.ready: dict[str, torch.Tensor] = {}
 
@@ -201,7 +262,7 @@ class _BatchedLoader:
         return self.ready.pop(name).to(self.out_dtype(self.names[name][2]))
 
     def _load_from(self, first: str) -> None:
-        import torch.distributed.checkpoint as dcp
+        from savepoint.formats.dcp_reader import load_tensors
 
         start = self.pending.index(first)
         batch: list[str] = []
@@ -215,26 +276,33 @@ class _BatchedLoader:
             size += nbytes
         del self.pending[start : start + len(batch)]
         buffers = {self.names[n][0]: torch.empty(self.names[n][1], dtype=self.names[n][2]) for n in batch}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(buffers, storage_reader=dcp.FileSystemReader(self.dcp_dir), no_dist=True)
+        load_tensors(self.dcp_dir, self.metadata, buffers, checkpoint=self.dcp_dir)
         self.ready.update({n: buffers[self.names[n][0]] for n in batch})
 
 
 def _copy_model_side_files(directory: str, staged: StagedDir) -> None:
-    """config, generation config and tokenizer files: every top-level JSON/text file but ours and weights."""
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name in _NOT_MODEL_FILES or name.endswith(".safetensors") or name == WEIGHTS_INDEX_NAME:
-            continue
-        if os.path.isfile(path) and not os.path.islink(path):
-            shutil.copyfile(path, staged.abspath(name))
+    """config, generation config and tokenizer files: every top-level file but ours and the weights,
+    confined to `directory` and checked against its manifest when it has one (`savepoint.side_files`)."""
+    copy_model_side_files(directory, staged, skip=_not_a_side_file)
+
+
+def _not_a_side_file(name: str) -> bool:
+    return name in _NOT_MODEL_FILES or name.endswith(".safetensors") or name == WEIGHTS_INDEX_NAME
 
 
 def _set_config_dtype(staged: StagedDir, dtype: torch.dtype) -> None:
     path = staged.abspath("config.json")
-    with open(path, encoding="utf-8") as f:
-        config: dict[str, Any] = json.load(f)
+
+    def fail(reason: str) -> CorruptCheckpointError:  # the copied (verified) source config is malformed
+        return CorruptCheckpointError(
+            staged.path,
+            [Problem("config.json", reason)],
+            hint="nothing was written; fix the source's config.json",
+        )
+
+    config: dict[str, Any] = read_json_inside(staged.path, "config.json", fail)
+    if not isinstance(config, dict):
+        raise fail("is not a JSON object")
     config["dtype"] = str(dtype).removeprefix("torch.")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

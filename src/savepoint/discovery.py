@@ -6,12 +6,15 @@ import os
 import re
 import warnings
 
-from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
+from savepoint.errors import CheckpointNotFoundError, SavepointError
+from savepoint.io.files import DIRECTORY, list_dir_inside
 from savepoint.manifest import Manifest, read_manifest
 from savepoint.policy import CheckpointInfo
 from savepoint.storage.local import MANIFEST_NAME
 
-STEP_DIR = re.compile(r"^step-(\d{8,})$")
+# ASCII digits only: `\d` also matches other scripts' digits, which int() accepts, so "step-٠٠٠٠٠٠٠١"
+# would pose as step 1 (tests/reliability/test_hostile_paths.py).
+STEP_DIR = re.compile(r"^step-([0-9]{8,18})$", re.ASCII)
 
 
 def step_dir_name(step: int) -> str:
@@ -40,32 +43,57 @@ def info_from_manifest(path: str, manifest: Manifest) -> CheckpointInfo:
     )
 
 
+def step_dirs(root: str) -> list[tuple[str, int]]:
+    """(name, step) of the real `step-N` directories under `root`, sorted by step.
+
+    Entries are read with `lstat`: a `step-N` symlink (to a directory outside the root, say) is not a
+    checkpoint of this root, so it is neither listed, read, nor deleted by retention.
+    """
+    try:
+        entries = list_dir_inside(root)
+    except FileNotFoundError:
+        return []
+    except (NotADirectoryError, SavepointError):
+        return []
+    out = []
+    for name, kind in entries:
+        match = STEP_DIR.match(name)
+        if match and kind == DIRECTORY:
+            out.append((name, int(match.group(1))))
+    return sorted(out, key=lambda item: item[1])
+
+
 def list_checkpoints(root: str, *, warn: bool = True) -> list[CheckpointInfo]:
-    """Committed checkpoints under `root`, oldest step first. Unreadable manifests are skipped with a warning."""
+    """Committed checkpoints under `root`, oldest step first. Unreadable manifests are skipped with a warning.
+
+    One damaged checkpoint (any manifest savepoint refuses, hostile ones included) is skipped, never
+    an error for the whole root: listing, "latest", saving and retention go on with the others.
+    """
     check_root(root, must_exist=False)
     if not os.path.isdir(root):
         return []
     infos = []
-    for name in os.listdir(root):
-        match = STEP_DIR.match(name)
+    for name, step in step_dirs(root):
         path = os.path.join(root, name)
-        if not match or not os.path.isdir(path):
-            continue
-        if not os.path.lexists(os.path.join(path, MANIFEST_NAME)):
-            continue  # savepoint never commits a step directory without its manifest: not ours
         try:
+            if not os.path.lexists(os.path.join(path, MANIFEST_NAME)):
+                continue  # savepoint never commits a step directory without its manifest: not ours
             manifest = read_manifest(path)
-        except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
+        except FileNotFoundError:
+            continue  # deleted by retention while we listed
+        except (SavepointError, OSError) as exc:
             if warn:
                 warnings.warn(f"skipping {path}: {exc}", stacklevel=2)
             continue
-        if manifest.step != int(match.group(1)):
+        if manifest.step != step:
             if warn:
                 warnings.warn(f"skipping {path}: its manifest says step {manifest.step}", stacklevel=2)
             continue
         infos.append(info_from_manifest(path, manifest))
-    return sorted(infos, key=lambda i: i.step)
+    return infos
 
 
 def is_checkpoint_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST_NAME))
+    """Whether `path` has a manifest entry. A symlink or FIFO there still counts, so that reading it
+    reports the damage by name instead of treating the directory as something else."""
+    return os.path.lexists(os.path.join(path, MANIFEST_NAME))

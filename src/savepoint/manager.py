@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from savepoint import discovery, distributed, policy
-from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, Problem, UnsafeCheckpointError
 from savepoint.manifest import clean_metrics, find_problems, read_manifest
 from savepoint.policy import BestMode, CheckpointInfo, RetentionPolicy
 from savepoint.restoring import RestoreResult, restore_checkpoint
@@ -308,6 +308,12 @@ class CheckpointManager:
                     f"no checkpoint for step {step} under {self.root} (available: {available})"
                 )
             return path  # its manifest is read (and a bad one refused) when it is downloaded
+        if os.path.islink(path):
+            raise UnsafeCheckpointError(
+                self.root,
+                [Problem(os.path.basename(path), "is a symbolic link; savepoint follows none out of a root")],
+                hint="restore a checkpoint of this root, or point a manager at the directory the link names",
+            )
         if not os.path.isdir(path):
             available = ", ".join(str(i.step) for i in infos) or "none"
             raise CheckpointNotFoundError(

@@ -17,18 +17,20 @@ from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from savepoint._hashing import CHECKSUM_ALGORITHM, hash_file
+from savepoint._hashing import CHECKSUM_ALGORITHM, hash_fd, hash_file
 from savepoint.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     Problem,
     UnsafeCheckpointError,
 )
+from savepoint.io.files import DIRECTORY, FILE, open_fd_inside, read_bytes_inside, walk_inside
 from savepoint.storage.local import MANIFEST_NAME
 
 FORMAT_NAME = "savepoint"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # far above any real manifest; refuses absurd files unread
+MAX_FILE_SIZE = 2**62  # a size no file system holds: a claim beyond it is a lie, not a big file
 # "sharded": weights only in train_state/dcp/ (a torchrun save with sharded_model=True); `savepoint consolidate`
 # turns it into a model directory.
 KINDS = ("model", "module", "adapter", "export", "sharded")
@@ -149,10 +151,31 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return doc
 
 
-def parse_manifest(raw: bytes, ckpt: str) -> Manifest:
-    """Parse and validate manifest bytes; any malformation is a CorruptCheckpointError."""
+def _no_constants(name: str) -> Any:
+    # json accepts NaN and Infinity by default; no manifest savepoint writes holds them (allow_nan=False)
+    raise _DuplicateKeyError(f"{name} is not a JSON number savepoint writes")
+
+
+def _finite(value: Any, what: str, ckpt: str) -> float:
+    """A JSON number as a finite float; a 400-digit integer overflows float() and is refused, not raised."""
     try:
-        doc = json.loads(raw, object_pairs_hook=_no_duplicates)
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _fail(ckpt, f"{what} is {str(value)[:40]}, not a finite number")
+    return number
+
+
+def parse_manifest(raw: bytes, ckpt: str) -> Manifest:
+    """Parse and validate manifest bytes; any malformation is a CorruptCheckpointError.
+
+    Every number is a claim: sizes beyond MAX_FILE_SIZE, non-finite metrics or times, and a world size
+    larger than the number of files it lists (every rank writes at least its RNG file) are refused,
+    so one hostile manifest makes one damaged checkpoint and never an exception elsewhere.
+    """
+    try:
+        doc = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     # ValueError also covers what json raises besides JSONDecodeError: an integer literal longer than
     # Python's 4300-digit limit (found by tests/reliability/test_fuzz_readers.py).
     except (ValueError, RecursionError) as exc:
@@ -176,7 +199,7 @@ def parse_manifest(raw: bytes, ckpt: str) -> Manifest:
         if not isinstance(entry, dict):
             raise _fail(ckpt, f"entry for {path!r} is not an object")
         size, digest = entry.get("size"), entry.get("checksum")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_SIZE:
             raise _fail(ckpt, f"entry for {path!r} has an invalid size {size!r:.40}")
         if (
             not isinstance(digest, str)
@@ -189,44 +212,46 @@ def parse_manifest(raw: bytes, ckpt: str) -> Manifest:
     metrics = _expect(doc, "metrics", (dict,), ckpt, optional=True) or {}
     for key, value in metrics.items():
         if not isinstance(value, int | float) or isinstance(value, bool):
-            raise _fail(ckpt, f"metric {key!r} is not a number")
+            raise _fail(ckpt, f"metric {key!r:.80} is not a number")
+        _finite(value, f"metric {key!r:.80}", ckpt)
     step = _expect(doc, "step", (int,), ckpt, optional=True)
-    if step is not None and step < 0:
-        raise _fail(ckpt, f"step {step} is negative")
+    if step is not None and not 0 <= step < 10**18:
+        raise _fail(ckpt, f"step {str(step)[:40]} is not a step number (0 to 10^18)")
     base = _expect(doc, "base_model", (dict,), ckpt, optional=True)
     versions = _expect(doc, "versions", (dict,), ckpt, optional=True) or {}
+    world_size = _expect(doc, "world_size", (int,), ckpt, optional=True)
+    if world_size is not None and not 1 <= world_size <= max(1, len(files)):
+        raise _fail(
+            ckpt, f"world_size {str(world_size)[:40]} cannot be backed by its {len(files)} listed file(s)"
+        )
     return Manifest(
         kind=kind,
         files=files,
         step=step,
-        created=float(_expect(doc, "created", (int, float), ckpt)),
+        created=_finite(_expect(doc, "created", (int, float), ckpt), "created", ckpt),
         metrics={str(k): float(v) for k, v in metrics.items()},
         parent=_expect(doc, "parent", (str,), ckpt, optional=True),
         versions={str(k): str(v) for k, v in versions.items()},
         base_model=base,
-        world_size=_expect(doc, "world_size", (int,), ckpt, optional=True) or 1,
+        world_size=world_size or 1,
         format_version=version,
     )
 
 
 def read_manifest(ckpt_dir: str) -> Manifest:
-    """Read `ckpt_dir/savepoint.json`; CorruptCheckpointError if it is missing or malformed."""
-    path = os.path.join(ckpt_dir, MANIFEST_NAME)
+    """Read `ckpt_dir/savepoint.json`; CorruptCheckpointError if it is missing or malformed.
+
+    Opened without following symlinks, regular files only (a FIFO is refused, never waited on), and
+    size-checked before it is read.
+    """
     try:
-        if os.path.islink(path):
-            raise UnsafeCheckpointError(ckpt_dir, [Problem(MANIFEST_NAME, "is a symbolic link")])
-        if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
-            # A FIFO or device would block `open` forever (tests/reliability: hostile inputs).
-            raise _fail(ckpt_dir, "is not a regular file (a FIFO or device?)")
-        size = os.path.getsize(path)
-        if size > MAX_MANIFEST_BYTES:
-            raise _fail(ckpt_dir, f"is {size} bytes, larger than any manifest savepoint writes")
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_bytes_inside(ckpt_dir, MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
+    except UnsafeCheckpointError:
+        raise
+    except CorruptCheckpointError as exc:  # larger than MAX_MANIFEST_BYTES
+        raise _fail(ckpt_dir, f"{exc.problems[0].reason}: larger than any manifest savepoint writes") from exc
     except FileNotFoundError as exc:
         raise _fail(ckpt_dir, "missing: this directory is not a committed savepoint checkpoint") from exc
-    except IsADirectoryError as exc:
-        raise _fail(ckpt_dir, "is a directory, not a file") from exc
     except NotADirectoryError as exc:
         raise _fail(ckpt_dir, "the checkpoint path is a file, not a directory") from exc
     except OSError as exc:
@@ -246,15 +271,20 @@ def check_relpath(relpath: str, ckpt: str) -> None:
 
 
 def resolve_inside(ckpt_dir: str, relpath: str) -> str:
-    """The absolute path of `relpath`, refusing anything (`..`, absolute, symlinks) that leaves `ckpt_dir`."""
+    """The path of `relpath` below `ckpt_dir`, refusing `..`, absolute paths, and any symlink or special
+    file on the way (checked by opening it component by component with `O_NOFOLLOW`).
+
+    Prefer `savepoint.io.files.open_inside`, which hands back the very file that was checked; this is
+    for libraries that take a path. A missing file is returned as is: the caller reports it.
+    """
     check_relpath(relpath, ckpt_dir)
-    root = os.path.realpath(ckpt_dir)
-    full = os.path.realpath(os.path.join(root, relpath))
-    if os.path.commonpath([root, full]) != root:
-        raise UnsafeCheckpointError(
-            ckpt_dir, [Problem(relpath, "resolves (through a symlink) outside the checkpoint")]
-        )
-    return full
+    try:
+        fd, _ = open_fd_inside(ckpt_dir, relpath)
+    except FileNotFoundError:
+        pass
+    else:
+        os.close(fd)
+    return os.path.join(ckpt_dir, relpath)
 
 
 def find_problems(
@@ -277,46 +307,53 @@ def find_problems(
 
 
 def check_file(ckpt_dir: str, relpath: str, entry: FileEntry) -> Problem | None:
-    """Check one file's place, size and checksum against its manifest entry."""
+    """Check one file's place, size and checksum against its manifest entry.
+
+    The file is opened without following any symlink below `ckpt_dir` and must be a regular file;
+    its size comes from the open descriptor and the checksum from the same descriptor's bytes.
+    """
     try:
-        full = resolve_inside(ckpt_dir, relpath)
+        check_relpath(relpath, ckpt_dir)
+        fd, size = open_fd_inside(ckpt_dir, relpath)
     except UnsafeCheckpointError as exc:
         return exc.problems[0]
-    if os.path.islink(os.path.join(ckpt_dir, relpath)):
-        return Problem(relpath, "is a symbolic link; savepoint writes only regular files")
-    if not os.path.exists(full):
+    except FileNotFoundError:
+        # Also a file deleted while a reader verifies (retention by a concurrent writer:
+        # tests/reliability/test_concurrency.py). A problem to report, not a crash of the reader.
         return Problem(relpath, "missing")
-    if not os.path.isfile(full):
-        return Problem(relpath, "is not a regular file")
+    except OSError as exc:
+        return Problem(relpath, f"unreadable ({exc.strerror or exc})")
     try:
-        size = os.path.getsize(full)
         if size != entry.size:
             return Problem(
                 relpath, f"size {size} bytes, manifest says {entry.size} (truncated or overwritten)"
             )
-        _, digest = hash_file(full)
-    except FileNotFoundError:
-        # Deleted between the checks above and the read: retention removing it while a reader verifies
-        # (tests/reliability/test_concurrency.py). A problem to report, not a crash of the reader.
-        return Problem(relpath, "missing (deleted while it was being checked)")
+        _, digest = hash_fd(fd)
     except OSError as exc:
         return Problem(relpath, f"unreadable ({exc.strerror or exc})")
+    finally:
+        os.close(fd)
     if digest != entry.checksum:
         return Problem(relpath, f"checksum mismatch (xxh3-128 {digest}, manifest says {entry.checksum})")
     return None
 
 
 def _unlisted(ckpt_dir: str, manifest: Manifest) -> list[Problem]:
+    """Entries the manifest does not vouch for: planted files, symlinks, FIFOs, and over-deep trees."""
     problems = []
-    for dirpath, dirs, files in os.walk(ckpt_dir):
-        dirs.sort()
-        for name in [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
-            rel = os.path.relpath(os.path.join(dirpath, name), ckpt_dir).replace(os.sep, "/")
-            problems.append(Problem(rel, "a symbolic link to a directory (planted: savepoint writes none)"))
-        for name in sorted(files):
-            rel = os.path.relpath(os.path.join(dirpath, name), ckpt_dir).replace(os.sep, "/")
-            if rel != MANIFEST_NAME and rel not in manifest.files:
+    try:
+        for rel, kind in walk_inside(ckpt_dir):
+            if kind == DIRECTORY or rel == MANIFEST_NAME or rel in manifest.files:
+                continue  # a listed file that is a symlink or a FIFO was reported by check_file
+            if kind == FILE:
                 problems.append(Problem(rel, "present but not listed in the manifest (planted or left over)"))
+            else:
+                what = "a symbolic link" if kind == "symlink" else "not a regular file (FIFO, socket, device)"
+                problems.append(Problem(rel, f"{what}, not listed in the manifest (savepoint writes none)"))
+    except FileNotFoundError:
+        problems.append(Problem(".", "the checkpoint directory disappeared while it was checked"))
+    except CorruptCheckpointError as exc:  # nesting beyond the depth limit, or a directory swapped for a link
+        problems.extend(exc.problems)
     return problems
 
 

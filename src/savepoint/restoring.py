@@ -1,7 +1,10 @@
 """Restoring one checkpoint into live objects: verify everything, check it fits, then change things.
 
 Order matters: every file is checksummed and every piece of state decoded and matched against its
-target before the first tensor of the model is overwritten, so a bad checkpoint changes nothing.
+target (weights and optimizer moments against the parameters' shapes, the scheduler's keys against its
+own `state_dict()`, RNG states decoded into throwaway generators) before the first live object
+changes, so a bad checkpoint changes nothing. Then the user's stateful objects go first (their
+`load_state_dict` is code that may still refuse), the RNGs last.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 import torch
 
 from savepoint import distributed
-from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
 from savepoint.formats import stateful as stateful_format
 from savepoint.formats import train_state
 from savepoint.formats.hf import check_model_files, copy_model_files, unwrap_model
@@ -62,22 +65,45 @@ def restore_checkpoint(
     optimizer_sd = None
     if optimizer is not None:
         optimizer_sd = train_state.prepare_optimizer_state(optimizer, model, blobs["optimizer"], path)
+    check_blobs(path, blobs, scheduler=scheduler, stateful=stateful)
 
     # Everything is checked: from here on, state changes.
+    apply_stateful(blobs, stateful)
     load_model()
     if optimizer is not None and optimizer_sd is not None:
         optimizer.load_state_dict(optimizer_sd)
-    return finish_restore(path, manifest, blobs, scheduler=scheduler, stateful=stateful)
+    return finish_restore(path, manifest, blobs, scheduler=scheduler, stateful={})
+
+
+def check_blobs(path: str, blobs: dict[str, Any], *, scheduler: Any, stateful: Mapping[str, Any]) -> None:
+    """Check the decoded small state against its targets, before any live object changes."""
+    if scheduler is not None:
+        train_state.check_scheduler_state(scheduler, blobs["scheduler"], path)
+    for name, obj in stateful.items():
+        stateful_format.check(obj, blobs[f"stateful/{name}"], path, f"stateful/{name}")
+    if "rng" in blobs:
+        train_state.check_rng_state(blobs["rng"], path, f"{rng_relbase(distributed.rank())}.json")
+    if not isinstance(blobs.get("extra") or {}, dict):
+        raise CorruptCheckpointError(
+            path, [Problem(f"{train_state.TRAIN_STATE_DIR}/extra.json", "not a mapping")]
+        )
+
+
+def apply_stateful(blobs: dict[str, Any], stateful: Mapping[str, Any]) -> None:
+    """The user's objects first: their `load_state_dict` is code that may still refuse its state, and
+    then nothing else has changed yet."""
+    for name, obj in stateful.items():
+        stateful_format.restore(obj, blobs[f"stateful/{name}"])
 
 
 def finish_restore(
     path: str, manifest: Manifest, blobs: dict[str, Any], *, scheduler: Any, stateful: Mapping[str, Any]
 ) -> RestoreResult:
-    """The last steps of every restore path: scheduler, stateful objects, then the RNGs, and the result."""
+    """The last steps of every restore path: stateful objects not yet restored, scheduler, then the
+    RNGs, and the result."""
+    apply_stateful(blobs, stateful)
     if scheduler is not None:
         scheduler.load_state_dict(blobs["scheduler"])
-    for name, obj in stateful.items():
-        stateful_format.restore(obj, blobs[f"stateful/{name}"])
     if "rng" in blobs:  # last: restoring the objects above may draw from the global RNGs
         train_state.set_rng_state(blobs["rng"])
     return RestoreResult(
@@ -133,6 +159,6 @@ def _plan_model_load(model: torch.nn.Module, path: str, manifest: Manifest) -> C
             )
         from savepoint.formats import peft as peft_format
 
-        return lambda: peft_format.load_adapter_into(model, path, manifest)
+        return peft_format.plan_adapter_load(model, path, manifest)
     files, targets = check_model_files(model, path, manifest)
     return lambda: copy_model_files(path, files, targets)

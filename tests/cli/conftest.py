@@ -126,3 +126,15 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> 
         return Outcome(code if isinstance(code, int) else 1, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root written by a real HF Trainer through SavepointCallback: steps 3 and 6, with the Trainer's
+    metrics (loss, grad_norm, learning_rate, eval_loss, eval_runtime, eval_samples_per_second...) and
+    trainer_state.json in each checkpoint."""
+    from tests.integrations import trainer_script
+
+    tmp = tmp_path_factory.mktemp("trainer")
+    trainer_script.train(str(tmp / "run"), str(tmp / "out"), max_steps=6)
+    return tmp / "run"

@@ -13,7 +13,7 @@ from savepoint.cli.ls import build_listing, human_size, render_table
 
 
 def test_table_lists_steps_metrics_and_marks(cli, llama_run: Path) -> None:
-    result = cli("ls", llama_run)
+    result = cli("ls", llama_run, "--metrics", "eval_loss,lr")
     assert result.code == 0, result.err
     header = next(line for line in result.out.splitlines() if "step" in line and "eval_loss" in line)
     for column in ("time", "size", "eval_loss", "lr"):
@@ -118,9 +118,11 @@ def test_root_that_is_a_file_exits_2(cli, tmp_path: Path) -> None:
 
 
 def test_render_table_for_reuse(llama_run: Path) -> None:
-    table = render_table(str(llama_run), best_metric="eval_loss", best_mode="max")
+    table = render_table(str(llama_run), best_metric="eval_loss", best_mode="max", wide=True)
     assert isinstance(table, Table)
     assert [c.header for c in table.columns][:5] == ["step", "time", "size", "eval_loss", "lr"]
+    default = render_table(str(llama_run))
+    assert [c.header for c in default.columns] == ["step", "time", "size", "eval_loss", ""]
     assert build_listing(str(llama_run), best_metric="eval_loss", best_mode="max").best == 10
 
 
@@ -137,3 +139,57 @@ def test_render_table_for_reuse(llama_run: Path) -> None:
 )
 def test_human_size(nbytes: int, text: str) -> None:
     assert human_size(nbytes) == text
+
+
+# ---------------------------------------------------------------- a real Trainer's metrics at 80 columns
+
+
+def _lines_fit(output: str, width: int) -> None:
+    assert "…" not in output, output
+    assert all(len(line) <= width for line in output.splitlines()), output
+
+
+def test_default_table_of_a_trainer_run_is_readable_at_80_columns(
+    cli, trainer_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    result = cli("ls", trainer_run)
+    assert result.code == 0, result.err
+    _lines_fit(result.out, 80)
+    header = next(line for line in result.out.splitlines() if "step" in line)
+    assert [c.strip() for c in header.strip("┃").split("┃")] == ["step", "time", "size", "eval_loss", ""]
+    metrics = json.loads((step_dir(trainer_run, 6) / "metrics.json").read_text())
+    row = table_row(result.out, "6")
+    assert f"{metrics['eval_loss']:.4g}" in row and "KiB" in row and "latest" in row
+    assert "eval_runtime" in result.out and "--wide" in result.out  # hidden metrics are named
+
+
+def test_chosen_metrics_of_a_trainer_run_are_readable_at_80_columns(
+    cli, trainer_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    result = cli("ls", trainer_run, "--metrics", "loss, eval_samples_per_second")
+    assert result.code == 0, result.err
+    _lines_fit(result.out, 80)
+    metrics = json.loads((step_dir(trainer_run, 3) / "metrics.json").read_text())
+    row = table_row(result.out, "3")
+    assert f"{metrics['loss']:.4g}" in row and f"{metrics['eval_samples_per_second']:.4g}" in row
+
+
+def test_wide_shows_every_metric_whole(cli, trainer_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    result = cli("ls", trainer_run, "--wide")
+    assert result.code == 0, result.err
+    assert "…" not in result.out
+    metrics = json.loads((step_dir(trainer_run, 6) / "metrics.json").read_text())
+    header = next(line for line in result.out.splitlines() if "step" in line)
+    assert all(f" {name} " in header for name in metrics if name != "step")
+    row = table_row(result.out, "6")
+    assert all(f"{value:.4g}" in row for name, value in metrics.items() if name != "step")
+
+
+@pytest.mark.parametrize(("value", "message"), [("nope", "eval_runtime"), (" , ", "separated by commas")])
+def test_bad_metrics_option_is_an_error(cli, trainer_run: Path, value: str, message: str) -> None:
+    result = cli("ls", trainer_run, "--metrics", value)
+    assert result.code == 2
+    assert message in result.err.replace("\n", " ")

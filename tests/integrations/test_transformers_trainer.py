@@ -17,6 +17,7 @@ from tests.integrations import trainer_script
 from transformers import AutoModelForCausalLM
 
 import savepoint
+from savepoint.integrations.transformers import SavepointCallback
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 10
@@ -39,6 +40,11 @@ def test_uninterrupted_run_saves_through_savepoint(reference) -> None:  # type: 
     steps = [i.step for i in mgr.checkpoints]
     assert steps[-2:] == [9, 10] and mgr.best_step in steps  # keep_last=2, and the best is never deleted
     assert all("eval_loss" in i.metrics for i in mgr.checkpoints if i.step % 3 == 0)
+    logged = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
+    for info in mgr.checkpoints:  # what the Trainer logged at the step, eval step or not
+        assert {k: info.metrics[k] for k in ("loss", "grad_norm", "learning_rate")} == {
+            k: logged[info.step][k] for k in ("loss", "grad_norm", "learning_rate")
+        }
     assert not any(p.name.startswith("checkpoint-") for p in Path(trainer.args.output_dir).glob("*"))
     savepoint.verify(root)
     final = root / "step-00000010"
@@ -50,11 +56,12 @@ def test_uninterrupted_run_saves_through_savepoint(reference) -> None:  # type: 
 
 
 @pytest.mark.parametrize(
-    ("die_at", "resumed_from"),
-    [(5, 3), (8, 6)],  # mid-epoch; and exactly at the end of epoch 1 (6 steps per epoch)
+    ("die_at", "resumed_from", "resume_with"),
+    # mid-epoch; and exactly at the end of epoch 1 (6 steps per epoch), with train(resume_from_checkpoint=True)
+    [(5, 3, "resume_checkpoint"), (8, 6, True)],
 )
 def test_killed_and_resumed_trainer_matches_uninterrupted(
-    tmp_path: Path, reference, die_at: int, resumed_from: int
+    tmp_path: Path, reference, die_at: int, resumed_from: int, resume_with: object
 ) -> None:  # type: ignore[no-untyped-def]
     _, ref = reference
     root, out = tmp_path / "ckpt", tmp_path / "out"
@@ -81,7 +88,7 @@ def test_killed_and_resumed_trainer_matches_uninterrupted(
     trainer, callback = trainer_script.make_trainer(str(root), str(out), max_steps=MAX_STEPS)
     resume = callback.resume_checkpoint()
     assert resume is not None and resume.endswith(f"step-{resumed_from:08d}")
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume if resume_with == "resume_checkpoint" else resume_with)
 
     # The resumed log history holds steps up to the checkpoint (from trainer_state.json), then its own.
     ours, theirs = train_losses(trainer), train_losses(ref)
@@ -91,6 +98,10 @@ def test_killed_and_resumed_trainer_matches_uninterrupted(
         assert torch.equal(trainer.model.state_dict()[name], tensor), (
             f"{name} differs from the uninterrupted run"
         )
+    # The callback's stateful= object and extra= values came back, and went on as in the uninterrupted run.
+    assert callback.stateful["curriculum"].steps_seen == list(range(1, MAX_STEPS + 1))
+    (uninterrupted,) = [c for c in ref.callback_handler.callbacks if isinstance(c, SavepointCallback)]
+    assert callback.extra == uninterrupted.extra == {"difficulty": sum(range(MAX_STEPS + 1))}
     mine = load_file(root / "step-00000010" / "train_state" / "optimizer.safetensors")
     reference_opt = load_file(reference[0] / "step-00000010" / "train_state" / "optimizer.safetensors")
     assert mine.keys() == reference_opt.keys() and all(torch.equal(mine[k], reference_opt[k]) for k in mine)

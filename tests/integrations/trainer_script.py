@@ -36,6 +36,30 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+class Curriculum:
+    """State the Trainer does not own, changed every step: a `stateful=` object of the callback."""
+
+    def __init__(self) -> None:
+        self.steps_seen: list[int] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_seen": list(self.steps_seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_seen = list(state["steps_seen"])
+
+
+class Advance(TrainerCallback):
+    """Moves the curriculum and the callback's `extra=` values on at the end of every step."""
+
+    def __init__(self, curriculum: Curriculum, extra: dict[str, Any]) -> None:
+        self.curriculum, self.extra = curriculum, extra
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.curriculum.steps_seen.append(state.global_step)
+        self.extra["difficulty"] = self.extra.get("difficulty", 0) + state.global_step
+
+
 class DieAt(TrainerCallback):
     """SIGKILL this process at the end of a step: a crash, with no chance to clean up."""
 
@@ -71,10 +95,15 @@ def make_trainer(
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    curriculum, extra = Curriculum(), {"difficulty": 0}
     callback = SavepointCallback(
-        root, **({"keep_last": 2, "best_metric": "eval_loss", "keep_best": 1} | manager)
+        root,
+        stateful={"curriculum": curriculum},
+        extra=extra,
+        **({"keep_last": 2, "best_metric": "eval_loss", "keep_best": 1} | manager),
     )
-    callbacks: list[TrainerCallback] = [callback] + ([DieAt(die_at)] if die_at is not None else [])
+    callbacks: list[TrainerCallback] = [callback, Advance(curriculum, extra)]
+    callbacks += [DieAt(die_at)] if die_at is not None else []
     trainer = Trainer(
         model=model,
         args=args,

@@ -154,9 +154,12 @@ def test_consolidate_streams_batches_into_one_shard(tmp_path, monkeypatch) -> No
 
     monkeypatch.setattr(dcp, "load", counting_load)
     monkeypatch.setattr(consolidate, "_BATCH_BYTES", 2 * 16 * 8 * 4)  # two weights per load
-    names = {k.removeprefix("model."): (k, v.shape, v.dtype) for k, v in state.items()}
+    from savepoint.formats.dcp_reader import read_dcp_metadata
+
+    metadata = read_dcp_metadata(dcp_dir, "")
+    names = consolidate._tensor_plan(metadata)
     staged = StagedDir(str(tmp_path), "out")
-    consolidate._write_shards(dcp_dir, names, staged, "5GB", torch.bfloat16, None)
+    consolidate._write_shards(dcp_dir, metadata, names, staged, "5GB", torch.bfloat16, None)
 
     written = load_file(os.path.join(staged.path, "model.safetensors"))
     assert max(loads) <= 2 and sum(loads) == len(state)

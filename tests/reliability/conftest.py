@@ -68,16 +68,19 @@ _HOSTILE: dict[str, Tally] = {}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Count each hostile-input test (one case per parameter) into the ledger, by function."""
-    if "test_hostile_inputs.py" not in report.nodeid or report.when != "call":
+    """Count each hostile-input test (one case per parameter) into the ledger, by function.
+
+    Every `tests/reliability/test_hostile_*.py` file counts; each test function is one class.
+    """
+    if "/test_hostile_" not in report.nodeid or report.when != "call":
         return
-    func = report.nodeid.split("::")[-1].split("[")[0]
+    path, func = report.nodeid.split("::")[0], report.nodeid.split("::")[-1].split("[")[0]
     env = "SAVEPOINT_TORTURE=full " if FULL else ""
-    t = _HOSTILE.get(func)
+    t = _HOSTILE.get(f"{path}::{func}")
     if t is None:
-        t = _HOSTILE[func] = Tally(
+        t = _HOSTILE[f"{path}::{func}"] = Tally(
             f"hostile: {func.removeprefix('test_')}",
-            f"{env}.venv/bin/python -m pytest -q 'tests/reliability/test_hostile_inputs.py::{func}'",
+            f"{env}.venv/bin/python -m pytest -q '{path}::{func}'",
             xfail=False,
         )
         _TALLIES.append(t)

@@ -2,6 +2,10 @@
 
 SAVEPOINT_RELIABILITY_LEDGER=/tmp/ledger.json SAVEPOINT_TORTURE=full pytest -q tests/reliability
 python -m tests.reliability.report /tmp/ledger.json > table.md
+python -m tests.reliability.report --hostile /tmp/ledger.json    # only the hostile-input classes
+
+Every `tests/reliability/test_hostile_*.py` file feeds the ledger (conftest.py counts each test
+function there as one class, each parameter as one case), so a new hostile file needs no change here.
 """
 
 from __future__ import annotations
@@ -24,12 +28,17 @@ def merge(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], *, hostile_only: bool = False) -> str:
     rows = merge(rows)
-    lines = [
-        "| Fault class | Cases tried | Cases survived | Reproduce |",
-        "|---|---:|---:|---|",
-    ]
+    if hostile_only:
+        rows = [r for r in rows if r["class"].startswith("hostile: ")]
+        rows = [dict(r, **{"class": r["class"].removeprefix("hostile: ")}) for r in rows]
+    header = (
+        "| Hostile class | Cases tried | Cases held |"
+        if hostile_only
+        else "| Fault class | Cases tried | Cases survived |"
+    )
+    lines = [f"{header} Reproduce |", "|---|---:|---:|---|"]
     for row in sorted(rows, key=lambda r: r["class"]):
         note = " (known bug, xfail)" if row["xfail"] else ""
         lines.append(f"| {row['class']}{note} | {row['tried']} | {row['survived']} | `{row['command']}` |")
@@ -40,5 +49,7 @@ def render(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        print(render(json.load(f)))
+    args = sys.argv[1:]
+    hostile = "--hostile" in args
+    with open(next(a for a in args if a != "--hostile")) as f:
+        print(render(json.load(f), hostile_only=hostile))

@@ -111,11 +111,14 @@ def audit_opens(allowed: str, outside: list[str]) -> Iterator[list[str]]:
 
     real_safe_open = safetensors.safe_open
 
-    def note(path: Any) -> None:
+    def note(path: Any, dir_fd: int | None = None) -> None:
         if isinstance(path, int):
             return
-        full = os.path.realpath(os.fsdecode(os.fspath(path)))
-        inside = full == allowed or full.startswith(allowed + os.sep)  # the directory itself is opened too
+        name = os.fsdecode(os.fspath(path))
+        if dir_fd is not None and not os.path.isabs(name):  # openat: relative to that directory
+            name = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), name)
+        full = os.path.realpath(name)
+        inside = full == allowed or full.startswith(allowed + os.sep)  # the directory itself may be opened
         if any(full == o or full.startswith(o + os.sep) for o in outside) and not inside:
             bad.append(full)
 
@@ -124,7 +127,7 @@ def audit_opens(allowed: str, outside: list[str]) -> Iterator[list[str]]:
         return real_open(file, *a, **k)
 
     def fake_os_open(path: Any, *a: Any, **k: Any) -> Any:
-        note(path)
+        note(path, k.get("dir_fd"))
         return real_os_open(path, *a, **k)
 
     def fake_safe_open(path: Any, *a: Any, **k: Any) -> Any:

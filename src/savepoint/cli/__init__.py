@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from savepoint.cli.app import app, err_console
+from savepoint.cli.render import markup
 from savepoint.errors import SavepointError
 
 # Command modules, imported for their side effect of registering commands on `app`.
@@ -27,5 +28,5 @@ def main() -> None:
     try:
         app()
     except SavepointError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {markup(exc, keep_newlines=True)}", highlight=False)
         sys.exit(2)

@@ -12,8 +12,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# emoji=False: a `:name:` code in a file or metric name stays text (cli/render.py escapes the rest).
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 @app.callback()

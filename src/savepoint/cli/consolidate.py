@@ -30,7 +30,11 @@ def consolidate(
     ] = None,
     trust_dcp_metadata: Annotated[
         bool,
-        typer.Option("--trust-dcp-metadata", help="Read a bare DCP directory (its .metadata is a pickle)."),
+        typer.Option(
+            "--trust-dcp-metadata",
+            help="Read a bare DCP directory that no savepoint manifest vouches for (only one whose origin "
+            "you know; its .metadata is still read through savepoint's allow-list, never unpickled).",
+        ),
     ] = False,
 ) -> None:
     """Gather a sharded checkpoint into HF safetensors on one machine, one output shard in memory at a time."""

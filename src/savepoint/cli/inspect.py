@@ -11,18 +11,22 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+import stat
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import typer
 from rich.table import Table
 
+from savepoint._json import MAX_JSON_BYTES, read_json_inside
 from savepoint.cli.app import app, console
 from savepoint.cli.ls import format_metric, human_size, human_time
+from savepoint.cli.render import markup, text
 from savepoint.discovery import STEP_DIR, is_checkpoint_dir
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, Problem, SavepointError
 from savepoint.formats import state as state_codec
 from savepoint.formats.safetensors_io import DTYPE_NAMES, read_header
+from savepoint.io.files import DIRECTORY, read_bytes_inside, walk_inside
 from savepoint.manifest import Manifest, find_problems, read_manifest, resolve_inside
 from savepoint.storage.local import MANIFEST_NAME, TMP_PREFIX
 
@@ -121,7 +125,7 @@ def _inspect_checkpoint(path: str, manifest: Manifest) -> dict[str, Any]:
         "manifest": _manifest_summary(manifest),
         "files": files,
     }
-    parsed, unreadable = _parse_trusted(path, trusted, lambda rel: resolve_inside(path, rel), with_state=True)
+    parsed, unreadable = _parse_trusted(path, trusted, with_state=True)
     report.update(parsed, problems=_problem_dicts([*problems, *unreadable]))
     return report
 
@@ -138,19 +142,28 @@ def _inspect_plain_dir(path: str) -> dict[str, Any]:
         "layout": "model directory (no savepoint manifest)",
         "files": files,
     }
-    # HF cache snapshots are symlinks into ../blobs, so plain directories follow symlinks; nothing
-    # here runs code (no pickle is ever opened), and only headers and configs are parsed.
-    parsed, unreadable = _parse_trusted(path, rels, lambda rel: os.path.join(path, rel), with_state=False)
-    report.update(parsed, problems=_problem_dicts(unreadable))
+    # Only regular files are parsed, headers and configs only. Symlinks are listed but not followed:
+    # a directory from someone else may link anywhere (a HF cache snapshot links into ../blobs: inspect
+    # the files there, or a copy made with `cp -L`).
+    regular = [f["path"] for f in files if f["status"] == "ok"]
+    parsed, unreadable = _parse_trusted(path, regular, with_state=False)
+    skipped = [Problem(f["path"], f["status"]) for f in files if f["status"] != "ok"]
+    report.update(parsed, problems=_problem_dicts([*skipped, *unreadable]))
     return report
 
 
 def _plain_file_row(path: str, rel: str) -> dict[str, Any]:
+    size: int | None = None
     try:
-        size: int | None = os.path.getsize(os.path.join(path, rel))
-        status = "ok"
-    except OSError as exc:  # a dangling symlink (a half-downloaded HF cache) must not end the listing
-        size, status = None, f"unreadable: {exc.strerror}"
+        info = os.lstat(os.path.join(path, rel))
+    except OSError as exc:  # removed while listed: it must not end the listing
+        return {"path": rel, "size": None, "checksum": None, "status": f"unreadable: {exc.strerror}"}
+    if stat.S_ISLNK(info.st_mode):
+        status = "unreadable: a symbolic link, not followed"
+    elif not stat.S_ISREG(info.st_mode):
+        status = "unreadable: not a regular file (FIFO, socket, device)"
+    else:
+        size, status = info.st_size, "ok"
     return {"path": rel, "size": size, "checksum": None, "status": status}
 
 
@@ -165,15 +178,17 @@ def _not_a_model_dir_message(path: str, names: list[str]) -> str:
 
 
 def _walk_files(path: str) -> Iterable[str]:
-    for dirpath, dirs, files in os.walk(path):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .cache/ and friends are not the model
-        for name in files:
-            yield os.path.relpath(os.path.join(dirpath, name), path).replace(os.sep, "/")
+    """Every non-directory entry below `path` (symlinks not followed, depth-limited), hidden dirs pruned."""
+
+    def hidden(rel: str) -> bool:  # .cache/ and friends are not the model
+        return rel.rsplit("/", 1)[-1].startswith(".")
+
+    for rel, kind in walk_inside(path, skip=hidden):
+        if kind != DIRECTORY:
+            yield rel
 
 
-def _parse_trusted(
-    path: str, rels: list[str], locate: Callable[[str], str], *, with_state: bool
-) -> tuple[dict[str, Any], list[Problem]]:
+def _parse_trusted(path: str, rels: list[str], *, with_state: bool) -> tuple[dict[str, Any], list[Problem]]:
     """Parse what may be parsed among `rels` (safetensors headers, configs, verified train state).
 
     Returns the report sections and the files that turned out unparseable.
@@ -183,15 +198,16 @@ def _parse_trusted(
     for rel in rels:
         if rel.endswith(".safetensors"):
             try:
-                out["tensors"][rel] = _tensor_rows(read_header(locate(rel), checkpoint=path, relpath=rel))
+                located = resolve_inside(path, rel)  # no symlink, no FIFO on the way
+                out["tensors"][rel] = _tensor_rows(read_header(located, checkpoint=path, relpath=rel))
             except CorruptCheckpointError as exc:
                 unreadable += exc.problems
     if "config.json" in rels:
-        out["model"] = _model_summary(_read_json(locate("config.json")))
+        out["model"] = _model_summary(_read_json(path, "config.json"))
     if ADAPTER_CONFIG in rels:
         out["adapter"] = _adapter_summary(path, weights_ok=ADAPTER_WEIGHTS in rels)
     if with_state:
-        out["train_state"] = _train_state_summary([r for r in rels if r.startswith(TRAIN_STATE)], locate)
+        out["train_state"] = _train_state_summary([r for r in rels if r.startswith(TRAIN_STATE)], path)
     return out, unreadable
 
 
@@ -224,12 +240,14 @@ def _tensor_rows(header: Mapping[str, tuple[str, list[int]]]) -> list[dict[str, 
     return rows
 
 
-def _read_json(path: str) -> Any:
-    """A JSON file as data, or None when it is not valid JSON (inspect reports, it does not fail)."""
+def _read_json(root: str, rel: str) -> Any:
+    """A JSON file below `root` as data, or None when it is unreadable, unsafe or not valid JSON
+    (inspect reports, it does not fail)."""
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return read_json_inside(
+            root, rel, lambda reason: CorruptCheckpointError(root, [Problem(rel, reason)])
+        )
+    except SavepointError:
         return None
 
 
@@ -279,7 +297,7 @@ def _adapter_summary(path: str, *, weights_ok: bool) -> dict[str, Any]:
             except (SavepointError, ValueError, TypeError, OSError) as exc:
                 return {"error": str(exc)}
     # Without the LoRA module, or when the weights are damaged: what the config alone says.
-    config = _read_json(os.path.join(path, ADAPTER_CONFIG))
+    config = _read_json(path, ADAPTER_CONFIG)
     if not isinstance(config, dict):
         return {"error": f"{ADAPTER_CONFIG} is not a JSON object"}
     keys = ("peft_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules", "modules_to_save")
@@ -308,13 +326,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _blob_state(rels: list[str], rel: str, locate: Callable[[str], str]) -> Any:
+def _blob_state(rels: list[str], rel: str, root: str) -> Any:
     """The decoded-to-JSON `state` of a blob (tensors stay references), or None when absent/odd."""
     if rel not in rels:
         return None
     try:
-        with open(locate(rel), "rb") as f:
-            doc = state_codec.loads(f.read(), ckpt="", relpath=rel)
+        raw = read_bytes_inside(root, rel, max_bytes=MAX_JSON_BYTES)
+        doc = state_codec.loads(raw, ckpt="", relpath=rel)
     except (OSError, CorruptCheckpointError):
         return None
     return doc.get("state") if isinstance(doc, dict) else None
@@ -357,15 +375,15 @@ def _is_known_state_file(rel: str) -> bool:
     return name in blobs or name.startswith(("rng/", "stateful/"))
 
 
-def _train_state_summary(rels: list[str], locate: Callable[[str], str]) -> dict[str, Any]:
+def _train_state_summary(rels: list[str], root: str) -> dict[str, Any]:
     """Which training-state pieces a checkpoint holds, with a few numbers each."""
     ranks = sorted(int(m.group(1)) for r in rels if (m := _RANK_FILE.match(r)))
     stateful = sorted(m.group(1) for r in rels if (m := _STATEFUL_FILE.match(r)))
-    rng_state = _blob_state(rels, f"train_state/rng/rank-{ranks[0]:05d}.json", locate) if ranks else None
-    extra = _blob_state(rels, "train_state/extra.json", locate)
+    rng_state = _blob_state(rels, f"train_state/rng/rank-{ranks[0]:05d}.json", root) if ranks else None
+    extra = _blob_state(rels, "train_state/extra.json", root)
     return {
-        "optimizer": _optimizer_summary(_blob_state(rels, "train_state/optimizer.json", locate)),
-        "scheduler": _scheduler_summary(_blob_state(rels, "train_state/scheduler.json", locate)),
+        "optimizer": _optimizer_summary(_blob_state(rels, "train_state/optimizer.json", root)),
+        "scheduler": _scheduler_summary(_blob_state(rels, "train_state/scheduler.json", root)),
         "stateful": stateful,
         "rng_ranks": ranks,
         "rng_generators": sorted(rng_state) if isinstance(rng_state, dict) else [],
@@ -382,7 +400,7 @@ def _kv_table(items: Mapping[str, Any]) -> Table:
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in items.items():
-        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+        table.add_row(text(key), text(value if isinstance(value, str) else json.dumps(value)))
     return table
 
 
@@ -410,9 +428,9 @@ def _files_table(files: list[dict[str, Any]]) -> Table:
     table.add_column("checksum")
     table.add_column("status", overflow="fold")
     for f in files:
-        status = "[green]ok[/]" if f["status"] == "ok" else f"[red]{f['status']}[/]"
+        status = text("ok", "green") if f["status"] == "ok" else text(f["status"], "red")
         size = human_size(f["size"]) if f["size"] is not None else ""
-        table.add_row(f["path"], size, (f["checksum"] or "-")[:12], status)
+        table.add_row(text(f["path"]), size, text((f["checksum"] or "-")[:12]), status)
     return table
 
 
@@ -425,7 +443,7 @@ def _tensors_table(rows: list[dict[str, Any]], limit: int | None) -> Table:
     shown = rows if limit is None else rows[:limit]
     for r in shown:
         nbytes = human_size(r["bytes"]) if r["bytes"] is not None else "?"
-        table.add_row(r["name"], r["dtype"], str(tuple(r["shape"])), nbytes)
+        table.add_row(text(r["name"]), text(r["dtype"]), text(tuple(r["shape"])), nbytes)
     if len(shown) < len(rows):
         table.add_row(f"[dim]... and {len(rows) - len(shown)} more (--all shows every tensor)[/]", "", "", "")
     return table
@@ -434,7 +452,7 @@ def _tensors_table(rows: list[dict[str, Any]], limit: int | None) -> Table:
 def _tensors_title(rel: str, rows: list[dict[str, Any]]) -> str:
     numel = sum(r["numel"] for r in rows)
     nbytes = sum(r["bytes"] or 0 for r in rows)
-    return f"{rel}: {len(rows)} tensors, {numel:,} elements, {human_size(nbytes)}"
+    return f"{markup(rel)}: {len(rows)} tensors, {numel:,} elements, {human_size(nbytes)}"
 
 
 def _train_state_items(ts: Mapping[str, Any]) -> dict[str, Any]:
@@ -463,7 +481,7 @@ def _train_state_items(ts: Mapping[str, Any]) -> dict[str, Any]:
 
 def render_report(report: Mapping[str, Any], *, limit: int | None = DEFAULT_TENSOR_LIMIT) -> None:
     """Print an `inspect_path` report as rich tables."""
-    console.print(f"[bold]{report['path']}[/]: {report['layout']}", highlight=False)
+    console.print(f"[bold]{markup(report['path'])}[/]: {markup(report['layout'])}", highlight=False)
     if "manifest" in report:
         _section("manifest", _kv_table(_manifest_items(report["manifest"])))
     if report.get("model"):
@@ -476,7 +494,11 @@ def render_report(report: Mapping[str, Any], *, limit: int | None = DEFAULT_TENS
     for rel, rows in report["tensors"].items():
         _section(_tensors_title(rel, rows), _tensors_table(rows, limit))
     for p in report["problems"]:
-        console.print(f"[red]{p['path']}: {p['reason']}[/] (not parsed)", highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]{markup(p['path'])}: {markup(p['reason'])}[/] (not parsed)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _section(title: str, table: Table) -> None:

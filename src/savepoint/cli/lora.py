@@ -77,7 +77,11 @@ def export_command(
     ] = False,
     base: Annotated[
         str | None,
-        typer.Option("--base", help="Base model directory (default: the one the checkpoint records)."),
+        typer.Option(
+            "--base",
+            help="Base model directory. Without it, the base the checkpoint records is used only if the "
+            "checkpoint also records its weights' fingerprint (checked during the merge).",
+        ),
     ] = None,
     dtype: DtypeOption = None,
     max_shard_size: ShardOption = "5GB",

@@ -1,5 +1,9 @@
 """`savepoint ls ROOT`: the checkpoints of a run, with their metrics and the latest and best marks.
 
+The table fits a terminal: step, time, size, the metric that ranks "best" and the marks; other metrics
+(a Trainer logs a dozen: eval_runtime, eval_samples_per_second...) are named in the caption and shown
+with `--metrics a,b` or `--wide`. `--json` always has them all.
+
 Discovery only lists checkpoints whose manifest parses; `ls` also scans for `step-N` directories
 discovery skipped, so a damaged checkpoint shows up as an "unreadable" row instead of vanishing.
 `ls` reads manifests only: it does not checksum files (that is `savepoint verify`).
@@ -14,9 +18,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import typer
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from savepoint.cli.app import app, console
+from savepoint.cli.render import markup
 from savepoint.discovery import STEP_DIR, check_root, is_checkpoint_dir, list_checkpoints
 from savepoint.errors import SavepointError
 from savepoint.manifest import read_manifest
@@ -44,8 +51,11 @@ def human_size(nbytes: int) -> str:
 
 
 def human_time(timestamp: float) -> str:
-    """A wall-clock time in the local time zone, to the second."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    """A wall-clock time in the local time zone, to the second (a time no calendar holds: as a number)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    except (OverflowError, OSError, ValueError):  # a manifest may claim any finite number
+        return f"{timestamp:.6g}"
 
 
 def format_metric(value: float) -> str:
@@ -103,6 +113,9 @@ def scan_root(root: str) -> list[Row]:
         if not match or not os.path.isdir(path):
             continue
         step = int(match.group(1))
+        if os.path.islink(path):  # never followed: it may lead out of the root
+            rows.append(Row(step, path, reason="a symbolic link, not followed"))
+            continue
         info = readable.get(path)
         rows.append(Row(step, path, info) if info else Row(step, path, reason=_unreadable_reason(path, step)))
     return sorted(rows, key=lambda r: r.step)
@@ -151,35 +164,57 @@ def _marks(listing: Listing, step: int) -> list[str]:
     return marks
 
 
-def _caption(listing: Listing) -> str:
+def shown_metrics(listing: Listing, *, metrics: list[str] | None = None, wide: bool = False) -> list[str]:
+    """The metric columns of the table: all with `wide`, those asked for, else the best metric alone."""
+    if wide:
+        return list(listing.metrics)
+    if metrics is not None:
+        unknown = [m for m in metrics if m not in listing.metrics]
+        if unknown and listing.metrics:
+            raise SavepointError(
+                f"no checkpoint under {listing.root} reports {', '.join(map(repr, unknown))}; "
+                f"--metrics takes some of: {', '.join(listing.metrics)}"
+            )
+        return [m for m in metrics if m in listing.metrics]
+    return [listing.best_metric] if listing.best_metric in listing.metrics else []
+
+
+def _caption(listing: Listing, shown: list[str]) -> str:
     if not listing.rows:
         hint = (
             " (it is itself a checkpoint: try `savepoint inspect`)" if is_checkpoint_dir(listing.root) else ""
         )
         return f"no checkpoints under {listing.root}{hint}"
     if listing.best_metric is None:
-        return "no best mark: no eval_loss metric (choose one with --best-metric)"
-    if listing.best is None:
-        return f"no checkpoint reports metric {listing.best_metric!r}"
-    return f"best by {listing.best_metric} ({listing.best_mode})"
+        lines = ["no best mark: no eval_loss metric (choose one with --best-metric)"]
+    elif listing.best is None:
+        lines = [f"no checkpoint reports metric {listing.best_metric!r}"]
+    else:
+        lines = [f"best by {listing.best_metric} ({listing.best_mode})"]
+    hidden = [m for m in listing.metrics if m not in shown]
+    if hidden:
+        lines.append(f"not shown: {', '.join(hidden)} (--metrics NAME,... or --wide)")
+    return "\n".join(lines)
 
 
-def listing_table(listing: Listing) -> Table:
-    """The rich table for a computed listing."""
-    table = Table(title=f"checkpoints in {listing.root}", caption=_caption(listing))
-    table.add_column("step", justify="right", style="bold")
-    table.add_column("time")
-    table.add_column("size", justify="right")
-    for name in listing.metrics:
-        table.add_column(name, justify="right")
-    table.add_column("")
+def listing_table(listing: Listing, *, metrics: list[str] | None = None, wide: bool = False) -> Table:
+    """The rich table for a computed listing, with the metric columns `shown_metrics` picks."""
+    shown = shown_metrics(listing, metrics=metrics, wide=wide)
+    table = Table(title=f"checkpoints in {markup(listing.root)}", caption=markup(_caption(listing, shown)))
+    # Step, time and size never shrink to "…": they are what a row is read by.
+    table.add_column("step", justify="right", style="bold", no_wrap=True)
+    table.add_column("time", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    for name in shown:
+        table.add_column(markup(name), justify="right", overflow="fold")
+    table.add_column("", no_wrap=True)
     for row in listing.rows:
         if row.info is None:
-            blanks = [""] * len(listing.metrics)
-            table.add_row(str(row.step), "", "", *blanks, f"[red]unreadable[/]: {row.reason}")
+            blanks = [""] * len(shown)
+            table.add_row(str(row.step), "", "", *blanks, f"[red]unreadable[/]: {markup(row.reason)}")
             continue
         info = row.info
-        values = [format_metric(info.metrics[m]) if m in info.metrics else "" for m in listing.metrics]
+        values = [format_metric(info.metrics[m]) if m in info.metrics else "" for m in shown]
         marks = " ".join(
             f"[green]{m}[/]" if m == "latest" else f"[yellow]{m}[/]" for m in _marks(listing, row.step)
         )
@@ -187,12 +222,32 @@ def listing_table(listing: Listing) -> Table:
     return table
 
 
-def render_table(root: str, *, best_metric: str | None = None, best_mode: BestMode = "min") -> Table:
+def render_table(
+    root: str,
+    *,
+    best_metric: str | None = None,
+    best_mode: BestMode = "min",
+    metrics: list[str] | None = None,
+    wide: bool = False,
+) -> Table:
     """The `savepoint ls` table for `root` (the demo reuses it).
 
-    >>> console.print(render_table("runs/exp1"))  # doctest: +SKIP
+    >>> console.print(render_table("runs/exp1", metrics=["eval_loss", "loss"]))  # doctest: +SKIP
     """
-    return listing_table(build_listing(root, best_metric=best_metric, best_mode=best_mode))
+    listing = build_listing(root, best_metric=best_metric, best_mode=best_mode)
+    return listing_table(listing, metrics=metrics, wide=wide)
+
+
+def parse_metric_names(text: str | None) -> list[str] | None:
+    """`"eval_loss, loss"` -> `["eval_loss", "loss"]` (None when the option was not given)."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise SavepointError(
+            "--metrics needs metric names separated by commas, e.g. --metrics eval_loss,loss"
+        )
+    return names
 
 
 def listing_json(listing: Listing) -> dict[str, Any]:
@@ -234,9 +289,15 @@ def ls_command(
         "otherwise no best mark.",
     ),
     best_mode: str = typer.Option("min", "--best-mode", help="'min' (lower is better) or 'max'."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    metrics: str | None = typer.Option(
+        None, "--metrics", help="Metric columns to show, comma-separated (default: the best metric)."
+    ),
+    wide: bool = typer.Option(
+        False, "--wide", help="Show every metric, at full width even past the terminal's edge."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table (every metric)."),
 ) -> None:
-    """List the checkpoints of a run: step, time, size, metrics, and which is latest and best.
+    """List the checkpoints of a run: step, time, size, the best metric, and which is latest and best.
 
     Damaged step directories (no readable manifest) are listed as "unreadable". Files are not
     checksummed here; run `savepoint verify` for that.
@@ -246,4 +307,10 @@ def ls_command(
     if as_json:
         typer.echo(json.dumps(listing_json(listing), indent=2))
         return
-    console.print(listing_table(listing))
+    table = listing_table(listing, metrics=parse_metric_names(metrics), wide=wide)
+    if wide:  # as wide as the table wants: the terminal wraps long lines, nothing is cut to "…"
+        needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        wide_console = Console(width=max(needed, console.width), force_terminal=console.is_terminal)
+        wide_console.print(table, crop=False)
+    else:
+        console.print(table)

@@ -12,6 +12,7 @@ from typing import cast
 import typer
 
 from savepoint.cli.app import app, console
+from savepoint.cli.render import markup
 from savepoint.discovery import list_checkpoints
 from savepoint.errors import CheckpointNotFoundError, SavepointError
 from savepoint.policy import BestMode, CheckpointInfo, best_step
@@ -90,4 +91,4 @@ def plot_command(
     if best_mode not in ("min", "max"):
         raise SavepointError(f"--best-mode must be 'min' or 'max', got {best_mode!r}")
     path = plot_metric(root, metric, out or f"{metric}.png", best_mode=cast(BestMode, best_mode))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {markup(path)}", highlight=False)

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from savepoint.cli.app import app, console
 from savepoint.cli.ls import human_size
+from savepoint.cli.render import markup
 from savepoint.discovery import STEP_DIR, check_root, is_checkpoint_dir
 from savepoint.errors import (
     CheckpointNotFoundError,
@@ -59,8 +60,13 @@ def checkpoints_to_verify(path: str) -> list[str]:
     return dirs
 
 
-def verify_one(ckpt_dir: str) -> Verdict:
-    """Verify one checkpoint directory; problems are named relative to it."""
+def verify_one(ckpt_dir: str, *, in_root: bool = False) -> Verdict:
+    """Verify one checkpoint directory; problems are named relative to it.
+
+    `in_root`: it was found under a root, so a symlink there is reported, not followed.
+    """
+    if in_root and os.path.islink(ckpt_dir):
+        return Verdict(ckpt_dir, [Problem("", "is a symbolic link; savepoint follows none out of a root")])
     if not os.path.isdir(ckpt_dir):
         # A file named like a checkpoint: savepoint.verify would fail with a raw NotADirectoryError.
         return Verdict(ckpt_dir, [Problem("", "is a file, not a checkpoint directory")])
@@ -76,7 +82,7 @@ def verify_one(ckpt_dir: str) -> Verdict:
 
 
 def _print_verdict(verdict: Verdict) -> None:
-    name = os.path.basename(os.path.normpath(verdict.path))
+    name = markup(os.path.basename(os.path.normpath(verdict.path)))
     if verdict.intact:
         console.print(
             f"[green]✓ {name}: intact ({verdict.files} files, {human_size(verdict.size)})[/]", highlight=False
@@ -84,21 +90,21 @@ def _print_verdict(verdict: Verdict) -> None:
         return
     console.print(f"[bold red]✗ {name}: damaged[/]", highlight=False)
     for problem in verdict.problems:
-        where = f"{name}/{problem.path}" if problem.path else name
-        console.print(f"  [red]{where}: {problem.reason}[/]", highlight=False, soft_wrap=True)
+        where = f"{name}/{markup(problem.path)}" if problem.path else name
+        console.print(f"  [red]{where}: {markup(problem.reason)}[/]", highlight=False, soft_wrap=True)
 
 
-def _verify_all(dirs: list[str]) -> list[Verdict]:
+def _verify_all(dirs: list[str], root: str | None = None) -> list[Verdict]:
     # A progress bar only on a terminal: in logs and pipes it would be noise.
     if not console.is_terminal or len(dirs) < 2:
-        return [verify_one(d) for d in dirs]
+        return [verify_one(d, in_root=d != root) for d in dirs]
     verdicts = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("verifying", total=len(dirs))
         for d in dirs:
-            progress.update(task, description=f"verifying {os.path.basename(d)}")
-            verdicts.append(verify_one(d))
+            progress.update(task, description=f"verifying {markup(os.path.basename(d))}")
+            verdicts.append(verify_one(d, in_root=d != root))
             progress.advance(task)
     return verdicts
 
@@ -115,7 +121,7 @@ def verify_command(
     if is_remote_url(path):
         _verify_remote(path)
         return
-    verdicts = _verify_all(checkpoints_to_verify(path))
+    verdicts = _verify_all(checkpoints_to_verify(path), path)
     for verdict in verdicts:
         _print_verdict(verdict)
     damaged = [v for v in verdicts if not v.intact]
@@ -134,10 +140,10 @@ def _verify_remote(url: str) -> None:
         verified = verify(url)
     except CorruptCheckpointError as exc:
         for problem in exc.problems:
-            console.print(f"  [red]{problem}[/]", highlight=False, soft_wrap=True)
+            console.print(f"  [red]{markup(problem)}[/]", highlight=False, soft_wrap=True)
         console.print(
             "[bold red]damaged[/]; restore an earlier checkpoint or delete the damaged one", highlight=False
         )
         raise typer.Exit(1) from None
     for step_url in verified:
-        console.print(f"[green]✓ {step_url}: intact[/]", highlight=False)
+        console.print(f"[green]✓ {markup(step_url)}: intact[/]", highlight=False)

@@ -2,8 +2,9 @@
 
 A transformers model becomes what `from_pretrained` expects: config.json, generation_config.json,
 `model.safetensors` or shards named and indexed exactly as transformers names them (huggingface_hub's
-splitter decides the shards), and the tokenizer's files. A plain `nn.Module` becomes
-`model.safetensors` plus `savepoint_module.json`.
+splitter decides the shards), and the tokenizer's files. Weights go in the Hub's layout, which
+transformers' own conversions give (`formats/hub_layout.py`: MoE experts one tensor per expert, not
+fused). A plain `nn.Module` becomes `model.safetensors` plus `savepoint_module.json`.
 """
 
 from __future__ import annotations
@@ -14,17 +15,16 @@ import copy
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
-from savepoint._json import read_json_file
+from savepoint._json import read_json_inside
 from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
-from savepoint.formats.safetensors_io import DTYPE_NAMES, iter_safetensors, read_header, write_streamed
-from savepoint.formats.safetensors_io import (
-    read_safetensors as read_safetensors,  # collective.py reads full files through hf
-)
+from savepoint.formats.hub_layout import HubLayout, HubLoader, HubTensors, plan_hub_layout
+from savepoint.formats.safetensors_io import DTYPE_NAMES, read_header, read_safetensors, write_streamed
 from savepoint.manifest import Manifest, resolve_inside, verify_files
 from savepoint.storage.local import StagedDir, storage_error
 
@@ -108,7 +108,11 @@ def write_model_files(
     target = parse_dtype(dtype)
     if state is None:
         state = savable_state_dict(model)
-    write_weights(state, staged, max_shard_size=max_shard_size, dtype=target)
+    # transformers' index also records the parameter count; keep the index identical to its own.
+    counts = {"total_parameters": model.num_parameters()} if is_transformers_model(model) else {}  # type: ignore[operator]
+    write_weights(
+        hub_state(model, state), staged, max_shard_size=max_shard_size, dtype=target, index_metadata=counts
+    )
     if is_transformers_model(model):
         _write_config(model, staged, target)
         kind = "model"
@@ -120,6 +124,12 @@ def write_model_files(
             tokenizer.save_pretrained(staged.path)
     staged.record_unlisted()
     return kind
+
+
+def hub_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """`state` (the model's savable tensors) under the names and shapes transformers saves them with."""
+    layout = plan_hub_layout(model, state) if is_transformers_model(model) else None
+    return state if layout is None else HubTensors(layout, state)
 
 
 @contextlib.contextmanager
@@ -139,6 +149,7 @@ def write_weights(
     dtype: torch.dtype | None = None,
     prefix: str = "",
     progress: Callable[[str, int, int], None] | None = None,
+    index_metadata: Mapping[str, Any] | None = None,
 ) -> None:
     """Write tensors as one file or transformers-style shards plus index, cast to `dtype` if given.
 
@@ -149,30 +160,44 @@ def write_weights(
     def out_dtype(t: torch.Tensor) -> torch.dtype:
         return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
 
-    # Split on shape-only tensors of the target dtype, so shard sizes are those written to disk.
-    planned = {k: torch.empty(tuple(v.shape), dtype=out_dtype(v), device="meta") for k, v in state.items()}
-    split = split_torch_state_dict_into_shards(
-        planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-    )
+    if isinstance(state, HubTensors):  # converted on access: the layout plans the shards as transformers does
+        split = state.layout.split(max_shard_size=max_shard_size, dtype=dtype)
+    else:
+        # Split on shape-only tensors of the target dtype, so shard sizes are those written to disk.
+        planned = {
+            k: torch.empty(tuple(v.shape), dtype=out_dtype(v), device="meta") for k, v in state.items()
+        }
+        split = split_torch_state_dict_into_shards(
+            planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        )
+    # Shapes and dtypes without touching a tensor (HubTensors converts on access).
+    specs: Mapping[str, torch.Tensor] = state.layout.meta if isinstance(state, HubTensors) else state
     total = len(split.filename_to_tensors)
     for done, (filename, names) in enumerate(split.filename_to_tensors.items(), start=1):
         with staged.create(prefix + filename) as out:
-            # One tensor cast (and lazy DeepSpeed weights materialised by contiguous()) at a time: the
+            # One tensor cast, converted or materialised (DeepSpeed's lazy gathered weights) at a time: the
             # header needs only dtypes and shapes, so no shard-sized copy of the model is ever built.
-            layout = {n: (planned[n].dtype, tuple(planned[n].shape)) for n in names}
-            write_streamed(
-                out, layout, lambda n: state[n].contiguous().to(out_dtype(state[n])), {"format": "pt"}
-            )
+            layout = {n: (out_dtype(specs[n]), tuple(specs[n].shape)) for n in names}
+            write_streamed(out, layout, lambda n: _to_write(state[n], out_dtype), {"format": "pt"})
         if progress is not None:
             progress(filename, done, total)
     if split.is_sharded:
-        index = {"metadata": {**split.metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        index = {
+            "metadata": {**(index_metadata or {}), **split.metadata},
+            "weight_map": dict(sorted(split.tensor_to_filename.items())),
+        }
         staged.write_bytes(prefix + WEIGHTS_INDEX_NAME, json.dumps(index, indent=2).encode())
+
+
+def _to_write(t: torch.Tensor, out_dtype: Callable[[torch.Tensor], torch.dtype]) -> torch.Tensor:
+    # One access per tensor: HubTensors converts on access.
+    return t.contiguous().to(out_dtype(t))
 
 
 def _write_config(model: torch.nn.Module, staged: StagedDir, dtype: torch.dtype | None) -> None:
     config: Any = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
+    # FSDP2's fully_shard swaps in a class named FSDP<Model>; transformers strips the prefix the same way.
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
     saved_dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if saved_dtype is not None:
         config.dtype = str(saved_dtype).removeprefix("torch.")
@@ -214,8 +239,9 @@ def weight_files(ckpt_dir: str, manifest: Manifest, prefix: str = "") -> list[st
 
 def read_index(model_dir: str, index_rel: str = WEIGHTS_INDEX_NAME) -> dict[str, str]:
     """The `weight_map` of a safetensors index, refusing entries that leave the directory."""
-    path = resolve_inside(model_dir, index_rel)
-    doc = read_json_file(path, lambda reason: CorruptCheckpointError(model_dir, [Problem(index_rel, reason)]))
+    doc = read_json_inside(
+        model_dir, index_rel, lambda reason: CorruptCheckpointError(model_dir, [Problem(index_rel, reason)])
+    )
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -228,16 +254,38 @@ def read_index(model_dir: str, index_rel: str = WEIGHTS_INDEX_NAME) -> dict[str,
     return weight_map
 
 
+@dataclass
+class ModelTargets:
+    """Where a checked checkpoint's tensors go: the model's own tensors, under in-memory names, and the
+    Hub layout to convert the files from (None when the files hold the in-memory names)."""
+
+    tensors: dict[str, torch.Tensor]
+    layout: HubLayout | None = None
+
+
 def check_model_files(
     model: torch.nn.Module, ckpt_dir: str, manifest: Manifest, prefix: str = ""
-) -> tuple[list[str], dict[str, torch.Tensor]]:
+) -> tuple[list[str], ModelTargets]:
     """Verify a checkpoint's weight files and check they fit `model`; change nothing.
 
-    Returns the files and the model's tensors to copy into, for `copy_model_files`.
+    Returns the files and where their tensors go, for `copy_model_files`.
     """
     files = weight_files(ckpt_dir, manifest, prefix)
     verify_files(ckpt_dir, manifest, files)
-    expected = savable_state_dict(unwrap_model(model))
+    model = unwrap_model(model)
+    expected = savable_state_dict(model)
+    layout, mismatches = match_model_files(model, expected, read_headers(ckpt_dir, files))
+    if mismatches:
+        raise IncompatibleCheckpointError(
+            f"the model does not match checkpoint {ckpt_dir}; nothing was loaded. Build the model with the "
+            "checkpoint's config (config.json), or restore into the architecture it was saved from:",
+            mismatches=mismatches,
+        )
+    return files, ModelTargets(expected, layout)
+
+
+def read_headers(ckpt_dir: str, files: list[str]) -> dict[str, tuple[str, list[int]]]:
+    """name -> (dtype, shape) over all weight files; a tensor stored twice is a CorruptCheckpointError."""
     found: dict[str, tuple[str, list[int]]] = {}
     duplicates = []
     for rel in files:
@@ -249,24 +297,47 @@ def check_model_files(
         found.update(header)
     if duplicates:
         raise CorruptCheckpointError(ckpt_dir, duplicates)
-    mismatches = _compare(expected, found)
-    if mismatches:
-        raise IncompatibleCheckpointError(
-            f"the model does not match checkpoint {ckpt_dir}; nothing was loaded. Build the model with the "
-            "checkpoint's config (config.json), or restore into the architecture it was saved from:",
-            mismatches=mismatches,
-        )
-    return files, expected
+    return found
 
 
-def copy_model_files(ckpt_dir: str, files: list[str], targets: dict[str, torch.Tensor]) -> None:
-    """Copy checked weight files into the model's tensors in place, one tensor in memory at a time."""
+def match_model_files(
+    model: torch.nn.Module, expected: dict[str, torch.Tensor], found: Mapping[str, tuple[str, list[int]]]
+) -> tuple[HubLayout | None, list[str]]:
+    """How files holding `found` map onto the model's `expected` tensors: the Hub layout to convert
+    from (or None), and what does not fit. `expected` may be meta tensors (a sharded model's shapes)."""
+    # Checkpoints hold the Hub's layout; older savepoint versions wrote the in-memory one, which loads as is.
+    layout = plan_hub_layout(model, expected) if found.keys() != expected.keys() else None
+    mismatches = _compare(layout.meta if layout else expected, dict(found))
+    if layout is not None and not mismatches:
+        layout.check_round_trip(expected)
+    return layout, mismatches
+
+
+def iter_model_parts(
+    ckpt_dir: str, files: list[str], layout: HubLayout | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The weight files' tensors under the model's in-memory names: file by file, or, converting from
+    the Hub layout, group by group as each group's tensors have been read."""
+    loader = HubLoader(layout) if layout is not None else None
+    for rel in files:
+        tensors = read_safetensors(os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel)
+        if loader is None:
+            yield tensors
+            continue
+        for name in list(tensors):
+            part = loader.put(name, tensors.pop(name))
+            if part is not None:
+                yield part
+    if loader is not None:
+        loader.finish()
+
+
+def copy_model_files(ckpt_dir: str, files: list[str], targets: ModelTargets) -> None:
+    """Copy checked weight files into the model's tensors in place, one file (or group) in memory at a time."""
     with torch.no_grad():
-        for rel in files:
-            for name, tensor in iter_safetensors(
-                os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel
-            ):
-                targets[name].copy_(tensor)
+        for part in iter_model_parts(ckpt_dir, files, targets.layout):
+            for name, tensor in part.items():
+                targets.tensors[name].copy_(tensor)
 
 
 def load_model_files(model: torch.nn.Module, ckpt_dir: str, manifest: Manifest, prefix: str = "") -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,6 +88,13 @@ def load_adapter_into(model: Any, ckpt_dir: str, manifest: Manifest | dict[str, 
 
     `manifest` is the checkpoint's Manifest (read from `ckpt_dir` when None), or just its `base_model`.
     """
+    plan_adapter_load(model, ckpt_dir, manifest)()
+
+
+def plan_adapter_load(
+    model: Any, ckpt_dir: str, manifest: Manifest | dict[str, Any] | None = None
+) -> Callable[[], None]:
+    """Every check of `load_adapter_into`, and the adapter read; returns the step that changes `model`."""
     if not isinstance(manifest, Manifest):
         base_info = manifest
         manifest = read_manifest(ckpt_dir)
@@ -110,17 +118,21 @@ def load_adapter_into(model: Any, ckpt_dir: str, manifest: Manifest | dict[str, 
     verify_files(ckpt_dir, manifest, [relpath])
     state = read_safetensors(resolve_inside(ckpt_dir, relpath), checkpoint=ckpt_dir, relpath=relpath)
     _check_keys(model, state, adapter_name, ckpt_dir)
-    try:
-        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
-    except RuntimeError as exc:  # shape mismatches surface from load_state_dict
-        raise IncompatibleCheckpointError(
-            f"the adapter in {ckpt_dir} does not fit this model: {exc}"
-        ) from exc
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise IncompatibleCheckpointError(
-            f"{ckpt_dir} holds adapter tensors this model lacks:", mismatches=unexpected
-        )
+
+    def load() -> None:
+        try:
+            result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+        except RuntimeError as exc:  # shape mismatches surface from load_state_dict
+            raise IncompatibleCheckpointError(
+                f"the adapter in {ckpt_dir} does not fit this model: {exc}"
+            ) from exc
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise IncompatibleCheckpointError(
+                f"{ckpt_dir} holds adapter tensors this model lacks:", mismatches=unexpected
+            )
+
+    return load
 
 
 def _check_keys(model: Any, state: dict[str, torch.Tensor], adapter_name: str, ckpt_dir: str) -> None:

@@ -1,12 +1,13 @@
 """Sharded training state: a DCP directory inside the checkpoint, written by every rank in parallel.
 
-    train_state/dcp/.metadata          torch's index of every chunk (a pickle: read only after its
-                                       checksum matched the manifest, DESIGN.md promise 4)
+    train_state/dcp/.metadata          torch's index of every chunk (a pickle: read only through
+                                       savepoint's allow-list reader, formats/dcp_metadata.py)
     train_state/dcp/__0_0.distcp ...   each rank's own chunks, raw tensor bytes
     train_state/optimizer_groups.json  param_groups and non-tensor optimizer state, keyed by name
 
 Only tensors go through DCP (keys `optim.<param fqn>.<state key>`, and `model.<fqn>` when the model
-itself is stored sharded), so the `.distcp` files hold no pickled objects. Optimizer state is keyed
+itself is stored sharded), so the `.distcp` files hold only tensor records (decoded by DCP with
+torch's weights-only unpickler), never byte items. Optimizer state is keyed
 by parameter name (torch's `get_optimizer_state_dict`), exactly like the non-sharded blob, so a
 checkpoint written by N ranks loads at M ranks, or in a plain process without torch.distributed:
 DCP reshards on load.
@@ -15,7 +16,6 @@ DCP reshards on load.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -116,32 +116,35 @@ def write_dcp(staged: StagedDir, tensors: dict[str, torch.Tensor], *, timeout: f
 
 
 def read_dcp(
-    ckpt_dir: str, manifest: Manifest, targets: dict[str, torch.Tensor], *, timeout: float | None = None
+    ckpt_dir: str,
+    manifest: Manifest,
+    targets: dict[str, torch.Tensor],
+    *,
+    metadata: Any = None,
+    timeout: float | None = None,
 ) -> None:
     """Load checkpointed tensors into `targets` in place (plain tensors or DTensors: DCP reshards).
 
-    Every DCP file is checked against the manifest first; torch's pickled `.metadata` is never read
-    from a checkpoint whose checksums do not match.
+    `metadata`: what `read_metadata` returned (its files are verified then); else it is read here.
     """
-    import torch.distributed.checkpoint as dcp
+    from savepoint.formats.dcp_reader import load_tensors
+
+    if metadata is None:
+        metadata = read_metadata(ckpt_dir, manifest)
+    group = distributed.coordination_group(timeout) if distributed.is_distributed() else None
+    load_tensors(os.path.join(ckpt_dir, DCP_DIR), metadata, targets, checkpoint=ckpt_dir, process_group=group)
+
+
+def read_metadata(ckpt_dir: str, manifest: Manifest) -> Any:
+    """torch's DCP `Metadata` of a checkpoint: every DCP file verified against the manifest, then
+    `.metadata` read through the allow-list (never `pickle.load`), its entries confined to those files."""
+    from savepoint.formats.dcp_reader import read_dcp_metadata
 
     if not has_dcp(manifest):
         raise CorruptCheckpointError(
             ckpt_dir, [Problem(METADATA, "needed for sharded state but not in the manifest")]
         )
-    verify_files(ckpt_dir, manifest, dcp_files(manifest))
-    reader = dcp.FileSystemReader(os.path.join(ckpt_dir, DCP_DIR))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        if distributed.is_distributed():
-            dcp.load(targets, storage_reader=reader, process_group=distributed.coordination_group(timeout))
-        else:
-            dcp.load(targets, storage_reader=reader, no_dist=True)
-
-
-def read_metadata(ckpt_dir: str, manifest: Manifest) -> Any:
-    """torch's DCP `Metadata` of a checkpoint (verified against the manifest before unpickling)."""
-    import torch.distributed.checkpoint as dcp
-
-    verify_files(ckpt_dir, manifest, [METADATA])
-    return dcp.FileSystemReader(os.path.join(ckpt_dir, DCP_DIR)).read_metadata()
+    files = dcp_files(manifest)
+    verify_files(ckpt_dir, manifest, files)
+    sizes = {p[len(DCP_DIR) + 1 :]: manifest.files[p].size for p in files}
+    return read_dcp_metadata(ckpt_dir, DCP_DIR, sizes)

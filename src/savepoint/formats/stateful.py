@@ -51,14 +51,47 @@ def capture(obj: Any) -> Any:
     return {_WRAPPED: 1, "state": state, "generators": live}
 
 
+def check(obj: Any, state: Any, ckpt_dir: str, relpath: str) -> None:
+    """What can be checked before any object changes: a data loader's document and generator states.
+
+    Other objects' `load_state_dict` is their own code; restore runs them before it changes anything
+    else, so an object that refuses its state still leaves the rest untouched.
+    """
+    from savepoint.errors import CorruptCheckpointError, Problem
+
+    if not (_is_stateful_data_loader(obj) and isinstance(state, dict) and _WRAPPED in state):
+        return
+    generators = state.get("generators", {})
+    problem = None
+    if (
+        state.get(_WRAPPED) != 1
+        or not isinstance(state.get("state"), dict)
+        or not isinstance(generators, dict)
+    ):
+        problem = "malformed data-loader state"
+    else:
+        for name, saved in generators.items():
+            ok = isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.dim() == 1
+            if not ok or saved.numel() != torch.Generator().get_state().numel():
+                problem = f"generator state {name!r:.100} is not a CPU generator state"
+    if problem:
+        raise CorruptCheckpointError(ckpt_dir, [Problem(relpath, problem)])
+
+
 def restore(obj: Any, state: Any) -> None:
     """Load a stored state tree into `obj`."""
     if not (_is_stateful_data_loader(obj) and isinstance(state, dict) and state.get(_WRAPPED) == 1):
         obj.load_state_dict(state)
         return
-    obj.load_state_dict(state["state"])
-    obj.state_dict()  # materialise the resumed iterator now; the next iter() reuses it
-    generators = _generators(obj)
+    # Accelerate's wrapper (DataLoaderShard) answers state_dict() from a cache, so the torchdata loader
+    # under it is restored directly: its resumed iterator is built now, and whatever that draws from the
+    # global RNG is drawn before the RNG states are put back, not at the user's next iter().
+    loader = getattr(obj, "base_dataloader", obj)
+    loader.load_state_dict(state["state"])
+    loader.state_dict()  # materialise the resumed iterator now; the next iter() reuses it
+    if loader is not obj and hasattr(obj, "dl_state_dict"):
+        obj.dl_state_dict = loader.state_dict()  # a save before the next batch records the restored position
+    generators = _generators(loader)
     for name, saved in state.get("generators", {}).items():
         if name in generators:
             generators[name].set_state(saved)

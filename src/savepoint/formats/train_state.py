@@ -7,6 +7,7 @@ wrapping (DDP, torch.compile) and refuses to load into a model whose parameters 
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import warnings
@@ -121,10 +122,49 @@ def prepare_optimizer_state(
             f"the optimizer's parameters differ from those saved in {ckpt_dir}; nothing was loaded:",
             mismatches=mismatches,
         )
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # numbered as _index_to_name does
+    shapes = {to_name[i]: tuple(p.shape) for i, p in enumerate(params)}
+    check_optimizer_moments(saved["state"], shapes, ckpt_dir)
     return {
         "state": {to_index[n]: v for n, v in saved["state"].items() if n in to_index},
         "param_groups": [{**g, "params": [to_index[n] for n in g["params"]]} for g in groups],
     }
+
+
+def check_optimizer_moments(state: Any, shapes: Mapping[str, tuple[int, ...]], ckpt_dir: str) -> None:
+    """Every saved per-parameter state fits its parameter, before `load_state_dict` (which checks none).
+
+    A state tensor must have the parameter's shape, or be the parameter's shape with dimensions left
+    out (a scalar step count, a factored second moment as Adafactor keeps), or hold one element.
+    """
+    if not isinstance(state, dict):
+        raise IncompatibleCheckpointError(
+            f"optimizer state in {ckpt_dir} is malformed (no per-parameter map)"
+        )
+    bad = []
+    for name, entry in state.items():
+        if name not in shapes:
+            bad.append(f"state for {name!r:.200}, which is no parameter of the optimizer")
+        elif not isinstance(entry, dict):
+            bad.append(f"state of {name!r:.200} is not a mapping")
+        else:
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and not _fits(tuple(value.shape), shapes[name]):
+                    bad.append(
+                        f"{name}.{key}: shape {list(value.shape)} does not fit the parameter's {list(shapes[name])}"
+                    )
+    if bad:
+        raise IncompatibleCheckpointError(
+            f"optimizer state in {ckpt_dir} does not fit the optimizer's parameters; nothing was loaded:",
+            mismatches=bad,
+        )
+
+
+def _fits(shape: tuple[int, ...], param: tuple[int, ...]) -> bool:
+    if shape == param or math.prod(shape) == 1:
+        return True
+    rest = iter(param)
+    return all(any(d == p for p in rest) for d in shape)  # `shape` is `param` with some dims left out
 
 
 def _group_mismatches(current: list[list[str]], stored: list[list[str]]) -> list[str]:
@@ -152,13 +192,75 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def check_rng_state(state: Any, ckpt_dir: str, relpath: str) -> None:
+    """Decode every RNG state into a throwaway generator, so a bad blob fails before anything changes."""
+    try:
+        if not isinstance(state, Mapping):
+            raise TypeError("not a mapping")
+        random.Random().setstate(_as_tuple(state["python"]))
+        np.random.RandomState().set_state(_as_tuple(state["numpy"]))
+        _check_generator_state(state["torch"], torch.Generator())
+        if "cuda" in state and torch.cuda.is_available():
+            cuda = state["cuda"]
+            if not isinstance(cuda, list | tuple):
+                raise TypeError("the CUDA states are not a list")
+            for blob in cuda:
+                _check_generator_state(blob, torch.Generator(device="cuda"))
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError) as exc:
+        raise CorruptCheckpointError(
+            ckpt_dir, [Problem(relpath, f"RNG state does not decode ({type(exc).__name__}: {exc})"[:300])]
+        ) from exc
+
+
+def _check_generator_state(blob: Any, generator: torch.Generator) -> None:
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise TypeError("a generator state must be a 1-D uint8 tensor")
+    if blob.numel() != generator.get_state().numel():
+        raise ValueError(f"generator state of {blob.numel()} bytes, expected {generator.get_state().numel()}")
+    generator.set_state(blob)
+
+
+def check_scheduler_state(scheduler: Any, saved: Any, ckpt_dir: str) -> None:
+    """The saved state has exactly the keys of the scheduler's own `state_dict()`, lists of its lengths."""
+    own = scheduler.state_dict()
+    if not isinstance(saved, dict):
+        raise IncompatibleCheckpointError(
+            f"the scheduler state in {ckpt_dir} is not a mapping; nothing was loaded"
+        )
+    bad = [f"missing in checkpoint: {k}" for k in sorted(own.keys() - saved.keys())]
+    bad += [f"unexpected in checkpoint: {k!r:.200}" for k in sorted(map(str, saved.keys() - own.keys()))]
+    bad += [
+        f"{k}: {len(saved[k]) if isinstance(saved[k], list | tuple) else 'not a list'} entries, "
+        f"the scheduler has {len(v)}"
+        for k, v in own.items()
+        if isinstance(v, list | tuple) and k in saved and not _same_len(saved[k], v)
+    ]
+    if bad:
+        raise IncompatibleCheckpointError(
+            f"the scheduler saved in {ckpt_dir} is not of this scheduler's kind; nothing was loaded:",
+            mismatches=bad,
+        )
+
+
+def _same_len(saved: Any, own: list[Any] | tuple[Any, ...]) -> bool:
+    return isinstance(saved, list | tuple) and len(saved) == len(own)
+
+
 def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(_as_tuple(state["python"]))
     np.random.set_state(_as_tuple(state["numpy"]))
     torch.set_rng_state(state["torch"].to(torch.uint8))
     if "cuda" in state:
         if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(state["cuda"]))
+            saved, count = list(state["cuda"]), torch.cuda.device_count()
+            if len(saved) != count:
+                warnings.warn(
+                    f"the checkpoint holds CUDA RNG states of {len(saved)} GPU(s) and this process sees {count}; "
+                    f"the first {min(len(saved), count)} were restored",
+                    stacklevel=3,
+                )
+            for index, blob in enumerate(saved[:count]):
+                torch.cuda.set_rng_state(blob, index)
         else:
             warnings.warn(
                 "the checkpoint holds CUDA RNG state but no GPU is available; it was not restored",

@@ -4,11 +4,13 @@
         use_stateful_dataloader=True, use_seedable_sampler=True))
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     ckpt = AcceleratorCheckpointer("runs/exp1", save_every=100, keep_last=3)
-    step = ckpt.restore(model=model, optimizer=opt, scheduler=sched, dataloader=loader).step
-    for batch in loader:
-        ...
-        step += 1
-        ckpt.maybe_save(step, model=model, optimizer=opt, scheduler=sched, dataloader=loader)
+    state = dict(model=model, optimizer=opt, scheduler=sched, dataloader=loader)
+    step = ckpt.restore(**state).step                   # 0 on a fresh run
+    for epoch in range(loader.iteration, num_epochs):   # a resumed loader knows its epoch
+        for batch in loader:                            # ... and its position in it
+            ...
+            step += 1
+            ckpt.maybe_save(step, **state)
 
 Works in one process and under `accelerate launch` (every process calls `save` and `restore`:
 savepoint's collective save writes the replicated model and optimizer once, and each process's RNG
@@ -18,7 +20,9 @@ loader: accelerate keeps the epoch outside the loader's `state_dict()`, and a re
 
 The data loader must be prepared with `use_stateful_dataloader=True` (torchdata: a plain
 `DataLoader` has no position to save) and, when it shuffles, `use_seedable_sampler=True` (each
-epoch's order is then a function of the seed and the epoch, which the checkpoint records).
+epoch's order is then a function of the seed and the epoch, which the checkpoint records). A plain
+`DataLoader(shuffle=True)` without `generator=` is fine: restoring builds the resumed iterator (which
+draws a seed from the global RNG) before the RNG states are put back, as in the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -48,15 +52,27 @@ class LoaderPosition:
         self.loader = loader
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "position": stateful_format.capture(self.loader),
-            "epoch": int(getattr(self.loader, "iteration", 0)),
-        }
+        return {"position": stateful_format.capture(self.loader), "epoch": epoch_to_resume(self.loader)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(state["epoch"])  # the seedable sampler's order is a function of the epoch
+        # formats.stateful restores the torchdata loader under Accelerate's wrapper (see there why).
         stateful_format.restore(self.loader, state["position"])
+
+
+def epoch_to_resume(loader: Any) -> int:
+    """The epoch a resumed run continues: `loader.iteration`, plus one after the epoch's last batch.
+
+    Accelerate counts an epoch as done only when its iterator is exhausted, which happens after the
+    loop body of the last batch has run; a checkpoint taken there records a finished iterator, and
+    must resume with the next epoch, not replay this one.
+    """
+    epoch = int(getattr(loader, "iteration", 0))
+    finished = bool(loader.state_dict().get("_iterator_finished", False))
+    references = getattr(getattr(loader, "gradient_state", None), "dataloader_references", None) or []
+    iterating = any(ref is loader for ref in references)  # between the epoch's first batch and its end
+    return epoch + 1 if finished and iterating else epoch
 
 
 class AcceleratorCheckpointer:

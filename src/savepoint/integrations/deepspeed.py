@@ -17,13 +17,13 @@ over every file written last, rename):
                                         partition (fp32 master weights, optimizer moments, scheduler)
     train_state/rng/, stateful/ ...     as for any distributed save
 
-The files under `train_state/deepspeed/` are DeepSpeed's own format: torch pickles. They are the one
-exception to "no pickle in what we write" we take besides DCP's metadata, and they are read the same
-way: only after every one of them matched its checksum in the manifest, and only through torch's
-`weights_only` unpickler with three DeepSpeed data classes allowed (`ZeroStageEnum`, `LossScaler`,
-`fragment_address`), never
-through plain `pickle`. Restore needs the world size it was saved at; `savepoint consolidate`
-turns such a directory (or any DeepSpeed checkpoint directory) into an HF model directory offline.
+The files under `train_state/deepspeed/` are DeepSpeed's own format: torch pickles, the one exception
+to "no pickle in what we write" besides DCP's metadata. They are read only after every one of them
+matched its checksum in the manifest, only if the manifest lists them, and only through torch's
+`weights_only` unpickler (deepspeed_files.py); DeepSpeed routes that would call plain `torch.load`
+(universal checkpoints, NVMe optimizer offload) are refused. Restore needs the world size it was
+saved at; `savepoint consolidate` turns such a directory (or any DeepSpeed checkpoint directory) into
+an HF model directory offline, through the same reader.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -45,6 +45,12 @@ from savepoint.errors import (
     UnsupportedStateError,
 )
 from savepoint.formats import hf, train_state
+from savepoint.integrations.deepspeed_files import (
+    FileLoader,
+    engine_reads_through,
+    module_reads_through,
+    refuse_unsafe_options,
+)
 from savepoint.manifest import Manifest, verify_files
 
 DS_DIR = f"{train_state.TRAIN_STATE_DIR}/deepspeed"
@@ -59,34 +65,6 @@ def is_engine(model: object) -> bool:
 
 def tag_of(step: int) -> str:
     return f"global_step{step}"
-
-
-# ---------------------------------------------------------------- reading DeepSpeed's pickles safely
-
-
-def _safe_globals() -> list[Any]:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, fragment_address]  # plain data classes: no code runs on load
-
-
-def safe_load(path: str, map_location: Any = None, **_: Any) -> Any:
-    """torch.load of a DeepSpeed file through the `weights_only` unpickler (memory-mapped)."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True, mmap=True)
-
-
-@contextlib.contextmanager
-def _engine_loads_safely(engine: Any) -> Iterator[None]:
-    """Route the engine's checkpoint reads through `safe_load` for the duration of one restore."""
-    checkpoint_engine = engine.checkpoint_engine
-    checkpoint_engine.load = safe_load  # an instance attribute shadows the method
-    try:
-        yield
-    finally:
-        del checkpoint_engine.load
 
 
 # ---------------------------------------------------------------- saving
@@ -162,9 +140,14 @@ def _save_engine(engine: Any, staged: Any, step: int) -> None:
                 os.remove(os.path.join(save_dir, script))
     me = distributed.rank()
     for name in sorted(os.listdir(os.path.join(save_dir, tag))):
-        match = _RANK_FILE.search(name)
-        if (int(match.group(1)) if match else 0) == me:  # files of no rank (ZeRO-1/2 model states): rank 0
+        if (_file_rank(name) or 0) == me:  # files of no rank (ZeRO-1/2 model states): rank 0
             staged.record(f"{DS_DIR}/{tag}/{name}")
+
+
+def _file_rank(name: str) -> int | None:
+    """The data-parallel rank a DeepSpeed file belongs to; None for files every rank reads."""
+    match = _RANK_FILE.search(name)
+    return int(match.group(1)) if match else None
 
 
 # ---------------------------------------------------------------- restoring
@@ -183,9 +166,12 @@ def restore(
     scheduler: Any = None,
     stateful: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Restore a DeepSpeed checkpoint into `engine` at the world size it was saved at."""
+    """Restore a DeepSpeed checkpoint into `engine` at the world size it was saved at.
+
+    Before the engine changes: every DeepSpeed file verified, this rank's files decoded (weights-only,
+    memory-mapped), the small state checked. What DeepSpeed then checks while loading is its own."""
     from savepoint.collective import _read_blobs
-    from savepoint.restoring import finish_restore
+    from savepoint.restoring import check_blobs, finish_restore
 
     if optimizer is not None and optimizer is not engine.optimizer:
         raise UnsupportedStateError("with a DeepSpeed engine, restore(model=engine) without optimizer=")
@@ -201,13 +187,28 @@ def restore(
             "per rank). Restore with the same number of ranks, or consolidate it and start from the weights."
         )
     tag = tag_of(manifest.step or 0)
-    files = sorted(p for p in manifest.files if p.startswith(f"{DS_DIR}/{tag}/"))
-    if not files:
-        raise CorruptCheckpointError(path, [Problem(f"{DS_DIR}/{tag}", "no DeepSpeed files for this step")])
-    verify_files(path, manifest, files)  # every pickle matches its checksum before any is opened
     stateful = dict(stateful or {})
-    blobs = _read_blobs(path, manifest, optimizer=None, scheduler=scheduler, stateful=stateful)
-    with _engine_loads_safely(engine):
+    error, blobs, loader = None, {}, None
+    try:
+        refuse_unsafe_options(engine, path)
+        files = sorted(p for p in manifest.files if p.startswith(f"{DS_DIR}/{tag}/"))
+        if not files:
+            raise CorruptCheckpointError(
+                path, [Problem(f"{DS_DIR}/{tag}", "no DeepSpeed files for this step")]
+            )
+        verify_files(path, manifest, files)  # every pickle matches its checksum before any is opened
+        blobs = _read_blobs(path, manifest, optimizer=None, scheduler=scheduler, stateful=stateful)
+        check_blobs(path, blobs, scheduler=scheduler, stateful=stateful)
+        names = [f.rsplit("/", 1)[1] for f in files]
+        loader = FileLoader(os.path.join(path, DS_DIR, tag), listed=names, checkpoint=path)
+        # Decode this rank's files (weights-only, memory-mapped) before the engine changes at all.
+        loader.preload([n for n in names if _file_rank(n) in (None, distributed.rank())])
+    except BaseException as exc:
+        error = exc
+    # Every rank learns of a problem on any rank before one of them enters DeepSpeed's collectives.
+    distributed.agree(error, timeout=None, what=f"restore of {path}")
+    assert loader is not None
+    with engine_reads_through(engine, loader):
         loaded, _ = engine.load_checkpoint(
             os.path.join(path, DS_DIR), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -241,28 +242,18 @@ def find_checkpoint(source: str) -> str | None:
     )
 
 
-class _SafeTorch:
-    """`torch` as DeepSpeed's zero_to_fp32 sees it during one consolidation: its `torch.load` calls (with
-    weights_only=False) go through `safe_load` instead; everything else is torch itself."""
-
-    load = staticmethod(safe_load)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-
-def fp32_state(tag_dir: str) -> dict[str, Any]:
+def fp32_state(
+    tag_dir: str, *, listed: list[str] | None = None, checkpoint: str | None = None
+) -> dict[str, Any]:
     """name -> fp32 tensor or a lazy DeepSpeed `GatheredTensor` (`.contiguous()` materializes it), from the
-    fp32 master weights of every rank's partition (memory-mapped: nothing is read until asked for)."""
+    fp32 master weights of every rank's partition (memory-mapped: nothing is read until asked for).
+    DeepSpeed's zero_to_fp32 does the gathering; each of its reads goes through the weights-only
+    `FileLoader`, confined to `tag_dir` (and to `listed` names, when given)."""
     from deepspeed.utils import zero_to_fp32
 
-    original = zero_to_fp32.torch
-    zero_to_fp32.torch = _SafeTorch()
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # it prints progress on stdout
-            return dict(zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(tag_dir, False))
-    finally:
-        zero_to_fp32.torch = original
+    loader = FileLoader(tag_dir, listed=listed, checkpoint=checkpoint)
+    with module_reads_through(zero_to_fp32, loader):
+        return dict(zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(tag_dir, False))
 
 
 def consolidate(
@@ -285,7 +276,7 @@ def consolidate(
     tag_dir = find_checkpoint(source)
     if tag_dir is None:
         raise IncompatibleCheckpointError(f"{source} is no DeepSpeed checkpoint (no *_optim_states.pt)")
-    state = fp32_state(tag_dir)
+    state = fp32_state(tag_dir, **_enclosing_listing(tag_dir))
     first: dict[int, str] = {}
     names = [n for n, t in state.items() if first.setdefault(id(t), n) == n]  # tied weights once
 
@@ -308,6 +299,29 @@ def consolidate(
     except BaseException:
         staged.abort()
         raise
+
+
+def _enclosing_listing(tag_dir: str) -> dict[str, Any]:
+    """Inside a savepoint checkpoint (`CKPT/train_state/deepspeed/global_stepN`): its manifest verified,
+    no unlisted file in the tag directory, and reads confined to the listed ones."""
+    from savepoint.manifest import MANIFEST_NAME, read_manifest
+
+    tag_dir = os.path.abspath(tag_dir)
+    ckpt = os.path.dirname(os.path.dirname(os.path.dirname(tag_dir)))
+    rel = os.path.relpath(tag_dir, ckpt).replace(os.sep, "/")
+    if not rel.startswith(DS_DIR + "/") or not os.path.isfile(os.path.join(ckpt, MANIFEST_NAME)):
+        return {}  # a bare DeepSpeed directory: every read still weights-only and inside tag_dir
+    manifest = read_manifest(ckpt)
+    files = sorted(p for p in manifest.files if p.startswith(rel + "/"))
+    verify_files(ckpt, manifest, files)
+    unlisted = [
+        Problem(f"{rel}/{n}", "present but not listed in the manifest")
+        for n in sorted(os.listdir(tag_dir))
+        if f"{rel}/{n}" not in manifest.files
+    ]
+    if unlisted:
+        raise CorruptCheckpointError(ckpt, unlisted)
+    return {"listed": [p[len(rel) + 1 :] for p in files], "checkpoint": ckpt}
 
 
 def _config_home(tag_dir: str) -> str | None:

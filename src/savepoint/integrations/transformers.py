@@ -3,42 +3,60 @@
     cb = SavepointCallback("runs/exp1", keep_last=2, best_metric="eval_loss", keep_best=1)
     trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ev, callbacks=[cb])
     trainer.train(resume_from_checkpoint=cb.resume_checkpoint())   # None on the first run
+    trainer.train(resume_from_checkpoint=True)                      # the same, or an error if none
 
 The Trainer still decides *when* to save (`save_strategy`, `save_steps`; or the manager's
 `save_every`); the callback takes the save over and stops the Trainer from writing its own
 `checkpoint-N` (pickled optimizer and RNG). A checkpoint holds the model, the tokenizer, the
-optimizer, the LR scheduler, the RNG states and `trainer_state.json` (JSON: it is what the Trainer
-reads to skip the batches already seen), all checksummed in the manifest. When an evaluation is due
-at the same step, the save waits for its metrics, so `best_metric="eval_loss"` ranks checkpoints and
-retention never deletes the best one.
+optimizer, the LR scheduler, the RNG states, `trainer_state.json` (JSON: it is what the Trainer
+reads to skip the batches already seen), the callback's `stateful=` objects and `extra=` values,
+and for TRL trainers the state TRL keeps outside the Trainer (`savepoint.integrations.trl`), all
+checksummed in the manifest. A save waits until the Trainer has logged the step (a save step is
+always a logging step) and, when an evaluation is due at the same step, for its metrics: the
+checkpoint's metrics are what the Trainer logged at that step (`loss`, `grad_norm`,
+`learning_rate`, `eval_*`), so `best_metric` can rank checkpoints and retention never deletes the
+best one.
+
+`TrainingArguments` the callback honours when it was not given its own options:
+`save_total_limit` (as `keep_last`; the best checkpoint is kept on top, as the Trainer does),
+`metric_for_best_model` and `greater_is_better` (as `best_metric`, `eval_`-prefixed like the
+Trainer, and `best_mode`), and `load_best_model_at_end` (the manager loads the best checkpoint's
+weights into the model when training ends, verified).
 
 Resuming uses the Trainer's own machinery: `resume_checkpoint()` picks the newest intact checkpoint
 (a damaged one is skipped with a warning) and hands its directory to `train()`, which reads
 `trainer_state.json` and fast-forwards the data. On `on_train_begin` the callback then loads the
-model, optimizer and scheduler through savepoint (checksums first), and puts the RNG states back at
-the moment the Trainer itself would (after the resumed epoch's data iterator is created).
+model, optimizer, scheduler and stateful objects through savepoint (checksums first), and puts the
+RNG states back at the moment the Trainer itself would (after the resumed epoch's data iterator is
+created).
 
-Not supported: `save_strategy="best"` and `load_best_model_at_end` (use `best_metric`/`keep_best`
-and `manager.restore(step="best")`), DeepSpeed/FSDP state, and multi-process Trainer runs (they need
-savepoint's distributed saving).
+Not supported: `save_strategy="best"`, DeepSpeed/FSDP state, and multi-process Trainer runs (they
+need savepoint's distributed saving).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import math
 import os
 import tempfile
 import warnings
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from savepoint import policy
-from savepoint.errors import CorruptCheckpointError, SavepointError
+from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, SavepointError
 from savepoint.formats.train_state import rng_state, set_rng_state
+from savepoint.integrations import trl as trl_integration
+from savepoint.integrations.trainer_files import resume_problems
 from savepoint.manager import CheckpointManager
-from savepoint.manifest import find_problems
+from savepoint.policy import RetentionPolicy
 from savepoint.storage.remote import RemoteRoot, is_remote_url
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -69,10 +87,14 @@ def _state_json(state: TrainerState) -> str:
 
 
 def step_metrics(state: TrainerState) -> dict[str, float]:
-    """Every finite number the Trainer logged at the current step (train loss, learning rate, eval_*)."""
+    """Every finite number the Trainer logged at the current step (train loss, learning rate, eval_*).
+
+    The end-of-training summary (`train_runtime`, `train_loss` over the whole run...) is no metric
+    of the step, though it is logged at the last one.
+    """
     out: dict[str, float] = {}
     for entry in state.log_history:
-        if entry.get("step") != state.global_step:
+        if entry.get("step") != state.global_step or "train_runtime" in entry:
             continue
         for key, value in entry.items():
             number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -81,26 +103,97 @@ def step_metrics(state: TrainerState) -> dict[str, float]:
     return out
 
 
+def policy_from_args(current: RetentionPolicy, args: TrainingArguments) -> RetentionPolicy:
+    """The retention policy with what `args` says filled in where the callback was given nothing.
+
+    `save_total_limit` becomes `keep_last` when no retention rule was given; `metric_for_best_model`
+    (prefixed `eval_` as the Trainer does) and `greater_is_better` become `best_metric` and
+    `best_mode` when no `best_metric` was given. Options given to the callback win, with a warning
+    where `args` asked for something else.
+    """
+    changes: dict[str, Any] = {}
+    limit = args.save_total_limit
+    if limit is not None and limit > 0:
+        if current.keeps_everything:
+            changes["keep_last"] = limit
+        elif current.keep_last != limit:
+            warnings.warn(
+                f"save_total_limit={limit} is ignored: SavepointCallback has its own retention policy ({current})",
+                stacklevel=3,
+            )
+    name = args.metric_for_best_model
+    if name:
+        metric = name if name.startswith("eval_") else f"eval_{name}"
+        mode = "max" if args.greater_is_better else "min"
+        if current.best_metric is None:
+            changes.update(best_metric=metric, best_mode=mode)
+        elif (current.best_metric, current.best_mode) != (metric, mode):
+            warnings.warn(
+                f"metric_for_best_model={name!r} is ignored: SavepointCallback ranks checkpoints by "
+                f"{current.best_metric!r} ({current.best_mode})",
+                stacklevel=3,
+            )
+    return dataclasses.replace(current, **changes)
+
+
+def calling_trainer(callback: TrainerCallback) -> Trainer | None:
+    """The `Trainer` whose method is running `callback`'s hook right now, or None.
+
+    The callback API hands a hook the model and the optimizer, not the trainer; the trainer is
+    needed to honour `train(resume_from_checkpoint=True)` and to reach TRL's reference model. Hooks
+    are called from the trainer's own methods (`__init__`, `train`), so it is a caller's `self`.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
+                return candidate
+            frame = frame.f_back
+        return None
+    finally:
+        del frame  # frames hold references to their locals: do not keep the chain alive
+
+
 class SavepointCallback(TrainerCallback):
     """Makes a `Trainer` save through savepoint and resume exactly from savepoint checkpoints.
 
     Args:
         root: a `CheckpointManager`, or the root (path or fsspec URL) to build one for.
+        stateful: objects with `state_dict()` / `load_state_dict()` that the Trainer does not own
+            (a curriculum, a data mixer, a KL controller): saved with every checkpoint, restored on
+            resume before training continues.
+        extra: a dict of JSON values saved with every checkpoint (read at each save, so update it as
+            training goes); on resume it is updated in place with the checkpoint's values.
         **manager_options: `CheckpointManager` options (`keep_last`, `best_metric`, `keep_best`,
             `save_every`, `async_save`, ...), when `root` is not a manager already.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | CheckpointManager, **manager_options: Any) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | CheckpointManager,
+        *,
+        stateful: Mapping[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        **manager_options: Any,
+    ) -> None:
         if isinstance(root, CheckpointManager):
             if manager_options:
                 raise TypeError("pass manager options to the CheckpointManager, not next to it")
             self.manager = root
         else:
             self.manager = CheckpointManager(root, **manager_options)
-        self._pending_step: int | None = None  # a save waiting for this step's evaluation
+        self.stateful = dict(stateful or {})
+        self.extra = extra if extra is not None else {}
+        reserved = set(self.stateful) & {trl_integration.REF_MODEL, trl_integration.NUM_TOKENS}
+        if reserved:
+            raise ValueError(f"stateful names {sorted(reserved)} are reserved for TRL's state; rename yours")
+        self._pending_step: int | None = None  # a save waiting for this step's log or evaluation
+        self._awaits_evaluation = False
         self._rng: dict[str, Any] | None = None  # RNG states to put back once the data iterator exists
         self._download: tempfile.TemporaryDirectory[str] | None = None
         self._saved_step: int | None = None
+        self._trainer: weakref.ref[Trainer] | None = None
 
     # ------------------------------------------------------------ resuming
 
@@ -112,7 +205,7 @@ class SavepointCallback(TrainerCallback):
         """
         for info in reversed(self.manager.checkpoints):
             local = self._local(info.path)
-            problems = find_problems(local, check_unlisted=False)
+            problems = resume_problems(local)  # before the Trainer opens any file there
             if not problems:
                 return local
             warnings.warn(
@@ -135,29 +228,68 @@ class SavepointCallback(TrainerCallback):
                 'save_strategy="best" is not supported by SavepointCallback: use save_strategy="steps" with '
                 "CheckpointManager(best_metric=..., keep_best=1); the best checkpoint is never deleted"
             )
-        if args.load_best_model_at_end:
-            raise SavepointError(
-                "load_best_model_at_end is not supported by SavepointCallback (the Trainer writes no checkpoint-N "
-                'of its own); after training, use callback.manager.restore(model=model, step="best")'
-            )
+        self.manager.policy = policy_from_args(self.manager.policy, args)
+        trainer = calling_trainer(self)
+        if trainer is not None:
+            self._bind(trainer)
+
+    def _bind(self, trainer: Trainer) -> None:
+        """Remember `trainer`, and make its `train(resume_from_checkpoint=True)` resume from this root."""
+        self._trainer = weakref.ref(trainer)
+        if getattr(trainer.train, "savepoint_callback", None) is not None:
+            return
+        train = trainer.train
+        callback_ref = weakref.ref(self)
+
+        @functools.wraps(train)
+        def train_resuming_from_savepoint(
+            resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any
+        ) -> Any:
+            callback = callback_ref()
+            if resume_from_checkpoint is True and callback is not None:
+                resume_from_checkpoint = callback.resume_checkpoint()
+                if resume_from_checkpoint is None:
+                    raise CheckpointNotFoundError(
+                        f"train(resume_from_checkpoint=True): {callback.manager.root} holds no intact savepoint "
+                        "checkpoint; pass resume_from_checkpoint=callback.resume_checkpoint(), which is None "
+                        "on a fresh run"
+                    )
+            return train(resume_from_checkpoint, *args, **kwargs)
+
+        train_resuming_from_savepoint.savepoint_callback = callback_ref  # type: ignore[attr-defined]
+        trainer.train = train_resuming_from_savepoint  # type: ignore[method-assign]
+
+    def _stateful(self) -> dict[str, Any]:
+        trainer = self._trainer() if self._trainer is not None else None
+        return {**self.stateful, **(trl_integration.trainer_state(trainer) if trainer is not None else {})}
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self._trainer is None:  # added with trainer.add_callback(), after on_init_end
+            trainer = calling_trainer(self)
+            self._trainer = weakref.ref(trainer) if trainer is not None else None
+        # A callback may serve several train() calls (a second Trainer resuming this root, say).
+        self._pending_step, self._awaits_evaluation, self._saved_step = None, False, None
         if state.global_step == 0:
             return
         # The Trainer read trainer_state.json from the checkpoint; load everything else, verified.
-        self.manager.restore(
+        result = self.manager.restore(
             model=kwargs["model"],
             optimizer=kwargs.get("optimizer"),
             scheduler=kwargs.get("lr_scheduler"),
+            stateful=self._stateful(),
             step=state.global_step,
         )
+        if result.extra:  # saved only when it held something: otherwise keep the values given
+            self.extra.clear()
+            self.extra.update(result.extra)
         self._rng = rng_state()
 
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._flush(state, kwargs)  # a save at the end of the last epoch that nothing logged after
         # Resumed at an epoch boundary: the Trainer sets RNG before the epoch's iterator draws from it.
         if self._rng is not None and float(state.epoch or 0).is_integer():
             self._restore_rng()
@@ -165,6 +297,7 @@ class SavepointCallback(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._flush(state, kwargs)
         # Resumed mid-epoch: the iterator was created (and drew from the RNG) while skipping batches.
         if self._rng is not None:
             self._restore_rng()
@@ -180,42 +313,57 @@ class SavepointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         due = control.should_save or policy.should_save(state.global_step, self.manager.save_every)
-        self._take_over_save(due, state, control, kwargs)
+        self._take_over_save(due, state, control)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._take_over_save(control.should_save, state, control, kwargs)
+        self._take_over_save(control.should_save, state, control)
 
-    def _take_over_save(
-        self, due: bool, state: TrainerState, control: TrainerControl, kwargs: dict[str, Any]
-    ) -> None:
+    def _take_over_save(self, due: bool, state: TrainerState, control: TrainerControl) -> None:
+        """Stop the Trainer's own save, and save once the step is logged (and evaluated, if due).
+
+        Saving later than `on_step_end` also lets every other callback's `on_step_end` run first
+        (TRL syncs its reference model there). The Trainer logs nothing it did not compute, so a
+        forced log only adds a line with the step's loss, gradient norm and learning rate.
+        """
         control.should_save = False  # savepoint writes the checkpoint; the Trainer must not
         if not due or self._saved_step == state.global_step:
             return
-        if control.should_evaluate:
-            self._pending_step = state.global_step  # save once the metrics exist (on_evaluate)
-        else:
-            self._save(state, kwargs)
+        self._pending_step = state.global_step
+        self._awaits_evaluation = control.should_evaluate
+        control.should_log = True
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # The step's training log (not an evaluation's, nor the end-of-training summary)
+        if not self._awaits_evaluation and "loss" in (kwargs.get("logs") or {}):
+            self._flush(state, kwargs)
 
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self._pending_step == state.global_step:
-            self._save(state, kwargs)
+        self._flush(state, kwargs)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self._pending_step == state.global_step:  # an evaluation that never came
-            self._save(state, kwargs)
-        self.manager.wait()
+        self._flush(state, kwargs)
+        self.manager.close()  # durable, and the root released: a new Trainer in this process may resume it
+        if args.load_best_model_at_end:
+            self._load_best(state, kwargs["model"])
         if self._download is not None:
             self._download.cleanup()
             self._download = None
 
+    def _flush(self, state: TrainerState, kwargs: dict[str, Any]) -> None:
+        if self._pending_step is not None and self._pending_step == state.global_step:
+            self._save(state, kwargs)
+
     def _save(self, state: TrainerState, kwargs: dict[str, Any]) -> None:
         self._pending_step = None
+        self._awaits_evaluation = False
         self._saved_step = state.global_step
         self.manager.save(
             state.global_step,
@@ -223,5 +371,21 @@ class SavepointCallback(TrainerCallback):
             optimizer=kwargs.get("optimizer"),
             scheduler=kwargs.get("lr_scheduler"),
             tokenizer=_TokenizerAndTrainerState(kwargs.get("processing_class"), state),
+            stateful=self._stateful(),
             metrics=step_metrics(state),
+            extra=self.extra,
         )
+
+    def _load_best(self, state: TrainerState, model: Any) -> None:
+        """`load_best_model_at_end`: the best checkpoint's weights, verified; the RNG states are left as they are."""
+        if self.manager.best_step is None:
+            warnings.warn(
+                f"load_best_model_at_end: no checkpoint in {self.manager.root} has the metric "
+                f"{self.manager.policy.best_metric!r}; the model keeps its final weights",
+                stacklevel=3,
+            )
+            return
+        rng = rng_state()
+        result = self.manager.restore(model=model, step="best")
+        set_rng_state(rng)
+        state.best_model_checkpoint = result.path

@@ -15,7 +15,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import stat
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from savepoint.errors import CorruptCheckpointError, Problem, UnsafeCheckpointError
@@ -69,11 +71,15 @@ def open_fd_inside(root: str, relpath: str, *, max_bytes: int | None = None) -> 
         try:
             fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
+            blob_fd = open_hub_cache_blob(root, parts, dir_fd) if exc.errno == errno.ELOOP else None
+            if blob_fd is not None:
+                fd = blob_fd
+            elif exc.errno == errno.ELOOP:
                 raise UnsafeCheckpointError(root, [Problem(relpath, "is a symbolic link")]) from exc
-            if exc.errno in (errno.ENXIO, errno.EISDIR):
+            elif exc.errno in (errno.ENXIO, errno.EISDIR):
                 raise UnsafeCheckpointError(root, [Problem(relpath, "is not a regular file")]) from exc
-            raise
+            else:
+                raise
     finally:
         os.close(dir_fd)
     try:
@@ -92,6 +98,36 @@ def open_fd_inside(root: str, relpath: str, *, max_bytes: int | None = None) -> 
     except BaseException:
         os.close(fd)
         raise
+
+
+# The Hugging Face cache stores a snapshot's files as links `../../blobs/<sha>` into its repo folder:
+# `models--org--name/snapshots/<rev>/config.json -> ../../blobs/<sha>`. That one shape is followed,
+# and only into that repo folder's own `blobs/` directory, itself opened without following links.
+_HUB_BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def open_hub_cache_blob(root: str, parts: list[str], dir_fd: int) -> int | None:
+    """The blob behind a Hugging Face cache link `root/parts`, or None when it is any other link."""
+    snapshot = os.path.abspath(root)
+    snapshots_dir, repo_dir = os.path.dirname(snapshot), os.path.dirname(os.path.dirname(snapshot))
+    if os.path.basename(snapshots_dir) != "snapshots" or not os.path.basename(repo_dir).startswith(
+        ("models--", "datasets--", "spaces--")
+    ):
+        return None
+    try:
+        target = os.readlink(parts[-1], dir_fd=dir_fd)
+    except OSError:
+        return None
+    up, _, blob = target.rpartition("blobs/")
+    if up != "../" * (len(parts) + 1) or not _HUB_BLOB_NAME.fullmatch(blob):
+        return None
+    blobs_fd = open_dir_inside(repo_dir, ["blobs"], "/".join(parts))
+    try:
+        return os.open(blob, _FILE_FLAGS, dir_fd=blobs_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(blobs_fd)
 
 
 def open_inside(root: str, relpath: str, *, max_bytes: int | None = None) -> BinaryIO:
@@ -118,3 +154,81 @@ def read_bytes_inside(root: str, relpath: str, *, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise CorruptCheckpointError(root, [Problem(relpath, f"grew past {max_bytes} bytes while read")])
     return data
+
+
+# ---------------------------------------------------------------- listing
+
+
+FILE, DIRECTORY, SYMLINK, OTHER = "file", "directory", "symlink", "other"
+MAX_DEPTH = 32  # savepoint writes at most 4 levels; HF model directories a few more
+MAX_ENTRIES = 1_000_000  # a listing is held in memory: bound it, whatever the directory claims
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return FILE
+    if stat.S_ISDIR(mode):
+        return DIRECTORY
+    if stat.S_ISLNK(mode):
+        return SYMLINK
+    return OTHER
+
+
+def list_dir_inside(root: str, relpath: str = "") -> list[tuple[str, str]]:
+    """(name, kind) of every entry of the directory `root/relpath`, sorted, without following symlinks.
+
+    `kind` is FILE, DIRECTORY, SYMLINK or OTHER (FIFO, socket, device), from `lstat` relative to the
+    directory's descriptor, so a symlink is reported as one and never followed.
+    """
+    parts = split_relpath(relpath, root) if relpath else []
+    fd = open_dir_inside(root, parts, relpath)
+    try:
+        out: list[tuple[str, str]] = []
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if len(out) >= MAX_ENTRIES:
+                    raise CorruptCheckpointError(
+                        root, [Problem(relpath or ".", f"holds more than {MAX_ENTRIES} entries")]
+                    )
+                try:
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                except FileNotFoundError:
+                    continue  # removed while listed
+                out.append((entry.name, _kind(mode)))
+        return sorted(out)
+    finally:
+        os.close(fd)
+
+
+def walk_inside(
+    root: str, relpath: str = "", *, max_depth: int = MAX_DEPTH, skip: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, str]]:
+    """(relpath, kind) of every entry below `root/relpath`, depth first, directories before their contents.
+
+    Symlinks are reported, never followed. Iterative, not recursive, so a hostile nesting depth
+    cannot exhaust the stack; deeper than `max_depth` levels is an UnsafeCheckpointError. `skip(rel)`
+    prunes a directory (it is still reported).
+    """
+    pending = [relpath]
+    while pending:
+        current = pending.pop()
+        depth = current.count("/") + 1 if current else 0
+        children = []
+        try:
+            entries = list_dir_inside(root, current)
+        except OSError as exc:
+            if current == relpath:
+                raise  # the starting directory: the caller words "missing" or "unreadable" itself
+            raise CorruptCheckpointError(
+                root, [Problem(current, f"unreadable ({exc.strerror or exc})")]
+            ) from exc
+        for name, kind in entries:
+            rel = f"{current}/{name}" if current else name
+            yield rel, kind
+            if kind == DIRECTORY and not (skip and skip(rel)):
+                if depth + 1 > max_depth:
+                    raise UnsafeCheckpointError(
+                        root, [Problem(rel, f"directories nest deeper than {max_depth} levels")]
+                    )
+                children.append(rel)
+        pending.extend(reversed(children))

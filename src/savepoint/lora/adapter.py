@@ -11,17 +11,17 @@ a plain parameter name for `modules_to_save` copies, which replace the base tens
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from savepoint._json import read_json_file
+from savepoint._json import read_json_inside
 from savepoint.errors import MergeError
 from savepoint.formats.safetensors_io import read_header, read_safetensors
 from savepoint.lora.math import lora_scaling
+from savepoint.lora.patterns import pattern_value
 from savepoint.manifest import read_manifest, resolve_inside, verify_files
 from savepoint.storage.local import MANIFEST_NAME
 
@@ -90,7 +90,7 @@ def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
     path = os.path.join(adapter_dir, CONFIG_NAME)
     if not os.path.exists(path):
         raise MergeError(f"{adapter_dir} has no {CONFIG_NAME}: it is not a PEFT adapter directory")
-    config = read_json_file(path, lambda reason: MergeError(f"{path}: {reason}"))
+    config = read_json_inside(adapter_dir, CONFIG_NAME, lambda reason: MergeError(f"{path}: {reason}"))
     if not isinstance(config, dict):
         raise MergeError(f"{path} is not a JSON object")
     return config
@@ -123,11 +123,8 @@ def load_adapter_tensors(adapter_dir: str) -> dict[str, torch.Tensor]:
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    # peft matches rank/alpha patterns as a regex on the end of the module name, first match wins.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    # peft's rule (a regex on the end of the module name, first match wins), in linear time.
+    return pattern_value(patterns, module, default)
 
 
 def split_key(key: str) -> tuple[str, str]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from savepoint._json import read_json_file
+from savepoint._json import read_json_inside
 from savepoint.errors import MergeError
 from savepoint.io.memory import Allocate, empty_buffer
 from savepoint.io.safetensors import SafetensorsFile, open_safetensors
@@ -48,7 +48,7 @@ def read_model_config(base_dir: str) -> dict[str, Any]:
     path = os.path.join(base_dir, "config.json")
     if not os.path.exists(path):
         return {}
-    config = read_json_file(path, lambda reason: MergeError(f"{path}: {reason}"))
+    config = read_json_inside(base_dir, "config.json", lambda reason: MergeError(f"{path}: {reason}"))
     if not isinstance(config, dict):
         raise MergeError(f"{path} is not a JSON object")
     quant = config.get("quantization_config")
@@ -65,7 +65,7 @@ def weight_files(base_dir: str) -> list[str]:
     """The safetensors files of a model directory, in index order; refusals for anything else."""
     if os.path.exists(os.path.join(base_dir, INDEX)):
         index_path = resolve_inside(base_dir, INDEX)
-        index = read_json_file(index_path, lambda reason: MergeError(f"{index_path}: {reason}"))
+        index = read_json_inside(base_dir, INDEX, lambda reason: MergeError(f"{index_path}: {reason}"))
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if (
             not isinstance(weight_map, dict)

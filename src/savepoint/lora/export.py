@@ -1,7 +1,9 @@
 """`savepoint export`: a deployable model directory from any training checkpoint.
 
-A full-model checkpoint is copied without savepoint's own files (`train_state/`, `savepoint.json`,
-`metrics.json`), or re-sharded when a dtype is asked for; a LoRA checkpoint is copied as an adapter,
+A full-model checkpoint is copied without its training files (`train_state/`, `trainer_state.json`,
+`metrics.json`, the checkpoint's `savepoint.json`: the output gets its own, of kind "export", without
+step, metrics or parent; and the Trainer's or DeepSpeed's own training files where a directory has
+them), or re-sharded when a dtype is asked for; a LoRA checkpoint is copied as an adapter,
 or merged onto its base with `merge_lora=True`. Every copied byte is hashed on the way and checked
 against the checkpoint's manifest, so a damaged checkpoint is refused in the same single pass.
 
@@ -10,21 +12,36 @@ against the checkpoint's manifest, so a damaged checkpoint is refused in the sam
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from typing import Any
 
 import torch
 
-from savepoint.errors import CorruptCheckpointError, MergeError, Problem
+from savepoint.errors import CorruptCheckpointError, MergeError
+from savepoint.io.files import DIRECTORY, FILE, walk_inside
 from savepoint.lora.adapter import CONFIG_NAME
 from savepoint.lora.base import INDEX, SINGLE
 from savepoint.lora.merge import Progress, _claim_output, merge_into_staged, rewrite_model_into_staged
-from savepoint.lora.output import copy_file
-from savepoint.manifest import Manifest, build_manifest, read_manifest, resolve_inside
+from savepoint.manifest import Manifest, build_manifest, read_manifest, verify_files
+from savepoint.side_files import copy_checked
 from savepoint.storage.local import MANIFEST_NAME, StagedDir
 
-EXCLUDED_FILES = (MANIFEST_NAME, "metrics.json")
-EXCLUDED_DIRS = ("train_state", "merged")
+# Training files, left out of a deployment directory (glob patterns on a top-level file's name).
+EXCLUDED_FILES = (
+    MANIFEST_NAME,
+    "metrics.json",
+    "trainer_state.json",
+    "training_args.bin",
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "latest",  # DeepSpeed's pointer to its global_step* directory
+    "zero_to_fp32.py",
+)
+EXCLUDED_DIRS = ("train_state", "merged", "global_step*")
 MERGED_DIR = "merged"
 
 
@@ -40,10 +57,12 @@ def export_checkpoint(
 ) -> str:
     """Write a model (or adapter) directory at `out` from checkpoint `ckpt`; return the absolute `out`.
 
-    With `merge_lora=True` on a LoRA checkpoint the adapter is merged onto `base`, by default the base
-    recorded in the checkpoint's manifest. Nothing is left at `out` if anything fails.
+    With `merge_lora=True` on a LoRA checkpoint the adapter is merged onto `base`. Without `base`, the
+    base recorded in the checkpoint's manifest is used only when the manifest also records the base's
+    weight fingerprint, which the merge then checks: a path alone, written by whoever made the
+    checkpoint, is never trusted. Nothing is left at `out` if anything fails.
     """
-    manifest = read_manifest(ckpt) if os.path.exists(os.path.join(ckpt, MANIFEST_NAME)) else None
+    manifest = read_manifest(ckpt) if os.path.lexists(os.path.join(ckpt, MANIFEST_NAME)) else None
     is_adapter = os.path.exists(os.path.join(ckpt, CONFIG_NAME))
     final, replace = _claim_output(out)
     staged = StagedDir(os.path.dirname(final), os.path.basename(final))
@@ -74,9 +93,7 @@ def _export_into(
         if base is None and dtype is None and os.path.isdir(os.path.join(ckpt, MERGED_DIR)):
             _copy_tree(staged, ckpt, manifest, progress, only=MERGED_DIR)  # the final save merged already
             return recorded or None
-        base = base or recorded.get("name_or_path")
-        if not base:
-            raise MergeError(f"{ckpt} does not record its base model; pass --base BASE_DIR")
+        base = base or _recorded_base(ckpt, recorded)
         return merge_into_staged(
             ckpt, staged, base=base, subdir="", dtype=dtype, max_shard_size=max_shard_size, progress=progress
         )
@@ -85,13 +102,30 @@ def _export_into(
             f"{ckpt} is not a LoRA checkpoint (no {CONFIG_NAME}); export it without --merge-lora"
         )
     if dtype is not None and not is_adapter:
-        _copy_tree(staged, ckpt, manifest, progress, skip_weights=True)
+        weights = _copy_tree(staged, ckpt, manifest, progress, skip_weights=True)
+        if manifest is not None:  # the weights are read by the re-sharder: verify them first, as a copy would
+            listed = [rel for rel in manifest.files if _is_weight_file(rel)]
+            verify_files(ckpt, manifest, sorted({*weights, *listed}))
         rewrite_model_into_staged(ckpt, staged, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
         return None
     if dtype is not None:
         raise MergeError("--dtype applies to model weights; add --merge-lora to export a LoRA run as a model")
     _copy_tree(staged, ckpt, manifest, progress)
     return manifest.base_model if manifest else None
+
+
+def _recorded_base(ckpt: str, recorded: dict[str, Any]) -> str:
+    """The base path the manifest records, usable only with the fingerprint that the merge will check."""
+    path, fingerprint = recorded.get("name_or_path"), recorded.get("fingerprint")
+    if not isinstance(path, str) or not path:
+        raise MergeError(f"{ckpt} does not record its base model; pass --base BASE_DIR")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise MergeError(
+            f"{ckpt} records the base path {path!r:.200} but no fingerprint of its weights, so nothing "
+            "would show it is the right base (the path comes from whoever made the checkpoint); pass "
+            "--base BASE_DIR"
+        )
+    return path
 
 
 def _copy_tree(
@@ -102,51 +136,55 @@ def _copy_tree(
     *,
     only: str | None = None,
     skip_weights: bool = False,
-) -> None:
-    files = _files_to_export(ckpt, only=only, skip_weights=skip_weights)
-    total, done = sum(os.path.getsize(os.path.join(ckpt, rel)) for rel in files), 0
+) -> list[str]:
+    """Copy the checkpoint's exportable files, each checked as `savepoint.side_files` checks; return
+    the weight files left out by `skip_weights` (the caller verifies those before reading them)."""
+    files, weights = _files_to_export(ckpt, only=only, skip_weights=skip_weights)
+    sizes = manifest.files if manifest is not None else {}
+    total, done = sum(sizes[rel].size for rel in files if rel in sizes), 0
     problems = []
     for rel in files:
         dest = rel.removeprefix(f"{only}/") if only else rel
-        copy_file(staged, resolve_inside(ckpt, rel), dest)
-        problem = _check_against(manifest, rel, staged.entries[dest])
+        problem = copy_checked(staged, ckpt, rel, dest, manifest)
         if problem:
             problems.append(problem)
+            continue
         done += staged.entries[dest][0]
         if progress is not None:
-            progress(done, total)
+            progress(done, max(total, done))
     if problems:
         raise CorruptCheckpointError(ckpt, problems, hint="nothing was exported; export an intact checkpoint")
+    return weights
 
 
-def _files_to_export(ckpt: str, *, only: str | None, skip_weights: bool) -> list[str]:
-    out = []
-    start = os.path.join(ckpt, only) if only else ckpt
-    for dirpath, dirs, names in os.walk(start):
-        rel_dir = os.path.relpath(dirpath, ckpt).replace(os.sep, "/")
-        if rel_dir == "." or (only and rel_dir == only):
-            dirs[:] = sorted(d for d in dirs if only or d not in EXCLUDED_DIRS)
-        for name in sorted(names):
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            if rel in EXCLUDED_FILES or name.startswith(".tmp-"):
-                continue
-            if skip_weights and (
-                rel in (SINGLE, INDEX, "config.json")
-                or (rel.startswith("model-") and rel.endswith(".safetensors"))
-            ):
-                continue
-            out.append(rel)
-    return out
+def _files_to_export(ckpt: str, *, only: str | None, skip_weights: bool) -> tuple[list[str], list[str]]:
+    """(files to copy, weight files skipped), walking without following symlinks; a symlink or special
+    file is kept in the list so that copying it reports it by name. Training files at the top (of the
+    checkpoint, or of `only`) are left out: the output is for deployment."""
+    out, weights = [], []
+
+    def at_top(rel: str) -> bool:
+        return "/" not in (rel.removeprefix(f"{only}/") if only else rel)
+
+    def skip(rel: str) -> bool:
+        return only is None and at_top(rel) and _matches(rel, EXCLUDED_DIRS)
+
+    for rel, kind in walk_inside(ckpt, only or "", skip=skip):
+        name = rel.rsplit("/", 1)[-1]
+        if kind == DIRECTORY or name.startswith(".tmp-") or (at_top(rel) and _matches(name, EXCLUDED_FILES)):
+            continue
+        if skip_weights and kind == FILE and _is_weight_file(rel):
+            weights.append(rel)
+            continue
+        out.append(rel)
+    return sorted(out), sorted(weights)
 
 
-def _check_against(manifest: Manifest | None, rel: str, entry: tuple[int, str]) -> Problem | None:
-    if manifest is None:
-        return None
-    recorded = manifest.files.get(rel)
-    if recorded is None:
-        return Problem(rel, "present but not listed in the manifest (planted or left over)")
-    if (recorded.size, recorded.checksum) != entry:
-        return Problem(
-            rel, f"size/checksum {entry} differ from the manifest's ({recorded.size}, {recorded.checksum})"
-        )
-    return None
+def _is_weight_file(rel: str) -> bool:
+    return rel in (SINGLE, INDEX, "config.json") or (
+        rel.startswith("model-") and rel.endswith(".safetensors")
+    )
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

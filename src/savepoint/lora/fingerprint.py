@@ -5,6 +5,8 @@ Why it is built this way:
 - Tensor *names* are left out and the per-tensor digests are combined as a sorted multiset, because a
   tied weight has two names in memory (`lm_head.weight`, `transformer.wte.weight`) but only one in the
   files; tensors sharing storage in memory are counted once, as the files store them once.
+- An in-memory model is hashed in the files' layout (transformers' own conversion: MoE experts one
+  tensor per expert), since the fused tensors of memory are not the tensors a base directory holds.
 - Floating tensors are hashed after a cast to bfloat16, so a base saved in float32 and the same base
   loaded in bfloat16 for training have one fingerprint; a different base still differs almost everywhere.
 
@@ -87,8 +89,10 @@ def fingerprint_model(module: torch.nn.Module) -> dict[str, Any]:
     because the base does not change during a LoRA run and hashing it costs a pass over memory)."""
     cached = _model_cache.get(module)
     if cached is None:
+        from savepoint.formats.hf import hub_state
+
         fp = Fingerprinter()
-        for _name, t in base_state_items(module):
+        for t in hub_state(unwrap_peft(module), dict(base_state_items(module))).values():
             fp.add(t.cpu())
         cached = _model_cache[module] = fp.result()
     return dict(cached)

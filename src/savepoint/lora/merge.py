@@ -31,9 +31,10 @@ from savepoint.lora.adapter import (
 from savepoint.lora.base import BaseWeights, read_model_config
 from savepoint.lora.blocked import BlockedMerger
 from savepoint.lora.fingerprint import Fingerprinter, unwrap_peft
-from savepoint.lora.output import INDEX_NAME, copy_present, plan_shards, write_index, write_shard
+from savepoint.lora.output import INDEX_NAME, plan_shards, write_index, write_shard
 from savepoint.lora.validate import check_plan
 from savepoint.manifest import build_manifest, read_manifest
+from savepoint.side_files import copy_present
 from savepoint.storage.local import MANIFEST_NAME, StagedDir
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)

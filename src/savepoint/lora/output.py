@@ -1,5 +1,5 @@
 """Write a model directory: transformers-style safetensors shards, one tensor in memory at a time,
-plus the small files (config, tokenizer) copied through the staged directory so they are hashed.
+plus the index. The small files (config, tokenizer) are copied by `savepoint.side_files`.
 
 The shard plan comes from huggingface_hub's splitter (so names, index and split points are what
 transformers writes); each shard's header is written from shapes and dtypes known up front, then each
@@ -9,7 +9,6 @@ tensor is produced, written and dropped before the next is made.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -61,21 +60,3 @@ def write_index(staged: StagedDir, relpath: str, shards: Mapping[str, list[str]]
     weight_map = {k: name for name, keys in shards.items() for k in keys}
     doc = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     staged.write_bytes(relpath, (json.dumps(doc, indent=2) + "\n").encode())
-
-
-def copy_file(staged: StagedDir, src: str, relpath: str) -> None:
-    """Copy `src` into the staged directory in chunks (hashed and fsynced by the staged writer)."""
-    with open(src, "rb") as f, staged.create(relpath) as out:
-        while chunk := f.read(_CHUNK):
-            out.write(chunk)
-
-
-def copy_present(staged: StagedDir, src_dir: str, names: tuple[str, ...], subdir: str) -> list[str]:
-    """Copy those of `names` that exist in `src_dir`; return the names copied."""
-    copied = []
-    for name in names:
-        path = os.path.join(src_dir, name)
-        if os.path.isfile(path) and not os.path.islink(path):
-            copy_file(staged, path, os.path.join(subdir, name))
-            copied.append(name)
-    return copied

@@ -13,37 +13,71 @@ bytes we produced, so the new checkpoint verifies on its own.
 
 Committed checkpoints are never modified in place (only renamed and removed), so two of them
 sharing an inode is safe; deleting one leaves the other's link intact.
+
+Who may be linked to (the root may hold files someone else made: DESIGN.md, promise 4). A link shares
+the inode, so whoever can write the parent file could later change the new checkpoint. The parent
+file is opened below the previous checkpoint without following any symlink, and is linked only if
+that open file is a regular file that the current user owns, that neither group nor others may write,
+that lies on the root's file system, and whose link count is no larger than the number of checkpoint
+directories in the root, leftovers included, besides this save's own (each holds at most one link:
+more means a name outside the root). Otherwise its bytes are copied. The link is made by name and
+then checked to be that same inode (a file swapped in between is unlinked and copied instead).
 """
 
 from __future__ import annotations
 
-import filecmp
 import os
 import secrets
-import shutil
-import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
-from io import BufferedWriter, FileIO
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from io import BufferedWriter
 
 from savepoint._hashing import hash_file, new_hasher
-from savepoint.storage.local import MANIFEST_NAME, StagedDir, start_writeback, storage_error
+from savepoint.errors import SavepointError
+from savepoint.io.files import open_fd_inside
+from savepoint.storage.local import (
+    DELETE_PREFIX,
+    MANIFEST_NAME,
+    REPLACED_PREFIX,
+    TMP_PREFIX,
+    StagedDir,
+    start_writeback,
+    storage_error,
+)
 
 _COMPARE_PIECE = 1024 * 1024  # a changed file is found different after reading ~1 MiB of its parent
 _WRITEBACK_EVERY = 32 * 1024 * 1024
+_LINK_HOLDERS = ("step-", TMP_PREFIX, DELETE_PREFIX, REPLACED_PREFIX)
+
+
+@dataclass
+class ParentFile:
+    """The previous checkpoint's file, open: `fd` is the very file the link rule was checked on."""
+
+    path: str
+    fd: int
+    size: int
+    may_link: bool
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class DedupeWriter:
     """Hashes every byte; writes nothing while the bytes equal the parent's file, then copies the
     matched prefix from the parent and writes on as soon as they differ."""
 
-    def __init__(self, path: str, parent_file: str) -> None:
+    def __init__(self, path: str, parent: ParentFile) -> None:
         self.path = path
         self.size = 0
         self.linked = False
         self._hasher = new_hasher()
-        self._parent: FileIO | None = open(parent_file, "rb", buffering=0)  # noqa: SIM115 (closed in close())
-        self._parent_file = parent_file
+        self._source = parent
+        self._parent: ParentFile | None = parent
+        self._offset = 0
         self._out: BufferedWriter | None = None
         self._kicked = 0
 
@@ -70,26 +104,26 @@ class DedupeWriter:
             return False
         for start in range(0, view.nbytes, _COMPARE_PIECE):
             piece = bytes(view[start : start + _COMPARE_PIECE])  # bytes == bytes is a memcmp
-            if parent.read(len(piece)) != piece:
+            if os.pread(parent.fd, len(piece), self._offset) != piece:
                 return False
+            self._offset += len(piece)
         return True
 
     def _diverge(self) -> None:
         """Start the real file: the bytes that matched so far come from the parent (a kernel copy)."""
         out = open(self.path, "wb")  # noqa: SIM115 (closed in close())
         self._out = out
-        with open(self._parent_file, "rb") as src:
-            _copy_range(src.fileno(), out.fileno(), self.size)
+        _copy_range(self._source.fd, out.fileno(), self.size)
         out.seek(self.size)
         self._kicked = 0
-        self._close_parent()
+        self._parent = None
 
     def finish(self) -> None:
         """Link to the parent if every byte matched and it has no more; otherwise make the file durable."""
         if self._parent is not None:
-            if self._parent.read(1) == b"":
-                self._close_parent()
-                self.linked = _link_or_copy(self._parent_file, self.path)
+            if os.pread(self._parent.fd, 1, self._offset) == b"":
+                self._parent = None
+                self.linked = _link_or_copy(self._source, self.path)
             else:
                 self._diverge()  # ours is a strict prefix of the parent's: a different file
         if self._out is not None:
@@ -97,15 +131,11 @@ class DedupeWriter:
             os.fsync(self._out.fileno())
 
     def close(self) -> None:
-        self._close_parent()
+        self._parent = None
+        self._source.close()
         if self._out is not None:
             self._out.close()
             self._out = None
-
-    def _close_parent(self) -> None:
-        if self._parent is not None:
-            self._parent.close()
-            self._parent = None
 
 
 class DedupingStagedDir(StagedDir):
@@ -121,28 +151,36 @@ class DedupingStagedDir(StagedDir):
         self.previous = _committed_dir(parent, previous)
         self.linked: dict[str, int] = {}
 
-    def parent_file(self, relpath: str) -> str | None:
-        """The previous checkpoint's regular file at `relpath`, if any."""
+    def parent_file(self, relpath: str) -> ParentFile | None:
+        """The previous checkpoint's regular file at `relpath`, open (close it), if there is one."""
         if self.previous is None or relpath == MANIFEST_NAME:
             return None
-        path = os.path.join(self.previous, relpath)
         try:
-            return path if stat.S_ISREG(os.lstat(path).st_mode) else None
+            fd, size = open_fd_inside(self.previous, relpath)
+        except (OSError, SavepointError):
+            return None  # missing, a symlink, a FIFO...: nothing to compare with, write the file
+        try:
+            may_link = _may_link(fd, self.parent)
         except OSError:
+            os.close(fd)
             return None
+        return ParentFile(os.path.join(self.previous, relpath), fd, size, may_link)
 
     @contextmanager
     def create(self, relpath: str) -> Iterator[DedupeWriter]:  # type: ignore[override]
         parent_file = self.parent_file(relpath)
+        if parent_file is not None and not parent_file.may_link:
+            parent_file.close()
+            parent_file = None
         if parent_file is None:
             with super().create(relpath) as plain:
                 yield plain  # type: ignore[misc]
             return
         full = self.abspath(relpath)
+        writer = DedupeWriter(full, parent_file)
         try:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            writer = DedupeWriter(full, parent_file)
             try:
+                os.makedirs(os.path.dirname(full), exist_ok=True)
                 yield writer
                 writer.finish()
             finally:
@@ -158,54 +196,100 @@ class DedupingStagedDir(StagedDir):
         (before the fsync, so the copy's dirty pages are dropped rather than written)."""
         parent_file = self.parent_file(relpath)
         full = self.abspath(relpath)
-        if parent_file is not None and _same_bytes(full, parent_file):
-            try:
-                _replace_with_link(parent_file, full)
-            except OSError:
-                pass  # no hard links on this file system: keep (and fsync) the written copy
-            else:
-                self.entries[relpath] = hash_file(full)
-                self.linked[relpath] = self.entries[relpath][0]
-                return
+        if parent_file is None:
+            super().record(relpath)
+            return
+        try:
+            if parent_file.may_link and _same_bytes(full, parent_file):
+                try:
+                    _replace_with_link(parent_file, full)
+                except OSError:
+                    pass  # no hard links here, or the parent changed under us: keep (and fsync) the copy
+                else:
+                    self.entries[relpath] = hash_file(full)
+                    self.linked[relpath] = self.entries[relpath][0]
+                    return
+        finally:
+            parent_file.close()
         super().record(relpath)
 
 
 def _committed_dir(root: str, previous: str | None) -> str | None:
+    """The previous checkpoint, only if it is a real directory directly in `root` with a manifest file."""
     if not previous:
         return None
     path = previous if os.path.isabs(previous) else os.path.join(root, previous)
-    # Only a committed checkpoint (its manifest exists) is immutable; never link into a temp dir.
-    return path if os.path.isfile(os.path.join(path, MANIFEST_NAME)) else None
-
-
-def _same_bytes(a: str, b: str) -> bool:
+    if os.path.dirname(os.path.abspath(path)) != os.path.abspath(root):
+        return None  # dedupe links only inside the same root
     try:
-        return os.path.getsize(a) == os.path.getsize(b) and filecmp.cmp(a, b, shallow=False)
+        fd, _ = open_fd_inside(root, f"{os.path.basename(path)}/{MANIFEST_NAME}")
+    except (OSError, SavepointError):
+        return None  # not committed (never link into a temp dir), or a symlink out of the root
+    os.close(fd)
+    return path
+
+
+def _may_link(fd: int, root: str) -> bool:
+    """The link rule of the module docstring, on the open parent file."""
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        return False
+    if info.st_dev != os.stat(root).st_dev:
+        return False
+    # Each checkpoint (or leftover being deleted) holds at most one link to this inode; the staging
+    # directory of this very save holds none yet.
+    holders = [n for n in os.listdir(root) if n.startswith(_LINK_HOLDERS)]
+    return info.st_nlink <= max(1, len(holders) - 1)
+
+
+def _same_bytes(path: str, parent: ParentFile) -> bool:
+    try:
+        if os.path.getsize(path) != parent.size:
+            return False
+        with open(path, "rb", buffering=0) as f:
+            offset = 0
+            while piece := f.read(_COMPARE_PIECE):
+                if os.pread(parent.fd, len(piece), offset) != piece:
+                    return False
+                offset += len(piece)
+        return True
     except OSError:
         return False
 
 
-def _replace_with_link(source: str, target: str) -> None:
+def _same_inode(parent: ParentFile, path: str) -> bool:
+    a, b = os.fstat(parent.fd), os.lstat(path)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _replace_with_link(parent: ParentFile, target: str) -> None:
     tmp = f"{target}.link-{secrets.token_hex(4)}"
-    os.link(source, tmp)
+    os.link(parent.path, tmp, follow_symlinks=False)
     try:
+        if not _same_inode(parent, tmp):  # the name now points at another file than the one checked
+            raise OSError(f"{parent.path} changed while it was linked")
         os.replace(tmp, target)
     except OSError:
-        os.unlink(tmp)
+        with suppress(OSError):
+            os.unlink(tmp)
         raise
 
 
-def _link_or_copy(source: str, target: str) -> bool:
-    """Hard-link `source` at `target`; where links are impossible, copy it durably. True if linked."""
-    try:
-        os.link(source, target)
-        return True
-    except OSError:
-        # EXDEV, EPERM, EMLINK, ENOTSUP...: the content is known equal, so a copy is just as good.
-        shutil.copyfile(source, target)
-        with open(target, "rb+") as f:
-            os.fsync(f.fileno())
-        return False
+def _link_or_copy(parent: ParentFile, target: str) -> bool:
+    """Hard-link the parent file at `target` if the link rule allows; otherwise copy it durably."""
+    if parent.may_link:
+        try:
+            os.link(parent.path, target, follow_symlinks=False)
+            if _same_inode(parent, target):
+                return True
+            os.unlink(target)  # swapped between the check and the link: copy the checked bytes instead
+        except OSError:
+            pass  # EXDEV, EPERM, EMLINK, ENOTSUP...: the content is known equal, so a copy is as good
+    with open(target, "wb") as out:
+        _copy_range(parent.fd, out.fileno(), parent.size)
+        out.flush()
+        os.fsync(out.fileno())
+    return False
 
 
 def _copy_range(src_fd: int, dst_fd: int, nbytes: int) -> None:

@@ -32,14 +32,15 @@ from savepoint.discovery import STEP_DIR, info_from_manifest
 from savepoint.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    IncompatibleCheckpointError,
     Problem,
+    SavepointError,
 )
 from savepoint.manifest import MAX_MANIFEST_BYTES, Manifest, find_problems, parse_manifest
 from savepoint.policy import CheckpointInfo
 from savepoint.storage.local import MANIFEST_NAME
 
 CACHE_ENV = "SAVEPOINT_CACHE"
+_FETCH_CHUNK = 16 * 1024 * 1024
 
 
 def is_remote_url(root: str | os.PathLike[str]) -> bool:
@@ -124,7 +125,7 @@ class RemoteRoot:
                 continue  # an upload in progress or interrupted: not a checkpoint
             try:
                 manifest = self.read_manifest(name)
-            except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
+            except SavepointError as exc:  # one bad manifest spoils one checkpoint, never the listing
                 if warn:
                     warnings.warn(f"skipping {self.step_url(name)}: {exc}", stacklevel=2)
                 continue
@@ -197,14 +198,29 @@ class RemoteRoot:
         manifest = parse_manifest(raw, step_url)  # refuses paths that climb out of the checkpoint
         local = os.path.join(dest, name)
         os.makedirs(local, exist_ok=True)
-        for rel in sorted(manifest.files):
-            target = os.path.join(local, rel)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):  # reported as "missing" by the check
-                self.fs.get_file(self._key(name, rel), target)
+        for rel, entry in sorted(manifest.files.items()):
+            # A file that cannot be placed (a listed "a" and "a/b") or is absent is reported "missing"
+            # by the check; one whose size is not the listed one is fetched only to one byte past it,
+            # so disk and time follow the manifest's claim, never an object's real size.
+            with contextlib.suppress(
+                FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError
+            ):
+                target = os.path.join(local, rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                self._fetch(self._key(name, rel), target, entry.size)
         with open(os.path.join(local, MANIFEST_NAME), "wb") as f:
             f.write(raw)  # the very bytes the files were fetched by
         return local
+
+    def _fetch(self, key: str, target: str, size: int) -> None:
+        if self.fs.size(key) == size:
+            self.fs.get_file(key, target)
+            return
+        remaining = size + 1
+        with self.fs.open(key, "rb") as src, open(target, "wb") as dst:
+            while remaining > 0 and (chunk := src.read(min(remaining, _FETCH_CHUNK))):
+                dst.write(chunk)
+                remaining -= len(chunk)
 
     @contextlib.contextmanager
     def local_copy(self, step_url: str) -> Iterator[str]:
