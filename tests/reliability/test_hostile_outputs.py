@@ -238,7 +238,7 @@ def test_cli_prints_what_a_checkpoint_says_as_inert_text(
     doc = json.loads(Path(ckpt, "savepoint.json").read_bytes())
     relist(ckpt, metrics={**doc["metrics"], NASTY_METRIC: 1.0}, kind="module")
     outputs = [
-        cli_ok(capsys, monkeypatch, "ls", run),
+        cli_ok(capsys, monkeypatch, "ls", run, "--wide"),  # the metric as a column, not wrapped
         cli_ok(capsys, monkeypatch, "inspect", ckpt),
         cli_ok(capsys, monkeypatch, "verify", run),
         cli_ok(
