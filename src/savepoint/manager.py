@@ -318,7 +318,18 @@ class CheckpointManager:
                 except BaseException as exc:
                     error = exc
                 damage = str(CorruptCheckpointError(path, problems)) if problems else None
-                verdicts = distributed.agree(error, damage, timeout=timeout, what=f"{what}, step {number}")
+                try:
+                    verdicts = distributed.agree(
+                        error, damage, timeout=timeout, what=f"{what}, step {number}"
+                    )
+                except distributed.DistributedSaveError as exc:
+                    if exc is error or not exc.failed:
+                        raise
+                    lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(exc.failed.items()))
+                    raise distributed.DistributedSaveError(
+                        f"{what}, step {number} was refused, nothing was changed on any rank: {lines}",
+                        failed=exc.failed,
+                    ) from exc
                 damaged = {r: d for r, d in enumerate(verdicts) if d}
                 if not damaged:
                     restored = restore_checkpoint(local, **targets, verified=True, timeout=timeout)

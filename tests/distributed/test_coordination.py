@@ -73,12 +73,16 @@ def test_restore_agreement_and_plain_fsdp2_module(tmp_path: Path) -> None:
     # rank 0 sees step 2, rank 1 does not: both fail, quickly, with a savepoint error naming the cause
     ahead = [results[r]["ahead"] for r in (0, 1)]
     assert ahead[1][0] == "CheckpointNotFoundError" and "different checkpoints" in ahead[1][2], ahead
-    assert ahead[0][0] == "DistributedSaveError" and "rank 1" in ahead[0][2], ahead
+    assert ahead[0][0] == "DistributedSaveError" and "nothing was changed on any rank" in ahead[0][2], ahead
+    assert "rank 1: CheckpointNotFoundError" in ahead[0][2], ahead
     assert all(float(seconds) < TIMEOUT / 2 for _, seconds, _ in ahead), ahead
     # rank 0 sees only step 1 (rank 1 also sees step 2): both restore rank 0's choice, exactly
     for rank in (0, 1):
         assert results[rank]["behind"][:1] + results[rank]["behind"][2:] == ["ok", "1"], results[rank]
         assert results[rank]["behind-state"][0] == "exact", results[rank]
+        # step 2 is damaged where rank 1 looks: every rank falls back to step 1 together
+        assert results[rank]["damaged"][:1] + results[rank]["damaged"][2:] == ["ok", "1"], results[rank]
+        assert results[rank]["damaged-state"][0] == "exact", results[rank]
         assert results[rank]["shared"][0] == "ok" and results[rank]["shared"][2] == "2", results[rank]
         assert results[rank]["shared-state"][0] == "exact", results[rank]
         assert results[rank]["export"][0] == "ok", results[rank]

@@ -103,6 +103,10 @@ def main(mode: str, base: str, timeout: float) -> int:
             shutil.copytree(
                 f"{base}/a", f"{base}/b", ignore=shutil.ignore_patterns("step-00000002", ".savepoint*")
             )
+            shutil.copytree(f"{base}/a", f"{base}/c", ignore=shutil.ignore_patterns(".savepoint*"))
+            with open(f"{base}/c/step-00000002/model.safetensors", "r+b") as f:  # damage only rank 1 sees
+                f.seek(-4, os.SEEK_END)
+                f.write(b"\xff\xfe\xfd\xfc")
         dist.barrier()
         train(model, opt, 3)
         mine, other = ("a", "b") if rank == 0 else ("b", "a")
@@ -119,6 +123,17 @@ def main(mode: str, base: str, timeout: float) -> int:
             ),
         )
         print(f"RESULT behind-state {same(at_step1, local_state(model, opt))} 0", file=sys.stderr, flush=True)
+        train(model, opt, 4)
+        damaged = f"{base}/a" if rank == 0 else f"{base}/c"
+        attempt(
+            "damaged",
+            lambda: savepoint.CheckpointManager(damaged, dist_timeout=timeout).restore(
+                model=model, optimizer=opt
+            ),
+        )
+        print(
+            f"RESULT damaged-state {same(at_step1, local_state(model, opt))} 0", file=sys.stderr, flush=True
+        )
         attempt("shared", lambda: shared.restore(model=model, optimizer=opt))
         print(f"RESULT shared-state {same(at_step2, local_state(model, opt))} 0", file=sys.stderr, flush=True)
         attempt("export", lambda: savepoint.save_pretrained(model, f"{base}/export"))
