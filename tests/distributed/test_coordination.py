@@ -4,6 +4,7 @@ is an FSDP2-sharded plain `nn.Sequential` (no transformers model), saved and res
 
 from __future__ import annotations
 
+import shlex
 import socket
 import subprocess
 import sys
@@ -19,7 +20,9 @@ WORKER = str(REPO / "tests" / "distributed" / "worker_coordination.py")
 TIMEOUT = 20  # dist_timeout: every outcome below must come well within it
 
 
-def run_pair(mode: str, base: Path, *, kill: bool = False) -> dict[int, dict[str, list[str]]]:
+def run_pair(
+    mode: str, base: Path, *, kill: bool = False, own_disks: bool = False
+) -> dict[int, dict[str, list[str]]]:
     """Both ranks' `RESULT key outcome seconds message` lines, as {rank: {key: [outcome, seconds, message]}}."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,6 +33,11 @@ def run_pair(mode: str, base: Path, *, kill: bool = False) -> dict[int, dict[str
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port
         )
         cmd = [sys.executable, WORKER, mode, str(base), str(TIMEOUT)]
+        if own_disks:  # BASE/root is this rank's BASE/disk-<rank>, in a mount namespace of its own
+            disk = base / f"disk-{rank}"
+            disk.mkdir()
+            mount = f"mount --bind {shlex.quote(str(disk))} {shlex.quote(str(base / 'root'))}"
+            cmd = ["unshare", "-m", "sh", "-c", f"{mount} && exec {shlex.join(cmd)}"]
         procs.append(
             subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
@@ -52,7 +60,17 @@ def assert_no_temp_dirs(*roots: Path) -> None:
             assert not left, f"{root} holds {left}"
 
 
+def can_bind_mount(base: Path) -> bool:
+    (base / "probe").mkdir()
+    cmd = ["unshare", "-m", "mount", "--bind", str(base), str(base / "probe")]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    except OSError:
+        return False
+
+
 def test_root_not_shared_fails_on_every_rank(tmp_path: Path) -> None:
+    """Two ranks whose roots are different directories (another root string per rank)."""
     results = run_pair("unshared", tmp_path)
     for rank in (0, 1):
         outcome, seconds, message = results[rank]["save"]
@@ -90,6 +108,25 @@ def test_restore_agreement_and_plain_fsdp2_module(tmp_path: Path) -> None:
     assert results[0]["groups"][0] == results[1]["groups"][0] == "1", "restore built a second gloo group"
     savepoint.verify(tmp_path / "a")
     savepoint.verify(tmp_path / "export")
+
+
+def test_same_root_path_on_separate_disks_fails_on_every_rank(tmp_path: Path) -> None:
+    """The cloud set-up itself: one root path string, a different directory behind it on each rank
+    (a bind mount in a private mount namespace per rank, as two nodes' local disks)."""
+    if not can_bind_mount(tmp_path):
+        pytest.skip("needs `unshare -m` and bind mounts (root)")
+    (tmp_path / "root").mkdir()
+    results = run_pair("same-path", tmp_path, own_disks=True)
+    for rank in (0, 1):
+        outcome, seconds, message = results[rank]["save"]
+        assert outcome == "DistributedSaveError", (rank, outcome, message)
+        assert "shared filesystem" in message and "object-store root" in message, message
+        assert float(seconds) < TIMEOUT
+    for disk in (tmp_path / "disk-0", tmp_path / "disk-1"):
+        assert [p.name for p in disk.iterdir() if not p.name.startswith(".savepoint")] == [], disk
+    assert not list((tmp_path / "root").iterdir())  # nothing went to the real directory behind the mounts
+    assert [i.step for i in savepoint.CheckpointManager(tmp_path / "shared").checkpoints] == [1]
+    savepoint.verify(tmp_path / "shared")
 
 
 @pytest.mark.parametrize("mode", ["kill-gather", "kill-export"])

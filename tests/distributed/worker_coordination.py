@@ -3,6 +3,8 @@
 Modes:
   unshared   step 1 goes to DIR/shared; step 2 to DIR/rank-<r>, one directory per rank (what two nodes
              with separate local disks under the same path see): save must fail on every rank.
+  same-path  the same, with step 2 under DIR/root on both ranks, which the test bind-mounts to a
+             different directory per rank (`unshare -m`): one path string, two disks.
   agreement  steps 1 and 2 go to DIR/a; rank 0 copies DIR/a to DIR/b without step 2 (a root that lags).
              Then restores with rank 0 on a and rank 1 on b (must fail on both), with rank 0 on b and
              rank 1 on a (both restore step 1), and on a (step 2, exactly), then save_pretrained.
@@ -86,11 +88,13 @@ def main(mode: str, base: str, timeout: float) -> int:
     rank = dist.get_rank()
     model, opt = build()
     train(model, opt, 1)
-    if mode == "unshared":
+    if mode in ("unshared", "same-path"):
         savepoint.CheckpointManager(f"{base}/shared", dist_timeout=timeout).save(
             1, model=model, optimizer=opt
         )
-        mgr = savepoint.CheckpointManager(f"{base}/rank-{rank}", dist_timeout=timeout)
+        # same-path: DIR/root is each rank's own DIR/disk-<r>, bind-mounted in a private mount namespace
+        mine = f"{base}/rank-{rank}" if mode == "unshared" else f"{base}/root"
+        mgr = savepoint.CheckpointManager(mine, dist_timeout=timeout)
         attempt("save", lambda: mgr.save(2, model=model, optimizer=opt))
     elif mode == "agreement":
         shared = savepoint.CheckpointManager(f"{base}/a", dist_timeout=timeout)
