@@ -24,6 +24,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,9 +115,9 @@ def _open_staged(parent: str, final_name: str, *, timeout: float | None, what: s
         if rank() == 0:
             staged.abort()
         raise
-    if rank() == 0:  # everybody has read it: it must not be committed
-        os.remove(staged.abspath(ROOT_CHECK_NAME))
-        staged.entries.pop(ROOT_CHECK_NAME, None)
+    if rank() == 0:  # everybody has read it: it must not be committed (`_commit` tries again)
+        with suppress(OSError):
+            os.remove(staged.abspath(ROOT_CHECK_NAME))
     return staged
 
 
@@ -335,6 +336,8 @@ def _commit(
     final, failure = None, None
     if rank() == 0:
         try:
+            with suppress(FileNotFoundError):
+                os.remove(staged.abspath(ROOT_CHECK_NAME))
             for other, entries in enumerate(reported):
                 if other != 0:
                     _check_reported(staged, other, entries)
