@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -301,7 +301,9 @@ class CheckpointManager:
             self._resolve_step(step)  # a step that is not there is an error, raised on every rank
             return [self.best_step if step == "best" else step]  # type: ignore[list-item]
 
-        for number in distributed.on_rank0(candidates, timeout=timeout, what=what):
+        with _refusal(what):  # rank 0's own error is raised there; the others name it
+            chosen = distributed.on_rank0(candidates, timeout=timeout, what=what)
+        for number in chosen:
             path = os.path.join(self.root, discovery.step_dir_name(number))
             with contextlib.ExitStack() as stack:
                 error, problems, local = None, [], path
@@ -318,18 +320,10 @@ class CheckpointManager:
                 except BaseException as exc:
                     error = exc
                 damage = str(CorruptCheckpointError(path, problems)) if problems else None
-                try:
+                with _refusal(f"{what}, step {number}"):
                     verdicts = distributed.agree(
                         error, damage, timeout=timeout, what=f"{what}, step {number}"
                     )
-                except distributed.DistributedSaveError as exc:
-                    if exc is error or not exc.failed:
-                        raise
-                    lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(exc.failed.items()))
-                    raise distributed.DistributedSaveError(
-                        f"{what}, step {number} was refused, nothing was changed on any rank: {lines}",
-                        failed=exc.failed,
-                    ) from exc
                 damaged = {r: d for r, d in enumerate(verdicts) if d}
                 if not damaged:
                     restored = restore_checkpoint(local, **targets, verified=True, timeout=timeout)
@@ -386,3 +380,17 @@ class CheckpointManager:
             )
         read_manifest(path)  # a damaged or foreign manifest is an error here, not a silent skip
         return path
+
+
+@contextlib.contextmanager
+def _refusal(what: str) -> Iterator[None]:
+    """Another rank's error from a restore vote, worded for a restore (nothing changed, not "committed")."""
+    try:
+        yield
+    except distributed.DistributedSaveError as exc:
+        if not exc.failed:
+            raise
+        lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(exc.failed.items()))
+        raise distributed.DistributedSaveError(
+            f"{what} was refused, nothing was changed on any rank: {lines}", failed=exc.failed
+        ) from exc
