@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import time
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +33,10 @@ import torch
 from savepoint import distributed
 from savepoint.discovery import step_dir_name
 from savepoint.distributed import DistributedSaveError, agree, broadcast, is_sharded, rank, unwrap_optimizer
-from savepoint.errors import IncompatibleCheckpointError, UnsupportedStateError
+from savepoint.errors import IncompatibleCheckpointError, SavepointError, UnsupportedStateError
 from savepoint.formats import hf, sharded, train_state
 from savepoint.formats import stateful as stateful_format
+from savepoint.io.files import read_bytes_inside
 from savepoint.manifest import Manifest, build_manifest, verify_files
 from savepoint.saving import checkpoint_manifest, is_peft_model
 from savepoint.storage.local import StagedDir
@@ -75,15 +79,68 @@ def per_rank_stateful_relbase(name: str, rank_: int) -> str:
 # ---------------------------------------------------------------- saving
 
 
+ROOT_CHECK_NAME = ".savepoint-root-check"  # rank 0's proof that every rank sees its temp dir; never committed
+
+
 def _open_staged(parent: str, final_name: str, *, timeout: float | None, what: str) -> SharedStagedDir:
-    path, error = None, None
+    """Rank 0 creates the temp dir; every rank proves it sees it before anyone writes a byte.
+
+    Two nodes with the same root path on separate local disks would otherwise each write into their
+    own copy, and rank 0 would commit a manifest listing files that are not there."""
+    opened, error = None, None
     if rank() == 0:
         try:
-            path = SharedStagedDir(parent, final_name).path
+            staged0 = SharedStagedDir(parent, final_name)
+            opened = (os.path.basename(staged0.path), secrets.token_hex(16))
+            staged0.write_bytes(ROOT_CHECK_NAME, opened[1].encode())
         except BaseException as exc:
             error = exc
-    path = agree(error, path, timeout=timeout, what=what)[0]
-    return SharedStagedDir.join(parent, final_name, path)
+    try:
+        name, nonce = agree(error, opened, timeout=timeout, what=what)[0]
+    except BaseException:
+        if opened is not None:
+            SharedStagedDir.join(parent, final_name, os.path.join(parent, opened[0])).abort()
+        raise
+    # Each rank joins under its own root string: the temp dir's name is all rank 0 tells it.
+    path = os.path.join(parent, name)
+    staged = SharedStagedDir.join(parent, final_name, path)
+    error = None
+    try:
+        _check_sees(parent, path, nonce, timeout)
+    except BaseException as exc:
+        error = exc
+    try:
+        agree(error, timeout=timeout, what=what)
+    except BaseException:
+        if rank() == 0:
+            staged.abort()
+        raise
+    if rank() == 0:  # everybody has read it: it must not be committed (`_commit` tries again)
+        with suppress(OSError):
+            os.remove(staged.abspath(ROOT_CHECK_NAME))
+    return staged
+
+
+def _check_sees(root: str, path: str, nonce: str, timeout: float | None) -> None:
+    """Read back rank 0's nonce file, retrying briefly: a shared filesystem's attribute cache may lag."""
+    deadline = time.monotonic() + min(5.0, float(timeout or distributed.DEFAULT_TIMEOUT) / 4)
+    while True:
+        try:
+            seen = read_bytes_inside(path, ROOT_CHECK_NAME, max_bytes=1024).decode(errors="replace")
+            problem = None if seen == nonce else f"it holds {seen[:40]!r}, not what rank 0 wrote"
+        except (OSError, SavepointError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is None:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    raise DistributedSaveError(
+        f"rank {rank()} does not see the file rank 0 wrote in {path} ({problem}): the checkpoint root {root} "
+        "is not one directory shared by every rank (e.g. each node has its own local disk under the same "
+        "path), so rank 0 cannot commit the other ranks' files. Use a root every rank sees: a shared "
+        "filesystem (NFS, Lustre, a mounted bucket) or an object-store root (s3://...); nothing was committed."
+    )
 
 
 def _capture_local(request: Any) -> dict[str, tuple[bytes, dict[str, torch.Tensor]]]:
@@ -137,13 +194,16 @@ def save_collective(request: Any, *, timeout: float | None = None, sharded_model
             error = exc
         agree(error, timeout=timeout, what=what)  # nobody enters a collective after a rank failed
         gather = is_sharded(model) and not sharded_model and not adapter
-        full = distributed.full_model_state(model) if gather else None  # collective
         adapter_state = None
-        if adapter and is_sharded(model):  # collective: the adapter to rank 0, the full base's fingerprint
-            from savepoint.lora.sharded import gather_adapter_states, prime_fingerprint
+        with distributed.peer_failures(what, "gathering the weights to rank 0"):
+            full = distributed.full_model_state(model) if gather else None  # collective
+            if adapter and is_sharded(
+                model
+            ):  # collective: the adapter to rank 0, the full base's fingerprint
+                from savepoint.lora.sharded import gather_adapter_states, prime_fingerprint
 
-            prime_fingerprint(model)
-            adapter_state = gather_adapter_states(model)
+                prime_fingerprint(model)
+                adapter_state = gather_adapter_states(model)
         opt_tensors, opt_rest = (None, None)
         if request.optimizer is not None:
             opt_tensors, opt_rest = _optimizer_parts(model, request.optimizer)
@@ -276,7 +336,11 @@ def _commit(
     final, failure = None, None
     if rank() == 0:
         try:
-            for entries in reported:
+            with suppress(FileNotFoundError):
+                os.remove(staged.abspath(ROOT_CHECK_NAME))
+            for other, entries in enumerate(reported):
+                if other != 0:
+                    _check_reported(staged, other, entries)
                 staged.cover_everything(entries)
             manifest = checkpoint_manifest(request, kind, staged.entries, base_model)
             final = staged.commit(manifest.to_json(), replace=True)
@@ -300,6 +364,25 @@ def _commit(
     return final_seen
 
 
+def _check_reported(staged: SharedStagedDir, other: int, entries: Mapping[str, tuple[int, str]]) -> None:
+    """Rank 0 lists another rank's file only once it sees it, at the size reported (a stat, no read)."""
+    missing = []
+    for relpath, (size, _) in entries.items():
+        try:
+            seen = os.stat(staged.abspath(relpath)).st_size
+        except OSError:
+            seen = None
+        if seen != size:
+            missing.append(f"{relpath} ({'absent' if seen is None else f'{seen} bytes, reported {size}'})")
+    if missing:
+        raise DistributedSaveError(
+            f"rank 0 does not see {len(missing)} file(s) rank {other} wrote into {staged.path}: "
+            f"{', '.join(missing[:5])}. The root is not shared by every rank; use a shared filesystem or an "
+            "object-store root (s3://...). Nothing was committed.",
+            failed={other: "its files are not visible to rank 0"},
+        )
+
+
 # ---------------------------------------------------------------- export
 
 
@@ -310,10 +393,11 @@ def save_pretrained_collective(
     from savepoint.integrations import deepspeed as ds
 
     inner: torch.nn.Module = model.module if ds.is_engine(model) else hf.unwrap_model(model)  # type: ignore[assignment]
-    if ds.is_engine(model):
-        full: dict[str, torch.Tensor] | None = ds.full_state(model)  # collective (ZeRO-3 gathers)
-    else:
-        full = distributed.full_model_state(inner) if is_sharded(inner) else None  # collective
+    with distributed.peer_failures(f"save_pretrained to {out}", "gathering the weights to rank 0"):
+        if ds.is_engine(model):
+            full: dict[str, torch.Tensor] | None = ds.full_state(model)  # collective (ZeRO-3 gathers)
+        else:
+            full = distributed.full_model_state(inner) if is_sharded(inner) else None  # collective
 
     def write() -> str:
         staged = StagedDir(os.path.dirname(out), os.path.basename(out))
@@ -342,6 +426,7 @@ def restore_collective(
     optimizer: Any = None,
     scheduler: Any = None,
     stateful: Mapping[str, Any] | None = None,
+    timeout: float | None = None,
 ) -> Any:
     """Restore a checkpoint written at any world size into this rank (or a plain process).
 
@@ -374,7 +459,7 @@ def restore_collective(
     except BaseException as exc:
         error = exc
     try:
-        agree(error, timeout=None, what=what)
+        agree(error, timeout=timeout, what=what)  # later collectives reuse this group (timeout=None)
     except DistributedSaveError as exc:
         if exc is error:
             raise

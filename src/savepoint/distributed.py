@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -83,7 +85,11 @@ def coordination_group(timeout: float | None = None) -> Any:
     """savepoint's gloo group over all ranks, with `timeout` seconds on every collective (cached).
 
     Creating a group is itself collective: every rank must ask for the same timeout, in the same order.
+    `timeout=None` reuses the group created first (a manager's `dist_timeout`), so that a restore or
+    an export never builds a second group with the default timeout next to it.
     """
+    if timeout is None and _GROUPS:  # no timeout asked for: the group this job already uses
+        return next(iter(_GROUPS.values()))
     seconds = float(timeout if timeout is not None else DEFAULT_TIMEOUT)
     if seconds <= 0:
         raise ValueError(f"the distributed timeout must be positive, got {seconds}")
@@ -136,6 +142,23 @@ def agree(
             f"{what} failed on {len(failed)} rank(s), nothing was committed: {lines}", failed=failed
         ) from error
     return [p for _, _, p in gathered]
+
+
+@contextmanager
+def peer_failures(what: str, during: str) -> Iterator[None]:
+    """Torch's own collectives on the training's process group (the weight gather, FSDP1's state dict):
+    a rank that dies there surfaces as the backend's RuntimeError on the survivors; raise it as the
+    `DistributedSaveError` every other lost rank is."""
+    try:
+        yield
+    except SavepointError:
+        raise
+    except Exception as exc:
+        raise DistributedSaveError(
+            f"{what} failed: rank {rank()} lost contact with the other ranks while {during} "
+            f"({describe_error(exc)}). Another rank died or raised; nothing was committed. Check the other "
+            "ranks' logs.",
+        ) from exc
 
 
 def describe_error(error: BaseException) -> str:

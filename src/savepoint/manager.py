@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -259,6 +259,8 @@ class CheckpointManager:
         """
         self.wait()
         targets = dict(model=model, optimizer=optimizer, scheduler=scheduler, stateful=dict(stateful or {}))
+        if distributed.world_size() > 1:
+            return self._restore_agreed(targets, step)
         if step == "latest":
             return self._restore_latest(targets)
         path = self._resolve_step(step)
@@ -281,6 +283,63 @@ class CheckpointManager:
                     continue
                 return dataclasses.replace(
                     restore_checkpoint(local, **targets, verified=True), path=info.path
+                )
+        return RestoreResult(step=0)
+
+    def _restore_agreed(self, targets: dict[str, Any], step: int | str) -> RestoreResult:
+        """Under torchrun: rank 0 picks the step and every rank restores that one, or none does.
+
+        Rank 0 names its candidates (newest first for "latest"); every rank checks a candidate in its
+        own view of the root and the ranks vote. Damage anywhere makes all ranks fall back together; a
+        rank that does not see the step at all (different roots, a root not shared) fails every rank.
+        Every collective here runs on the one coordination group, within `dist_timeout`."""
+        timeout, what = self.dist_timeout, f"restore from {self.root}"
+
+        def candidates() -> list[int]:
+            if step == "latest":
+                return [i.step for i in reversed(self.checkpoints)]
+            self._resolve_step(step)  # a step that is not there is an error, raised on every rank
+            return [self.best_step if step == "best" else step]  # type: ignore[list-item]
+
+        with _refusal(what):  # rank 0's own error is raised there; the others name it
+            chosen = distributed.on_rank0(candidates, timeout=timeout, what=what)
+        for number in chosen:
+            path = os.path.join(self.root, discovery.step_dir_name(number))
+            with contextlib.ExitStack() as stack:
+                error, problems, local = None, [], path
+                try:
+                    if self._remote is None and not os.path.isdir(path):
+                        raise CheckpointNotFoundError(
+                            f"rank {distributed.rank()} sees no checkpoint for step {number} under {self.root}, "
+                            "which rank 0 chose: the ranks see different checkpoints (different root paths, or "
+                            "a root that is not shared). Give every rank the same root on a shared filesystem, "
+                            "or an object-store root (s3://...)."
+                        )
+                    local = stack.enter_context(self._local_copy(path))
+                    problems = find_problems(local, check_unlisted=False)
+                except BaseException as exc:
+                    error = exc
+                damage = str(CorruptCheckpointError(path, problems)) if problems else None
+                with _refusal(f"{what}, step {number}"):
+                    verdicts = distributed.agree(
+                        error, damage, timeout=timeout, what=f"{what}, step {number}"
+                    )
+                damaged = {r: d for r, d in enumerate(verdicts) if d}
+                if not damaged:
+                    restored = restore_checkpoint(local, **targets, verified=True, timeout=timeout)
+                    return dataclasses.replace(restored, path=path)
+                if step != "latest":
+                    if problems:
+                        raise CorruptCheckpointError(path, problems)
+                    raise distributed.DistributedSaveError(
+                        f"{what}: step {number} is damaged on rank(s) {', '.join(map(str, damaged))}; "
+                        "nothing was restored",
+                        failed=damaged,
+                    )
+                warnings.warn(
+                    f"{what}: step {number} is damaged on rank(s) {', '.join(map(str, damaged))}; every rank "
+                    f"falls back to the previous checkpoint ({next(iter(damaged.values()))})",
+                    stacklevel=3,
                 )
         return RestoreResult(step=0)
 
@@ -321,3 +380,17 @@ class CheckpointManager:
             )
         read_manifest(path)  # a damaged or foreign manifest is an error here, not a silent skip
         return path
+
+
+@contextlib.contextmanager
+def _refusal(what: str) -> Iterator[None]:
+    """Another rank's error from a restore vote, worded for a restore (nothing changed, not "committed")."""
+    try:
+        yield
+    except distributed.DistributedSaveError as exc:
+        if not exc.failed:
+            raise
+        lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(exc.failed.items()))
+        raise distributed.DistributedSaveError(
+            f"{what} was refused, nothing was changed on any rank: {lines}", failed=exc.failed
+        ) from exc

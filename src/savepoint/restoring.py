@@ -44,6 +44,7 @@ def restore_checkpoint(
     scheduler: Any = None,
     stateful: Mapping[str, Any] | None = None,
     verified: bool = False,
+    timeout: float | None = None,
 ) -> RestoreResult:
     manifest = read_manifest(path)
     if not verified:
@@ -56,7 +57,13 @@ def restore_checkpoint(
         from savepoint.collective import restore_collective
 
         return restore_collective(
-            path, manifest, model=model, optimizer=optimizer, scheduler=scheduler, stateful=stateful
+            path,
+            manifest,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            stateful=stateful,
+            timeout=timeout,
         )
     model = unwrap_model(model)
     stateful = dict(stateful or {})

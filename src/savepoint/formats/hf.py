@@ -82,12 +82,23 @@ def _drop_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     """Keep one name per shared storage (the first in sorted order); return the dropped aliases."""
     groups: dict[Any, list[str]] = collections.defaultdict(list)
     for name, t in state.items():
-        groups[(t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))].append(name)
+        groups[_storage_key(name, t)].append(name)
     aliases = {}
     for names in groups.values():
         kept, *dropped = sorted(names)
         aliases.update({d: kept for d in dropped})
     return {k: v for k, v in state.items() if k not in aliases}, aliases
+
+
+def _storage_key(name: str, t: torch.Tensor) -> Any:
+    """Tensors with the same key share their memory. A DTensor (FSDP2) has no storage of its own: its
+    local shard's is used; an empty shard shares nothing."""
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local() if isinstance(t, DTensor) else t
+    if local.numel() == 0:
+        return name
+    return (local.device, local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape))
 
 
 def write_model_files(

@@ -102,7 +102,8 @@ def save(request: Any, *, timeout: float | None) -> str:
         except BaseException as exc:
             error = exc
         distributed.agree(error, timeout=timeout, what=what)  # nobody enters a collective after a rank failed
-        full = full_state(engine)  # collective
+        with distributed.peer_failures(what, "gathering the weights to rank 0"):
+            full = full_state(engine)  # collective
         error = None
         try:
             _save_engine(engine, staged, request.step)  # collective (DeepSpeed's own barriers)
