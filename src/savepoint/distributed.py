@@ -11,6 +11,7 @@ error on every survivor instead of a hang.
 
 from __future__ import annotations
 
+import atexit
 import os
 import traceback
 from collections.abc import Iterator
@@ -25,6 +26,9 @@ from savepoint.errors import SavepointError
 
 DEFAULT_TIMEOUT = float(os.environ.get("SAVEPOINT_DIST_TIMEOUT", "600"))
 _GROUPS: dict[float, Any] = {}
+# id() of the default group the cached groups were made in: a job that destroys its process group and
+# starts another must not reuse groups of the first (holding no reference to that default group).
+_GROUPS_WORLD: list[int | None] = [None]
 
 
 class DistributedSaveError(SavepointError):
@@ -88,6 +92,9 @@ def coordination_group(timeout: float | None = None) -> Any:
     `timeout=None` reuses the group created first (a manager's `dist_timeout`), so that a restore or
     an export never builds a second group with the default timeout next to it.
     """
+    if _GROUPS_WORLD[0] != id(dist.group.WORLD):
+        _GROUPS.clear()
+        _GROUPS_WORLD[0] = id(dist.group.WORLD)
     if timeout is None and _GROUPS:  # no timeout asked for: the group this job already uses
         return next(iter(_GROUPS.values()))
     seconds = float(timeout if timeout is not None else DEFAULT_TIMEOUT)
@@ -99,6 +106,16 @@ def coordination_group(timeout: float | None = None) -> Any:
         else:
             _GROUPS[seconds] = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
     return _GROUPS[seconds]
+
+
+def _drop_groups() -> None:
+    # Our references would keep destroyed groups alive until interpreter finalization, where gloo's
+    # destructor joins worker threads that need the GIL: a SIGABRT ("terminate called without an
+    # active exception") after the job has finished. Dropped at exit while the interpreter is whole.
+    _GROUPS.clear()
+
+
+atexit.register(_drop_groups)
 
 
 def _default_timeout() -> float | None:
