@@ -115,3 +115,19 @@ def test_sft_with_lora_resumes_with_its_token_count(tmp_path: Path) -> None:
     mine, expected = weights(resumed.model), weights(ref.model)
     lora = [k for k in expected if "lora_" in k]
     assert lora and all(torch.equal(mine[k], expected[k]) for k in lora)
+
+
+def test_a_checkpoint_without_trl_state_still_resumes_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TRL run checkpointed before savepoint saved TRL's own state (no `trl_num_tokens`) resumes,
+    warning that the token count is not restored, instead of refusing the checkpoint."""
+    with monkeypatch.context() as m:  # what an earlier savepoint saved: no TRL state
+        m.setattr(trl_integration, "trainer_state", lambda trainer: {})
+        trl_script.sft_trainer(str(tmp_path / "run"), stop_at=3).train()
+    assert savepoint.CheckpointManager(tmp_path / "run").latest_step == 3
+
+    resumed = trl_script.sft_trainer(str(tmp_path / "run"))
+    with pytest.warns(UserWarning, match=trl_integration.NUM_TOKENS):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step > 3

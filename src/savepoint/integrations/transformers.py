@@ -51,12 +51,16 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from savepoint import policy
+from savepoint.discovery import step_dir_name
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, SavepointError
+from savepoint.formats import train_state
 from savepoint.formats.train_state import rng_state, set_rng_state
 from savepoint.integrations import trl as trl_integration
 from savepoint.integrations.trainer_files import resume_problems
 from savepoint.manager import CheckpointManager
+from savepoint.manifest import read_manifest
 from savepoint.policy import RetentionPolicy
+from savepoint.saving import stateful_relbase
 from savepoint.storage.remote import RemoteRoot, is_remote_url
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -263,6 +267,26 @@ class SavepointCallback(TrainerCallback):
         trainer = self._trainer() if self._trainer is not None else None
         return {**self.stateful, **(trl_integration.trainer_state(trainer) if trainer is not None else {})}
 
+    def _stateful_saved_at(self, step: int) -> dict[str, Any]:
+        """`_stateful()`, less the TRL state a checkpoint written before savepoint saved it lacks
+        (with a warning); the user's own `stateful=` objects stay required."""
+        stateful = self._stateful()
+        added = [n for n in trl_integration.STATE_NAMES if n in stateful and n not in self.stateful]
+        if not added or is_remote_url(self.manager.root):
+            return stateful
+        try:
+            saved = read_manifest(os.path.join(self.manager.root, step_dir_name(step)))
+        except SavepointError:
+            return stateful  # the restore reports what is wrong with it
+        lacking = [n for n in added if not train_state.has_blob(saved, stateful_relbase(n))]
+        if lacking:
+            warnings.warn(
+                f"checkpoint step {step} has no {', '.join(lacking)} (it predates savepoint's TRL support): "
+                "the resumed run starts those from the trainer's current values and is not exact",
+                stacklevel=2,
+            )
+        return {k: v for k, v in stateful.items() if k not in lacking}
+
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -278,7 +302,7 @@ class SavepointCallback(TrainerCallback):
             model=kwargs["model"],
             optimizer=kwargs.get("optimizer"),
             scheduler=kwargs.get("lr_scheduler"),
-            stateful=self._stateful(),
+            stateful=self._stateful_saved_at(state.global_step),
             step=state.global_step,
         )
         if result.extra:  # saved only when it held something: otherwise keep the values given

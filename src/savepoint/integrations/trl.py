@@ -28,6 +28,7 @@ from savepoint.errors import IncompatibleCheckpointError, UnsupportedStateError
 
 REF_MODEL = "trl_ref_model"
 NUM_TOKENS = "trl_num_tokens"
+STATE_NAMES = (REF_MODEL, NUM_TOKENS)
 _TOKEN_COUNTER = "_total_train_tokens"  # TRL's attribute behind the logged `num_tokens`
 
 
