@@ -556,15 +556,10 @@ def _plan_model_from_dcp(model: torch.nn.Module, path: str, manifest: Manifest, 
 
     stored = metadata.state_dict_metadata
     targets = sharded.model_tensors(model)
-    problems = [f"missing in checkpoint: {k}" for k in sorted(targets.keys() - stored.keys())]
+    problems = _shape_problems(stored, targets, "model")
     problems += [
         f"unexpected in checkpoint: {k}"
         for k in sorted(k for k in stored.keys() - targets.keys() if k.startswith(sharded.MODEL_PREFIX))
-    ]
-    problems += [
-        f"shape of {k}: checkpoint {list(stored[k].size)}, model {list(t.shape)}"
-        for k, t in targets.items()
-        if k in stored and list(stored[k].size) != list(t.shape)
     ]
     if problems:
         raise IncompatibleCheckpointError(
@@ -681,12 +676,7 @@ def _plan_optimizer(
         try:
             template = sharded.optimizer_state(model, optimizer)  # initialises empty state (zero-lr step)
             tensors, _ = sharded.split_optimizer_state(template)
-            problems = [f"missing in checkpoint: {k}" for k in sorted(tensors.keys() - stored.keys())]
-            problems += [
-                f"shape of {k}: checkpoint {list(stored[k].size)}, optimizer {list(t.shape)}"
-                for k, t in tensors.items()
-                if k in stored and list(stored[k].size) != list(t.shape)
-            ]
+            problems = _shape_problems(stored, tensors, "optimizer")
             if problems:
                 raise IncompatibleCheckpointError(
                     f"the optimizer does not match checkpoint {path}:", mismatches=problems
@@ -736,3 +726,14 @@ def _clean_name(name: str) -> str:
     for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
         name = name.replace(wrapper, "")
     return name
+
+
+def _shape_problems(stored: Any, tensors: Mapping[str, torch.Tensor], what: str) -> list[str]:
+    """What DCP metadata `stored` lacks of `tensors`, or holds in another shape."""
+    problems = [f"missing in checkpoint: {k}" for k in sorted(tensors.keys() - stored.keys())]
+    problems += [
+        f"shape of {k}: checkpoint {list(stored[k].size)}, {what} {list(t.shape)}"
+        for k, t in tensors.items()
+        if k in stored and list(stored[k].size) != list(t.shape)
+    ]
+    return problems

@@ -41,17 +41,7 @@ def cli(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: object
 ) -> tuple[int, str]:
     """`savepoint ARGS...` in-process through the real main(); (exit code, stdout + stderr)."""
-    from savepoint.cli import _register_commands, main
-
-    _register_commands()
-    monkeypatch.setenv("COLUMNS", "250")
-    monkeypatch.setattr(sys, "argv", ["savepoint", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main()
-    out = capsys.readouterr()
-    code = info.value.code
-    return (code if isinstance(code, int) else 1), out.out + out.err
+    return cli_ok(capsys, monkeypatch, *args)
 
 
 def cli_ok(
