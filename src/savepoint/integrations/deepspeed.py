@@ -32,7 +32,7 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -268,7 +268,9 @@ def consolidate(
 ) -> str:
     """Write the fp32 master weights of DeepSpeed checkpoint `source` as a transformers directory `out`,
     one output shard in memory at a time. config.json and tokenizer files come from `config_dir`, else
-    from the nearest of `source` and its parents that has a config.json (a savepoint checkpoint's)."""
+    from the nearest of `source` and its parents that has a config.json (a savepoint checkpoint's); a
+    model transformers converts (MoE experts fused in memory) is written in the Hub's layout, as its
+    `save_pretrained` writes it."""
     from savepoint.consolidate import _copy_model_side_files, _set_config_dtype
     from savepoint.formats.hf import write_weights
     from savepoint.manifest import build_manifest
@@ -281,16 +283,18 @@ def consolidate(
     first: dict[int, str] = {}
     names = [n for n, t in state.items() if first.setdefault(id(t), n) == n]  # tied weights once
 
+    side = config_dir or _config_home(tag_dir)
+    tensors, index_metadata = _in_hub_layout({n: state[n] for n in names}, side)
     staged = StagedDir(os.path.dirname(out), os.path.basename(out))
     try:
         write_weights(
-            {n: state[n] for n in names},
+            tensors,
             staged,
             max_shard_size=max_shard_size,
             dtype=dtype,
             progress=progress,
+            index_metadata=index_metadata,
         )
-        side = config_dir or _config_home(tag_dir)
         if side:
             _copy_model_side_files(side, staged)
             if dtype is not None and os.path.exists(staged.abspath("config.json")):
@@ -300,6 +304,40 @@ def consolidate(
     except BaseException:
         staged.abort()
         raise
+
+
+def _in_hub_layout(
+    state: dict[str, Any], config_dir: str | None
+) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
+    """The weights under the Hub's names and shapes when transformers converts this model's (MoE experts
+    fused in memory), as its `save_pretrained` writes them; else `state` as it is. Each tensor is gathered
+    from the partitions only when its conversion group is written, so memory stays one group's worth."""
+    from savepoint.formats.hub_layout import HubTensors, layout_for_config
+
+    if config_dir is None or not os.path.isfile(os.path.join(config_dir, "config.json")):
+        return state, None
+    meta = {n: torch.empty(tuple(t.shape), dtype=t.dtype, device="meta") for n, t in state.items()}
+    layout, num_parameters = layout_for_config(config_dir, meta)
+    if layout is None:
+        return state, None
+    return HubTensors(layout, _Gathered(state)), {"total_parameters": num_parameters}
+
+
+class _Gathered(Mapping[str, torch.Tensor]):
+    """DeepSpeed's lazy `GatheredTensor`s as real tensors, each gathered when asked for (conversions
+    need real tensors) and not kept."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.state[name].contiguous()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
 
 
 def _enclosing_listing(tag_dir: str) -> dict[str, Any]:
