@@ -194,3 +194,15 @@ def test_dora_with_target_parameters_is_refused(base_dir: Path, tmp_path: Path) 
     with pytest.raises(MergeError, match="use_dora"):
         merge_lora(str(tmp_path / "adapter"), base=str(base_dir), out=str(tmp_path / "ours"))
     assert not (tmp_path / "ours").exists()
+
+
+@pytest.mark.parametrize("base_dir", ["mixtral"], indirect=True)
+def test_a_final_save_merges_lora_on_fused_experts_into_the_hub_layout(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    # final=True merges the live PeftModel (its base weights come from memory, fused): same output.
+    peft_model = lora_on(base_dir, tmp_path / "adapter", target_modules=["q_proj"], target_parameters=EXPERTS)
+    ckpt = adapter_checkpoint(peft_model, str(tmp_path / "run"), final=True)
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft-merged")
+
+    assert_same_model(os.path.join(ckpt, "merged"), tmp_path / "peft-merged", base_dir)

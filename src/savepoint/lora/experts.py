@@ -15,6 +15,7 @@ parameter order: the adapter keys of the first targeted parameter carry the most
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +147,18 @@ class ExpertStream:
                 fused[param] = self.edits[param].merge(tensor)
         merged = self._layout.to_hub(fused, index)
         return {n: (bases[n], merged[n]) for n in names}
+
+
+def meta_twin(model: torch.nn.Module) -> Any | None:
+    """A weightless copy (meta device) of a transformers model, without any peft layers in its tree."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return type(model)(copy.deepcopy(config))
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def _unwrap(module: str) -> tuple[str, int]:

@@ -31,7 +31,7 @@ from savepoint.lora.adapter import (
 )
 from savepoint.lora.base import BaseWeights, read_model_config
 from savepoint.lora.blocked import BlockedMerger
-from savepoint.lora.experts import ExpertStream, take_expert_edits
+from savepoint.lora.experts import ExpertStream, meta_twin, take_expert_edits
 from savepoint.lora.fingerprint import Fingerprinter, unwrap_peft
 from savepoint.lora.output import INDEX_NAME, plan_shards, write_index, write_shard
 from savepoint.lora.validate import check_plan
@@ -148,7 +148,7 @@ def merge_into_staged(
         weights, model_config = BaseWeights.from_module(source), _module_config(source)
     else:
         raise MergeError("merging an adapter directory needs the base model directory (base=...)")
-    experts = _expert_stream(plan, base_dir, weights)
+    experts = _expert_stream(plan, base_dir, source, weights)
     check_plan(plan, weights.infos, model_config)
     fingerprint = _write_weights(
         plan, weights, staged, subdir, parse_dtype(dtype), max_shard_size, progress, experts
@@ -183,16 +183,17 @@ def rewrite_model_into_staged(
     return fingerprint
 
 
-def _expert_stream(plan: MergePlan, base_dir: str | None, weights: BaseWeights) -> ExpertStream | None:
+def _expert_stream(
+    plan: MergePlan, base_dir: str | None, source: str | torch.nn.Module, weights: BaseWeights
+) -> ExpertStream | None:
     """The merge of LoRA on fused MoE experts (target_parameters), taken out of `plan`; None without any."""
     if not plan.config.get("target_parameters"):
         return None
-    if base_dir is None:
-        raise MergeError(
-            "merging LoRA on raw parameters (target_parameters) from an in-memory model is not supported; "
-            "save the adapter and merge it with merge_lora(adapter_dir, base=base_dir, ...)"
-        )
-    model = meta_model_for_config(base_dir)
+    if base_dir is not None:
+        model = meta_model_for_config(base_dir)
+    else:
+        assert isinstance(source, torch.nn.Module)  # merge_into_staged needs a base dir for a directory
+        model = meta_twin(unwrap_peft(source))
     edits = take_expert_edits(plan, model)
     return ExpertStream(model, edits, weights.infos) if edits else None
 
