@@ -5,15 +5,18 @@ Compared with peft's merge_and_unload and with transformers' own save_pretrained
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
-from tests.helpers.converted_models import BUILDERS, logits, sample_ids
+from safetensors.torch import load_file
+from tests.helpers.converted_models import BUILDERS, TEXT_CONFIG, logits, sample_ids
 from tests.helpers.lora_models import adapter_checkpoint, perturb
 from transformers import AutoModelForCausalLM
 
@@ -99,10 +102,107 @@ def test_export_of_a_moe_checkpoint_is_what_transformers_saves(dtype: str | None
         assert torch.equal(a, b), name
 
 
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name in os.listdir(model_dir):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(model_dir, name)))
+    return out
+
+
+def assert_same_model(ours: str | Path, peft_merged: str | Path, base: str | Path) -> None:
+    theirs, before = tensors(peft_merged), tensors(base)
+    assert names_and_shapes(ours) == names_and_shapes(peft_merged)
+    got = tensors(ours)
+    assert {k for k in theirs if not torch.equal(theirs[k], before[k])}  # the merge changed something
+    for name, want in theirs.items():
+        assert got[name].dtype == want.dtype, name
+        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("base_dir", ["mixtral", "qwen3_moe"], indirect=True)
+def test_merge_lora_on_fused_experts_matches_peft_in_the_hub_layout(base_dir: Path, tmp_path: Path) -> None:
+    # peft trains LoRA on the fused in-memory expert tensors (target_parameters); the Hub has one per expert.
+    peft_model = lora_on(base_dir, tmp_path / "adapter", target_modules=["q_proj"], target_parameters=EXPERTS)
+    merged_by_peft = peft_model.merge_and_unload()
+    expected = logits(merged_by_peft, sample_ids())
+    merged_by_peft.save_pretrained(tmp_path / "peft-merged", max_shard_size=SHARD)
+
+    out = merge_lora(
+        str(tmp_path / "adapter"), base=str(base_dir), out=str(tmp_path / "ours"), max_shard_size=SHARD
+    )
+
+    assert_same_model(out, tmp_path / "peft-merged", base_dir)
+    assert any(".experts.0." in name for name in names_and_shapes(out))  # per-expert, as on the Hub
+    assert rel_err(logits(AutoModelForCausalLM.from_pretrained(base_dir), sample_ids()), expected) > 1e-3
+    assert rel_err(logits(AutoModelForCausalLM.from_pretrained(out), sample_ids()), expected) <= 1e-5
+
+
+def tiny_gpt_oss() -> Any:
+    # Experts stored fused on the Hub too, and transposed: (experts, in, out), peft's `is_transposed`.
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(
+        **{**TEXT_CONFIG, "intermediate_size": 16},
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    return transformers.GptOssForCausalLM(config).eval()
+
+
+def test_merge_lora_on_transposed_fused_experts_matches_peft(tmp_path: Path) -> None:
+    tiny_gpt_oss().save_pretrained(tmp_path / "base")
+    peft_model = lora_on(
+        tmp_path / "base", tmp_path / "adapter", target_modules=[], target_parameters=EXPERTS
+    )
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft-merged")
+
+    out = merge_lora(str(tmp_path / "adapter"), base=str(tmp_path / "base"), out=str(tmp_path / "ours"))
+
+    assert_same_model(out, tmp_path / "peft-merged", tmp_path / "base")
+
+
+@pytest.mark.parametrize("base_dir", ["qwen3_moe"], indirect=True)
+def test_export_merges_a_lora_checkpoint_on_fused_experts(base_dir: Path, tmp_path: Path) -> None:
+    peft_model = lora_on(base_dir, tmp_path / "adapter", target_modules=[], target_parameters=EXPERTS[1:])
+    ckpt = adapter_checkpoint(peft_model, str(tmp_path / "run"))
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft-merged")
+
+    out = export_checkpoint(ckpt, str(tmp_path / "deploy"), merge_lora=True, base=str(base_dir))
+
+    assert_same_model(out, tmp_path / "peft-merged", base_dir)
+
+
 @pytest.mark.parametrize("base_dir", ["mixtral"], indirect=True)
-def test_lora_on_fused_experts_is_refused_with_a_clear_error(base_dir: Path, tmp_path: Path) -> None:
-    # peft trains LoRA on the fused expert tensors (target_parameters); merging it is not supported yet.
-    lora_on(base_dir, tmp_path / "adapter", target_modules=[], target_parameters=["mlp.experts.down_proj"])
-    with pytest.raises(MergeError, match="target_parameters"):
+def test_lora_on_a_2d_parameter_is_refused_with_a_clear_error(base_dir: Path, tmp_path: Path) -> None:
+    lora_on(base_dir, tmp_path / "adapter", target_modules=[], target_parameters=["self_attn.q_proj.weight"])
+    with pytest.raises(MergeError, match="3-D"):
         merge_lora(str(tmp_path / "adapter"), base=str(base_dir), out=str(tmp_path / "ours"))
     assert not (tmp_path / "ours").exists()
+
+
+@pytest.mark.parametrize("base_dir", ["mixtral"], indirect=True)
+def test_dora_with_target_parameters_is_refused(base_dir: Path, tmp_path: Path) -> None:
+    lora_on(base_dir, tmp_path / "adapter", target_modules=[], target_parameters=EXPERTS)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(MergeError, match="use_dora"):
+        merge_lora(str(tmp_path / "adapter"), base=str(base_dir), out=str(tmp_path / "ours"))
+    assert not (tmp_path / "ours").exists()
+
+
+@pytest.mark.parametrize("base_dir", ["mixtral"], indirect=True)
+def test_a_final_save_merges_lora_on_fused_experts_into_the_hub_layout(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    # final=True merges the live PeftModel (its base weights come from memory, fused): same output.
+    peft_model = lora_on(base_dir, tmp_path / "adapter", target_modules=["q_proj"], target_parameters=EXPERTS)
+    ckpt = adapter_checkpoint(peft_model, str(tmp_path / "run"), final=True)
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft-merged")
+
+    assert_same_model(os.path.join(ckpt, "merged"), tmp_path / "peft-merged", base_dir)

@@ -200,18 +200,26 @@ def layout_for_config(
     """The Hub layout of `state` (in-memory names) for the model `model_dir/config.json` describes, and
     its parameter count; (None, None) when no transformers class is known for it. The model is built on
     the meta device (no weights), from transformers' own classes only: nothing from the directory runs."""
+    model = meta_model_for_config(model_dir)
+    if model is None:
+        return None, None
+    return plan_hub_layout(model, state), model.num_parameters()
+
+
+def meta_model_for_config(model_dir: str) -> Any | None:
+    """The transformers model `model_dir/config.json` describes, built on the meta device (no weights,
+    transformers' own classes only); None when no transformers class is known for it."""
     import transformers
 
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model_cls = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
         if model_cls is None:
-            return None, None
+            return None
         with torch.device("meta"):
-            model = model_cls(config)
+            return model_cls(config)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None, None
-    return plan_hub_layout(model, state), model.num_parameters()
+        return None
 
 
 def _conversions(model: Any) -> list[Any]:

@@ -41,7 +41,6 @@ _UNMERGEABLE = {
     "use_bdlora": "block-diagonal LoRA is not supported by savepoint's merge",
     "use_qalora": "QA-LoRA targets quantized bases",
     "layer_replication": "layer replication changes the model's architecture",
-    "target_parameters": "LoRA on raw parameters (e.g. fused MoE experts) is not supported",
     "trainable_token_indices": "trainable tokens are not supported by savepoint's merge",
     "megatron_config": "Megatron parallel layers are not supported",
 }

@@ -13,7 +13,7 @@ keeping at most one file open: peak memory is one tensor, never a shard, never t
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import TracebackType
@@ -94,7 +94,7 @@ class BaseWeights(AbstractContextManager["BaseWeights"]):
     """Lazy access to every tensor of a base model; use `open(dir)` or `from_module(model)`."""
 
     def __init__(
-        self, infos: dict[str, TensorInfo], root: str, tensors: dict[str, torch.Tensor] | None = None
+        self, infos: dict[str, TensorInfo], root: str, tensors: Mapping[str, torch.Tensor] | None = None
     ):
         self.infos = infos
         self.root = root
@@ -117,11 +117,16 @@ class BaseWeights(AbstractContextManager["BaseWeights"]):
 
     @classmethod
     def from_module(cls, module: torch.nn.Module) -> BaseWeights:
-        """The base weights of an in-memory (peft-wrapped) model, tied copies counted once."""
-        from savepoint.lora.fingerprint import base_state_items
+        """The base weights of an in-memory (peft-wrapped) model, tied copies counted once, under the
+        names and shapes transformers saves them with (MoE experts one tensor per expert)."""
+        from savepoint.formats.hf import hub_state
+        from savepoint.formats.hub_layout import HubTensors
+        from savepoint.lora.fingerprint import base_state_items, unwrap_peft
 
-        tensors = {k: t.detach() for k, t in base_state_items(module)}
-        infos = {k: TensorInfo("", t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+        tensors = hub_state(unwrap_peft(module), {k: t.detach() for k, t in base_state_items(module)})
+        # A Hub layout converts a group when a tensor is asked for: read shapes from its plan instead.
+        shapes = tensors.layout.meta if isinstance(tensors, HubTensors) else tensors
+        infos = {k: TensorInfo("", t.dtype, tuple(t.shape)) for k, t in shapes.items()}
         return cls(infos, "<memory>", tensors)
 
     def keys(self) -> list[str]:

@@ -80,7 +80,8 @@ def base_state_items(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tenso
             continue
         seen.add(key)
         for marker in _RENAMES:
-            name = name.replace(marker, ".")
+            while marker in name:  # peft nests one wrapper per targeted parameter (target_parameters)
+                name = name.replace(marker, ".")
         yield name, t
 
 

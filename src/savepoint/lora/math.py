@@ -105,3 +105,30 @@ def first_non_finite(t: torch.Tensor) -> str | None:
         return None
     index = tuple(int(i) for i in bad.nonzero()[0])
     return f"{t[index].item()} at index {list(index)} ({int(bad.sum())} non-finite value(s))"
+
+
+def merge_experts(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    *,
+    scaling: float,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """`W[e] + scaling * B_e @ A_e` for every expert `e` of a fused 3-D expert weight (peft's LoRA on a
+    raw parameter, `target_parameters`).
+
+    `weight` is (experts, out, in), or (experts, in, out) with `transposed`. peft keeps one `lora_A` of
+    (experts * r, in) with expert-major rows and one `lora_B` of (out, r * experts) whose columns run
+    rank-major (column `k * experts + e` is rank `k` of expert `e`).
+
+    >>> w = torch.zeros(2, 3, 2); a = torch.ones(2, 2); b = torch.ones(3, 2)
+    >>> merge_experts(w, a, b, scaling=0.5)[1].tolist()
+    [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+    """
+    experts = int(weight.shape[0])
+    a = _f32(lora_a).reshape(experts, -1, lora_a.shape[-1])  # (experts, r, in)
+    b = _f32(lora_b).reshape(lora_b.shape[0], -1, experts).permute(2, 0, 1)  # (experts, out, r)
+    if transposed:
+        return torch.baddbmm(_f32(weight), a.transpose(1, 2), b.transpose(1, 2), alpha=scaling)
+    return torch.baddbmm(_f32(weight), b, a, alpha=scaling)

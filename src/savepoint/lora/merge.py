@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from savepoint.errors import IncompatibleCheckpointError, MergeError
+from savepoint.formats.hub_layout import meta_model_for_config
 from savepoint.io.memory import BufferPool
 from savepoint.lora import math as lora_math
 from savepoint.lora.adapter import (
@@ -30,6 +31,7 @@ from savepoint.lora.adapter import (
 )
 from savepoint.lora.base import BaseWeights, read_model_config
 from savepoint.lora.blocked import BlockedMerger
+from savepoint.lora.experts import ExpertStream, meta_twin, take_expert_edits
 from savepoint.lora.fingerprint import Fingerprinter, unwrap_peft
 from savepoint.lora.output import INDEX_NAME, plan_shards, write_index, write_shard
 from savepoint.lora.validate import check_plan
@@ -146,8 +148,11 @@ def merge_into_staged(
         weights, model_config = BaseWeights.from_module(source), _module_config(source)
     else:
         raise MergeError("merging an adapter directory needs the base model directory (base=...)")
+    experts = _expert_stream(plan, base_dir, source, weights)
     check_plan(plan, weights.infos, model_config)
-    fingerprint = _write_weights(plan, weights, staged, subdir, parse_dtype(dtype), max_shard_size, progress)
+    fingerprint = _write_weights(
+        plan, weights, staged, subdir, parse_dtype(dtype), max_shard_size, progress, experts
+    )
     _write_model_files(staged, subdir, base_dir, source, adapter, model_config, parse_dtype(dtype))
     if adapter.expected_fingerprint and adapter.expected_fingerprint != fingerprint["fingerprint"]:
         raise IncompatibleCheckpointError(
@@ -178,6 +183,21 @@ def rewrite_model_into_staged(
     return fingerprint
 
 
+def _expert_stream(
+    plan: MergePlan, base_dir: str | None, source: str | torch.nn.Module, weights: BaseWeights
+) -> ExpertStream | None:
+    """The merge of LoRA on fused MoE experts (target_parameters), taken out of `plan`; None without any."""
+    if not plan.config.get("target_parameters"):
+        return None
+    if base_dir is not None:
+        model = meta_model_for_config(base_dir)
+    else:
+        assert isinstance(source, torch.nn.Module)  # merge_into_staged needs a base dir for a directory
+        model = meta_twin(unwrap_peft(source))
+    edits = take_expert_edits(plan, model)
+    return ExpertStream(model, edits, weights.infos) if edits else None
+
+
 def _write_weights(
     plan: MergePlan,
     weights: BaseWeights,
@@ -186,6 +206,7 @@ def _write_weights(
     dtype: torch.dtype | None,
     max_shard_size: int | str,
     progress: Progress | None,
+    experts: ExpertStream | None = None,
 ) -> dict[str, Any]:
     layout = {
         k: (dtype if dtype is not None and i.dtype.is_floating_point else i.dtype, i.shape)
@@ -199,6 +220,10 @@ def _write_weights(
     pool = BufferPool()  # base and merged tensors land in recycled memory (see io/memory.py)
 
     def produce(key: str) -> torch.Tensor:
+        if experts is not None and experts.covers(key):
+            base, merged = experts.take(key, weights)  # buffers of its own: they outlive one tensor
+            fp.add(base)
+            return finished(key, merged, layout[key][0]).contiguous()
         base = weights.get(key, pool.take)
         fp.add(base)
         out = merged_tensor(key, base, plan, layout[key][0], merger)
@@ -251,6 +276,11 @@ def merged_tensor(
         merged = lora_math.merge_bias(base, edit.bias, scaling=edit.scaling)
     else:
         return base.to(dtype)
+    return finished(key, merged, dtype)
+
+
+def finished(key: str, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 merged tensor cast to `dtype`; MergeError if it is not finite there."""
     if lora_math.fits(merged, dtype):
         return merged.to(dtype)
     bad = lora_math.first_non_finite(merged.to(dtype))
