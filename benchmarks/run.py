@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     tables += _optional_merge(workdir, quick=args.quick)
     if not args.quick:
         tables.append(_distributed(workdir))
+    tables.append(_commit_scale(quick=args.quick))
     tables.append(_big_merge(args.workdir, quick=args.quick))
     header = _environment(argv, started, load_before, reps)
     _plot(tables[:2], args.plot)
@@ -129,6 +130,15 @@ def _distributed(workdir: str) -> Table:
         "command: MALLOC_MMAP_THRESHOLD_=65536 torchrun --standalone --nproc_per_node=2 -m benchmarks.bench_distributed OUT",
     ]
     return Table(title, [row], notes)
+
+
+def _commit_scale(*, quick: bool) -> Table:
+    """benchmarks/bench_commit_scale.py: rank 0's commit from W synthetic reports, no processes."""
+    from benchmarks import bench_commit_scale
+
+    worlds = (1_000,) if quick else (1_000, 10_000)
+    title = "Distributed commit at scale (synthetic reports, rank 0 alone)"
+    return Table(title, bench_commit_scale.run(worlds), bench_commit_scale.NOTES)
 
 
 def _targets(stats: dict[str, Any]) -> Table:

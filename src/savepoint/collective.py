@@ -11,8 +11,8 @@ What each rank writes into the one temporary directory (its name is chosen by ra
 
 A save runs in phases separated by votes on savepoint's gloo group (`distributed.agree`): capture
 (user code runs: state_dict() of stateful objects), gather + DCP write (collectives), local writes,
-then the vote that carries each rank's (path, size, checksum) list to rank 0, which writes the
-manifest and commits. A rank that raises or dies makes every other rank raise within the timeout;
+then a gather that carries each rank's vote and (path, size, checksum) list to rank 0, which stats
+(never reads) the other ranks' files, writes the manifest, commits and broadcasts the outcome. A rank that raises or dies makes every other rank raise within the timeout;
 rank 0 removes the temporary directory, and the previous checkpoint is untouched.
 """
 
@@ -63,10 +63,40 @@ class SharedStagedDir(StagedDir):
                 if rel not in self.entries:
                     self.record(rel)
 
-    def cover_everything(self, reported: Mapping[str, tuple[int, str]]) -> None:
-        """Take every rank's entries; hash whatever file no rank reported, so the manifest covers all."""
-        self.entries.update(reported)
-        StagedDir.record_unlisted(self)
+    def take_reports(self, reports: list[dict[str, tuple[int, str]]]) -> None:
+        """Rank 0 lists every other rank's files as reported: it stats them (`_check_reported`), never
+        reads them. Two ranks reporting one path with different contents is refused."""
+        for other, entries in enumerate(reports):
+            if other == 0:
+                continue
+            _check_reported(self, other, entries)
+            for relpath, entry in entries.items():
+                if self.entries.setdefault(relpath, entry) != entry:
+                    raise DistributedSaveError(
+                        f"rank {other} and another rank both wrote {relpath} in {self.path} with different "
+                        "contents; nothing was committed.",
+                        failed={other: f"wrote {relpath}, which another rank also wrote"},
+                    )
+
+    def cover_rest(self) -> None:
+        """One walk, names only: rank 0 hashes its own unlisted files (outside train_state/, where no other
+        rank writes); a file under train_state/ that no rank reported fails the save."""
+        strays = []
+        for dirpath, _dirs, files in os.walk(self.path):
+            for name in files:
+                rel = os.path.relpath(os.path.join(dirpath, name), self.path).replace(os.sep, "/")
+                if rel in self.entries or rel == ROOT_CHECK_NAME:
+                    continue
+                if rel.startswith(_TS + "/"):
+                    strays.append(rel)
+                else:
+                    self.record(rel)
+        if strays:
+            raise DistributedSaveError(
+                f"{len(strays)} file(s) in {self.path} were reported by no rank: {', '.join(sorted(strays)[:5])}. "
+                "A library wrote files savepoint does not know about (a new torch or DeepSpeed layout?); "
+                "nothing was committed. Please report this with your torch version.",
+            )
 
 
 def per_rank_stateful_relbase(name: str, rank_: int) -> str:
@@ -227,7 +257,6 @@ def save_collective(request: Any, *, timeout: float | None = None, sharded_model
                 train_state.write_blob(staged, relbase, doc, tensors)
         except BaseException as exc:
             error = exc
-        reported = agree(error, dict(staged.entries), timeout=timeout, what=what)
         kind = (
             "sharded"
             if sharded_model
@@ -237,7 +266,7 @@ def save_collective(request: Any, *, timeout: float | None = None, sharded_model
             if hf.is_transformers_model(_hf_model(model))
             else "module"
         )
-        return _commit(staged, reported, request, kind, base_model, timeout=timeout, what=what)
+        return _commit(staged, error, request, kind, base_model, timeout=timeout, what=what)
     except BaseException:
         if rank() == 0:
             staged.abort()
@@ -324,7 +353,7 @@ def savable(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, 
 
 def _commit(
     staged: SharedStagedDir,
-    reported: list[dict[str, tuple[int, str]]],
+    error: BaseException | None,
     request: Any,
     kind: str,
     base_model: dict[str, Any] | None,
@@ -332,35 +361,54 @@ def _commit(
     timeout: float | None,
     what: str,
 ) -> str:
-    """Rank 0 writes the manifest over every rank's files and renames; every rank learns the outcome."""
-    final, failure = None, None
-    if rank() == 0:
+    """Every rank sends its vote and its (path, size, checksum) list to rank 0 (a gather); rank 0 writes
+    the manifest over them without reading another rank's bytes, renames, and tells every rank."""
+    final, reports = None, None
+    failure: BaseException | None = None
+    try:
+        reports = distributed.gather_to_rank0(error, dict(staged.entries), timeout=timeout, what=what)
+    except DistributedSaveError as exc:
+        if rank() != 0:
+            raise  # lost contact with rank 0: nobody is left to tell us the outcome
+        failure = exc
+    except BaseException as exc:
+        failure = exc
+    if rank() != 0:
+        failure = error  # raised after the broadcast, which rank 0 is waiting to send
+    if rank() == 0 and failure is None and reports is not None:
         try:
             with suppress(FileNotFoundError):
                 os.remove(staged.abspath(ROOT_CHECK_NAME))
-            for other, entries in enumerate(reported):
-                if other != 0:
-                    _check_reported(staged, other, entries)
-                staged.cover_everything(entries)
+            staged.take_reports(reports)
+            staged.cover_rest()
             manifest = checkpoint_manifest(request, kind, staged.entries, base_model)
             final = staged.commit(manifest.to_json(), replace=True)
         except BaseException as exc:
             failure = exc
-    try:
-        final_seen, message = broadcast(
-            (final, failure and distributed.describe_error(failure)), timeout=timeout, what=what
+    outcome = None
+    if rank() == 0 and failure is not None:
+        failed = failure.failed if isinstance(failure, DistributedSaveError) else {0: ""}
+        message = (
+            str(failure) if isinstance(failure, DistributedSaveError) else distributed.describe_error(failure)
         )
+        outcome = (message, failed)
+    try:
+        final_seen, outcome = broadcast((final, outcome), timeout=timeout, what=what)
     except DistributedSaveError:
         if final is not None:  # committed: the checkpoint is whole even if a peer vanished since its vote
             warnings.warn(f"{what}: committed, but another rank stopped answering afterwards", stacklevel=3)
             return final
+        if failure is not None:
+            raise failure from None
         raise
     if failure is not None:
-        raise failure
-    if message is not None:
-        raise DistributedSaveError(
-            f"{what} failed on rank 0 while committing, nothing was committed: {message}", failed={0: message}
-        )
+        raise failure  # rank 0's own error, or a peer's, or this rank's own
+    if outcome is not None:
+        message, failed = outcome
+        if failed.get(0) == "":
+            message = f"{what} failed on rank 0, nothing was committed: {message}"
+            failed = {0: message}
+        raise DistributedSaveError(message, failed=failed)
     return final_seen
 
 

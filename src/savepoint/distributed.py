@@ -161,6 +161,40 @@ def agree(
     return [p for _, _, p in gathered]
 
 
+def gather_to_rank0(
+    error: BaseException | None, payload: Any = None, *, timeout: float | None = None, what: str
+) -> list[Any] | None:
+    """Like `agree`, but only rank 0 learns the payloads and who failed (a gather: O(W) on rank 0, not
+    O(W) on every rank). Rank 0 returns every rank's payload, or raises as `agree` does; the other ranks
+    return None, even when their own `error` is set: rank 0 tells them the outcome (`broadcast`), and
+    they raise their own error after that.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return [payload]
+    mine = (rank(), None, payload) if error is None else (rank(), describe_error(error), None)
+    gathered: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    try:
+        dist.gather_object(mine, gathered, dst=0, group=coordination_group(timeout))
+    except Exception as exc:  # gloo: a peer closed its connection (died) or the timeout passed
+        raise DistributedSaveError(
+            f"{what} failed: rank {rank()} lost contact with the other ranks within the timeout ({exc}). "
+            "Another rank died or hangs; nothing was committed. Check the other ranks' logs.",
+        ) from (error or exc)
+    if gathered is None:
+        return None
+    failed = {r: msg for r, msg, _ in gathered if msg is not None}
+    if error is not None:
+        raise error
+    if failed:
+        lines = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
+        raise DistributedSaveError(
+            f"{what} failed on {len(failed)} rank(s), nothing was committed: {lines}", failed=failed
+        )
+    return [p for _, _, p in gathered]
+
+
 @contextmanager
 def peer_failures(what: str, during: str) -> Iterator[None]:
     """Torch's own collectives on the training's process group (the weight gather, FSDP1's state dict):

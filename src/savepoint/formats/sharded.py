@@ -16,6 +16,7 @@ DCP reshards on load.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
@@ -89,6 +90,9 @@ def join_optimizer_state(
 # ---------------------------------------------------------------- writing
 
 
+_DCP_RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
+
+
 def write_dcp(staged: StagedDir, tensors: dict[str, torch.Tensor], *, timeout: float | None) -> None:
     """Write `tensors` (this rank's shards) into `staged`'s DCP directory; record this rank's files.
 
@@ -104,11 +108,13 @@ def write_dcp(staged: StagedDir, tensors: dict[str, torch.Tensor], *, timeout: f
         dcp.save(tensors, storage_writer=writer, process_group=distributed.coordination_group(timeout))
     else:
         dcp.save(tensors, storage_writer=writer, no_dist=True)
-    # FileSystemWriter names each rank's files `__<rank>_<n>.distcp`; whatever else is there (a layout
-    # change in a later torch) is hashed by rank 0 at commit, so the manifest always covers every file.
-    mine = f"__{distributed.rank()}_"
+    # FileSystemWriter names each rank's files `__<rank>_<n>.distcp`: each rank hashes its own, so rank 0
+    # never reads another rank's shards. Rank 0 takes every file that names no rank (`.metadata`); a
+    # file of another layout is refused at commit rather than read there.
+    me = distributed.rank()
     for name in sorted(os.listdir(path)):
-        if name.startswith(mine) or (name == ".metadata" and distributed.rank() == 0):
+        owner = _DCP_RANK_FILE.match(name)
+        if (int(owner.group(1)) if owner else 0) == me:
             staged.record(f"{DCP_DIR}/{name}")
 
 

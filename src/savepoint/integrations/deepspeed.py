@@ -119,9 +119,8 @@ def save(request: Any, *, timeout: float | None) -> str:
                 train_state.write_blob(staged, relbase, doc, tensors)
         except BaseException as exc:
             error = exc
-        reported = distributed.agree(error, dict(staged.entries), timeout=timeout, what=what)
         kind = "model" if hf.is_transformers_model(engine.module) else "module"
-        return _commit(staged, reported, request, kind, None, timeout=timeout, what=what)
+        return _commit(staged, error, request, kind, None, timeout=timeout, what=what)
     except BaseException:
         if distributed.rank() == 0:
             staged.abort()
