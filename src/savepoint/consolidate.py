@@ -88,9 +88,9 @@ def consolidate(
             _write_shards(dcp_dir, metadata, names, staged, max_shard_size, target, progress)
         for directory in (extra_dir, os.fspath(config_dir) if config_dir else None):
             if directory:
-                _copy_model_side_files(directory, staged)
+                copy_checkpoint_side_files(directory, staged)
         if target is not None and os.path.exists(staged.abspath("config.json")):
-            _set_config_dtype(staged, target)
+            set_config_dtype(staged, target)
         staged.record_unlisted()
         return staged.commit(build_manifest("export", staged.entries).to_json(), replace=True)
     except BaseException:
@@ -280,7 +280,7 @@ class _BatchedLoader:
         self.ready.update({n: buffers[self.names[n][0]] for n in batch})
 
 
-def _copy_model_side_files(directory: str, staged: StagedDir) -> None:
+def copy_checkpoint_side_files(directory: str, staged: StagedDir) -> None:
     """config, generation config and tokenizer files: every top-level file but ours and the weights,
     confined to `directory` and checked against its manifest when it has one (`savepoint.side_files`)."""
     copy_model_side_files(directory, staged, skip=_not_a_side_file)
@@ -290,7 +290,7 @@ def _not_a_side_file(name: str) -> bool:
     return name in _NOT_MODEL_FILES or name.endswith(".safetensors") or name == WEIGHTS_INDEX_NAME
 
 
-def _set_config_dtype(staged: StagedDir, dtype: torch.dtype) -> None:
+def set_config_dtype(staged: StagedDir, dtype: torch.dtype) -> None:
     path = staged.abspath("config.json")
 
     def fail(reason: str) -> CorruptCheckpointError:  # the copied (verified) source config is malformed

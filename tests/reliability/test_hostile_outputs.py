@@ -87,7 +87,7 @@ def test_side_file_the_manifest_does_not_vouch_for(tmp_path: Path, route: str, t
 
 def test_consolidate_side_files_come_only_from_the_manifest(tmp_path: Path, secret: Path) -> None:
     """consolidate's side-file copy (shared with DeepSpeed consolidation) on a checkpoint directory."""
-    from savepoint.consolidate import _copy_model_side_files
+    from savepoint.consolidate import copy_checkpoint_side_files
     from savepoint.storage.local import StagedDir
 
     out = model_state(1)
@@ -106,7 +106,7 @@ def test_consolidate_side_files_come_only_from_the_manifest(tmp_path: Path, secr
             os.symlink(secret, path)
             relist(ckpt)
         with pytest.raises(CorruptCheckpointError, match=r"generation_config\.json"):
-            _copy_model_side_files(ckpt, staged)
+            copy_checkpoint_side_files(ckpt, staged)
         staged.abort()
     assert secret.read_bytes() == SECRET
 

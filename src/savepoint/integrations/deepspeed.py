@@ -270,7 +270,7 @@ def consolidate(
     from the nearest of `source` and its parents that has a config.json (a savepoint checkpoint's); a
     model transformers converts (MoE experts fused in memory) is written in the Hub's layout, as its
     `save_pretrained` writes it."""
-    from savepoint.consolidate import _copy_model_side_files, _set_config_dtype
+    from savepoint.consolidate import copy_checkpoint_side_files, set_config_dtype
     from savepoint.formats.hf import write_weights
     from savepoint.manifest import build_manifest
     from savepoint.storage.local import StagedDir
@@ -295,9 +295,9 @@ def consolidate(
             index_metadata=index_metadata,
         )
         if side:
-            _copy_model_side_files(side, staged)
+            copy_checkpoint_side_files(side, staged)
             if dtype is not None and os.path.exists(staged.abspath("config.json")):
-                _set_config_dtype(staged, dtype)
+                set_config_dtype(staged, dtype)
         staged.record_unlisted()
         return staged.commit(build_manifest("export", staged.entries).to_json(), replace=True)
     except BaseException:

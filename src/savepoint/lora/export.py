@@ -22,7 +22,7 @@ from savepoint.errors import CorruptCheckpointError, MergeError
 from savepoint.io.files import DIRECTORY, FILE, walk_inside
 from savepoint.lora.adapter import CONFIG_NAME
 from savepoint.lora.base import INDEX, SINGLE
-from savepoint.lora.merge import Progress, _claim_output, merge_into_staged, rewrite_model_into_staged
+from savepoint.lora.merge import Progress, claim_output, merge_into_staged, rewrite_model_into_staged
 from savepoint.manifest import Manifest, build_manifest, read_manifest, verify_files
 from savepoint.side_files import copy_checked
 from savepoint.storage.local import MANIFEST_NAME, StagedDir
@@ -64,7 +64,7 @@ def export_checkpoint(
     """
     manifest = read_manifest(ckpt) if os.path.lexists(os.path.join(ckpt, MANIFEST_NAME)) else None
     is_adapter = os.path.exists(os.path.join(ckpt, CONFIG_NAME))
-    final, replace = _claim_output(out)
+    final, replace = claim_output(out)
     staged = StagedDir(os.path.dirname(final), os.path.basename(final))
     try:
         base_info = _export_into(

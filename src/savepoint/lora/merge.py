@@ -100,7 +100,7 @@ def merge_lora(
 
     >>> merge_lora("adapter/", base="llama-1b/", out="merged/", dtype="bf16")  # doctest: +SKIP
     """
-    final, replace = _claim_output(out)
+    final, replace = claim_output(out)
     staged = StagedDir(os.path.dirname(final), os.path.basename(final))
     try:
         info = merge_into_staged(
@@ -291,7 +291,7 @@ def finished(key: str, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return merged.to(dtype)  # finite after all: it sat within half an ulp of the dtype's maximum
 
 
-def _claim_output(out: str) -> tuple[str, bool]:
+def claim_output(out: str) -> tuple[str, bool]:
     """The absolute output path, and whether an existing empty directory must be replaced."""
     final = os.path.abspath(out)
     if not os.path.lexists(final):
