@@ -13,9 +13,11 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from tests.reliability.harness import FULL, Tally, Zygote
+from tests.reliability.hostile_helpers import plant_secret
 
 _TALLIES: list[Tally] = []
 
@@ -114,3 +116,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         for t in _TALLIES:
             mark = " (known bug, xfail)" if t.xfail else ""
             terminalreporter.write_line(f"{t.survived:6d} / {t.tried:<6d} {t.fault_class}{mark}")
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    """A file outside every checkpoint whose bytes must never change nor be read into an output."""
+    return plant_secret(tmp_path)

@@ -22,7 +22,6 @@ from tests.reliability.hostile_helpers import (
     cli_ok,
     lora_ckpt,
     outputs_hold,
-    plant_secret,
 )
 from tests.reliability.scenarios import model_state
 from tests.reliability.test_hostile_inputs import ckpt_of, relist, run  # noqa: F401 (run: a fixture)
@@ -35,12 +34,6 @@ from savepoint.errors import (
     SavepointError,
 )
 from savepoint.lora.export import export_checkpoint
-
-
-@pytest.fixture
-def secret(tmp_path: Path) -> Path:
-    return plant_secret(tmp_path)
-
 
 # ---------------------------------------------------------------- files copied into outputs
 

@@ -22,7 +22,6 @@ from tests.reliability.hostile_helpers import (
     SECRET,
     cli,
     cli_ok,
-    plant_secret,
     save_steps,
     step_path,
 )
@@ -38,12 +37,6 @@ from savepoint.errors import (
 )
 from savepoint.lora.export import export_checkpoint
 from savepoint.storage.lock import LOCK_NAME
-
-
-@pytest.fixture
-def secret(tmp_path: Path) -> Path:
-    return plant_secret(tmp_path)
-
 
 # ---------------------------------------------------------------- the root lock
 
