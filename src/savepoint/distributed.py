@@ -15,7 +15,7 @@ import atexit
 import os
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from typing import Any
 
@@ -109,10 +109,17 @@ def coordination_group(timeout: float | None = None) -> Any:
 
 
 def _drop_groups() -> None:
-    # Our references would keep destroyed groups alive until interpreter finalization, where gloo's
-    # destructor joins worker threads that need the GIL: a SIGABRT ("terminate called without an
-    # active exception") after the job has finished. Dropped at exit while the interpreter is whole.
+    # Left to interpreter finalization, a gloo group's worker threads may still hold finished work whose
+    # tensors need the GIL to free: a SIGABRT ("terminate called without an active exception") after
+    # the job has finished. The groups savepoint created are shut down here, while the interpreter is
+    # whole (a local operation for gloo); the job's own default group stays the job's to destroy.
+    groups = [group for group in _GROUPS.values() if group is not dist.group.WORLD]
     _GROUPS.clear()
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    for group in groups:
+        with suppress(Exception):  # already destroyed with the default group, or torch refused: nothing to do
+            dist.destroy_process_group(group)
 
 
 atexit.register(_drop_groups)

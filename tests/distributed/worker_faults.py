@@ -62,6 +62,10 @@ def main(root: str, mode: str, timeout: float) -> int:
         if mode == "raise":  # every rank is alive: the next save must work
             train_state.write_blob = ORIGINAL_WRITE_BLOB
             mgr.save(3, model=model, optimizer=opt)
+            # As torch's docs ask of every job whose ranks are all alive. Without it, gloo's worker threads
+            # can still hold finished work at interpreter teardown: a SIGABRT ("terminate called without
+            # an active exception") after the job's result, now and then (torch issue 190489).
+            dist.destroy_process_group()
         return 3
     print(f"RESULT committed {time.monotonic() - start:.1f}", file=sys.stderr, flush=True)
     return 0
