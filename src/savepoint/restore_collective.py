@@ -157,12 +157,16 @@ def vote(error: BaseException | None, *, path: str, what: str, timeout: float | 
         return
     if isinstance(error, CorruptCheckpointError) and len(damaged) == 1:
         raise error
-    problems = {
-        (p, reason + (f" (found by rank {r})" if distributed.world_size() > 1 else ""))
-        for r, found in sorted(damaged.items())
-        for p, reason in found
-    }
-    raise CorruptCheckpointError(path, [Problem(p, reason) for p, reason in sorted(problems)]) from error
+    # DCP hands a read error to every rank, so several ranks may report the same problem.
+    reporters: dict[tuple[str, str], list[int]] = {}
+    for r, found in sorted(damaged.items()):
+        for p, reason in found:
+            reporters.setdefault((p, reason), []).append(r)
+    problems = [
+        Problem(p, f"{reason} (reported by rank {', '.join(map(str, ranks))})")
+        for (p, reason), ranks in sorted(reporters.items())
+    ]
+    raise CorruptCheckpointError(path, problems) from error
 
 
 def warn_world_size(path: str, manifest: Manifest, stateful: Mapping[str, Any]) -> None:
