@@ -25,7 +25,7 @@ import torch
 
 from savepoint import distributed
 from savepoint.distributed import DistributedSaveError, agree, rank, unwrap_optimizer
-from savepoint.errors import CorruptCheckpointError, Problem
+from savepoint.errors import CorruptCheckpointError, Problem, UnsafeCheckpointError
 from savepoint.formats import hf, sharded
 from savepoint.manifest import Manifest, verify_files
 from savepoint.restore_blobs import read_restore_blobs
@@ -142,7 +142,7 @@ def vote(error: BaseException | None, *, path: str, what: str, timeout: float | 
     what each rank found; any other error is raised by its rank and DistributedSaveError elsewhere."""
     damage = None
     if isinstance(error, CorruptCheckpointError):
-        damage = [(p.path, p.reason) for p in error.problems]
+        damage = (isinstance(error, UnsafeCheckpointError), [(p.path, p.reason) for p in error.problems])
     try:
         verdicts = agree(None if damage else error, damage, timeout=timeout, what=what)
     except DistributedSaveError as exc:
@@ -159,14 +159,15 @@ def vote(error: BaseException | None, *, path: str, what: str, timeout: float | 
         raise error
     # DCP hands a read error to every rank, so several ranks may report the same problem.
     reporters: dict[tuple[str, str], list[int]] = {}
-    for r, found in sorted(damaged.items()):
+    unsafe = any(is_unsafe for is_unsafe, _ in damaged.values())
+    for r, (_, found) in sorted(damaged.items()):
         for p, reason in found:
             reporters.setdefault((p, reason), []).append(r)
     problems = [
         Problem(p, f"{reason} (reported by rank {', '.join(map(str, ranks))})")
         for (p, reason), ranks in sorted(reporters.items())
     ]
-    raise CorruptCheckpointError(path, problems) from error
+    raise (UnsafeCheckpointError if unsafe else CorruptCheckpointError)(path, problems) from error
 
 
 def warn_world_size(path: str, manifest: Manifest, stateful: Mapping[str, Any]) -> None:

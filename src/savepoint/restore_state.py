@@ -31,16 +31,21 @@ class RestoreResult:
 
 
 def verify_side_files(path: str, manifest: Manifest) -> None:
-    """Checksum the files no restore step reads (config, tokenizer, metrics: neither train state nor
-    weights), this rank's share of them (`verify_share`), so a checkpoint with any of them damaged is
-    still refused as damaged. Everything a restore does read is checked in the read itself."""
+    """What no restore step reads is still checked, each file by one rank (`verify_share`), so a
+    checkpoint with a damaged or missing file is refused as damaged: the side files (config,
+    tokenizer, metrics: neither train state nor weights) are checksummed, and every other file is
+    checked to be there at its listed size (a stat, no read). What a restore reads is checked in the
+    read itself."""
     side = [
         p
         for p in manifest.files
         if not p.startswith(f"{train_state.TRAIN_STATE_DIR}/")
         and not p.endswith((".safetensors", ".safetensors.index.json"))
     ]
-    verify_share(path, manifest, side, rank=distributed.rank(), world_size=distributed.world_size())
+    rank, world = distributed.rank(), distributed.world_size()
+    verify_share(path, manifest, side, rank=rank, world_size=world)
+    rest = manifest.files.keys() - set(side)
+    verify_share(path, manifest, rest, rank=rank, world_size=world, content=False)
 
 
 def check_blobs(path: str, blobs: dict[str, Any], *, scheduler: Any, stateful: Mapping[str, Any]) -> None:

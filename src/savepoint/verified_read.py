@@ -113,12 +113,29 @@ def read_safetensors_verified(ckpt_dir: str, manifest: Manifest, relpath: str) -
 
 
 def verify_share(
-    ckpt_dir: str, manifest: Manifest, relpaths: Iterable[str], *, rank: int, world_size: int
+    ckpt_dir: str,
+    manifest: Manifest,
+    relpaths: Iterable[str],
+    *,
+    rank: int,
+    world_size: int,
+    content: bool = True,
 ) -> None:
-    """Checksum this rank's share of files that no restore step reads (config, tokenizer, other ranks'
-    RNG files): file i of the sorted list goes to rank i mod W, so each is read once in the whole job
-    and a damaged one still makes the checkpoint damaged."""
+    """Check this rank's share of files: file i of the sorted list goes to rank i mod W, so each is
+    checked once in the whole job. `content`: checksum them (a full read); else only that each is there,
+    a regular file of its listed size (no read)."""
     mine = [p for i, p in enumerate(sorted(relpaths)) if i % world_size == rank]
-    problems = [p for p in (check_file(ckpt_dir, rel, manifest.files[rel]) for rel in mine) if p is not None]
+    problems = []
+    for rel in mine:
+        entry = manifest.files[rel]
+        if content:
+            problem = check_file(ckpt_dir, rel, entry)
+            if problem is not None:
+                problems.append(problem)
+            continue
+        try:
+            os.close(_open_checked(ckpt_dir, rel, entry))
+        except CorruptCheckpointError as exc:
+            problems.extend(exc.problems)
     if problems:
         raise CorruptCheckpointError(ckpt_dir, problems)
