@@ -1,4 +1,4 @@
-"""Restore: savepoint (verify checksums, then load in place) vs DCP load vs plain safetensors/torch loads."""
+"""Restore: savepoint (each file checked as it is read, then loaded in place) vs DCP load vs plain safetensors/torch loads."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def restore(
         }
         for (name, temp), ts in times.items()
     ]
-    notes = ["savepoint restore verifies every file's xxh3-128 checksum before it deserializes anything"]
+    notes = ["savepoint restore checks every file's xxh3-128 checksum in the read that loads it"]
     if not cold_ok:
         notes.append("could not drop the page cache (not root?): warm numbers only")
     stats = {

@@ -31,6 +31,7 @@ class CorruptCheckpointError(SavepointError):
     def __init__(self, checkpoint: str, problems: Sequence[Problem], hint: str | None = None) -> None:
         self.checkpoint = checkpoint
         self.problems = list(problems)
+        self.hint = hint
         lines = "\n".join(f"  - {p}" for p in self.problems)
         hint = hint or (
             "restore an earlier checkpoint (restore(step='latest') falls back to the newest intact one), "
@@ -39,6 +40,10 @@ class CorruptCheckpointError(SavepointError):
         super().__init__(
             f"checkpoint {checkpoint} is damaged ({len(self.problems)} problem(s)):\n{lines}\n{hint}"
         )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickled between ranks (DCP gathers each rank's read errors): rebuild from the fields.
+        return (type(self), (self.checkpoint, self.problems, self.hint))
 
 
 class UnsafeCheckpointError(CorruptCheckpointError):

@@ -18,9 +18,10 @@ import torch
 
 from savepoint import discovery, distributed, policy
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, Problem, UnsafeCheckpointError
-from savepoint.manifest import clean_metrics, find_problems, read_manifest
+from savepoint.manifest import clean_metrics, read_manifest
 from savepoint.policy import BestMode, CheckpointInfo, RetentionPolicy
-from savepoint.restoring import RestoreResult, restore_checkpoint
+from savepoint.restore_collective import vote
+from savepoint.restoring import RestoreResult, prepare_restore, restore_checkpoint
 from savepoint.saving import SaveRequest, capture, write_checkpoint
 from savepoint.storage.local import delete_checkpoint_dir, sweep_stale
 from savepoint.storage.lock import RootLock
@@ -272,27 +273,28 @@ class CheckpointManager:
         return self._remote.local_copy(path) if self._remote else contextlib.nullcontext(path)
 
     def _restore_latest(self, targets: dict[str, Any]) -> RestoreResult:
+        # Each file is checked in the read that loads it; damage surfaces before anything changes.
         for info in reversed(self.checkpoints):
             with self._local_copy(info.path) as local:
-                problems = find_problems(local, check_unlisted=False)
-                if problems:
+                try:
+                    apply = prepare_restore(local, **targets)
+                except CorruptCheckpointError as exc:
                     warnings.warn(
-                        f"{CorruptCheckpointError(info.path, problems, hint='falling back to the previous checkpoint')}",
+                        f"{CorruptCheckpointError(info.path, exc.problems, hint='falling back to the previous checkpoint')}",
                         stacklevel=3,
                     )
                     continue
-                return dataclasses.replace(
-                    restore_checkpoint(local, **targets, verified=True), path=info.path
-                )
+                return dataclasses.replace(apply(), path=info.path)
         return RestoreResult(step=0)
 
     def _restore_agreed(self, targets: dict[str, Any], step: int | str) -> RestoreResult:
         """Under torchrun: rank 0 picks the step and every rank restores that one, or none does.
 
-        Rank 0 names its candidates (newest first for "latest"); every rank checks a candidate in its
-        own view of the root and the ranks vote. Damage anywhere makes all ranks fall back together; a
-        rank that does not see the step at all (different roots, a root not shared) fails every rank.
-        Every collective here runs on the one coordination group, within `dist_timeout`."""
+        Rank 0 names its candidates (newest first for "latest"); every rank reads and verifies its part
+        of a candidate in its own view of the root, and the ranks vote (`restore_collective.vote`).
+        Damage found by any rank while reading makes all ranks fall back together; a rank that does not
+        see the step at all (different roots, a root not shared) fails every rank. Every collective
+        here runs on the one coordination group, within `dist_timeout`."""
         timeout, what = self.dist_timeout, f"restore from {self.root}"
 
         def candidates() -> list[int]:
@@ -306,42 +308,38 @@ class CheckpointManager:
         for number in chosen:
             path = os.path.join(self.root, discovery.step_dir_name(number))
             with contextlib.ExitStack() as stack:
-                error, problems, local = None, [], path
                 try:
-                    if self._remote is None and not os.path.isdir(path):
-                        raise CheckpointNotFoundError(
-                            f"rank {distributed.rank()} sees no checkpoint for step {number} under {self.root}, "
-                            "which rank 0 chose: the ranks see different checkpoints (different root paths, or "
-                            "a root that is not shared). Give every rank the same root on a shared filesystem, "
-                            "or an object-store root (s3://...)."
-                        )
-                    local = stack.enter_context(self._local_copy(path))
-                    problems = find_problems(local, check_unlisted=False)
-                except BaseException as exc:
-                    error = exc
-                damage = str(CorruptCheckpointError(path, problems)) if problems else None
-                with _refusal(f"{what}, step {number}"):
-                    verdicts = distributed.agree(
-                        error, damage, timeout=timeout, what=f"{what}, step {number}"
+                    with _refusal(f"{what}, step {number}"):
+                        apply = self._prepare_agreed(stack, path, number, targets, f"{what}, step {number}")
+                except CorruptCheckpointError as exc:  # raised on every rank: the vote
+                    if step != "latest":
+                        raise
+                    warnings.warn(
+                        f"{what}: step {number} is damaged; every rank falls back to the previous checkpoint ({exc})",
+                        stacklevel=3,
                     )
-                damaged = {r: d for r, d in enumerate(verdicts) if d}
-                if not damaged:
-                    restored = restore_checkpoint(local, **targets, verified=True, timeout=timeout)
-                    return dataclasses.replace(restored, path=path)
-                if step != "latest":
-                    if problems:
-                        raise CorruptCheckpointError(path, problems)
-                    raise distributed.DistributedSaveError(
-                        f"{what}: step {number} is damaged on rank(s) {', '.join(map(str, damaged))}; "
-                        "nothing was restored",
-                        failed=damaged,
-                    )
-                warnings.warn(
-                    f"{what}: step {number} is damaged on rank(s) {', '.join(map(str, damaged))}; every rank "
-                    f"falls back to the previous checkpoint ({next(iter(damaged.values()))})",
-                    stacklevel=3,
-                )
+                    continue
+                return dataclasses.replace(apply(), path=path)
         return RestoreResult(step=0)
+
+    def _prepare_agreed(
+        self, stack: contextlib.ExitStack, path: str, number: int, targets: dict[str, Any], what: str
+    ) -> Any:
+        error, local, manifest = None, path, None
+        try:
+            if self._remote is None and not os.path.isdir(path):
+                raise CheckpointNotFoundError(
+                    f"rank {distributed.rank()} sees no checkpoint for step {number} under {self.root}, "
+                    "which rank 0 chose: the ranks see different checkpoints (different root paths, or "
+                    "a root that is not shared). Give every rank the same root on a shared filesystem, "
+                    "or an object-store root (s3://...)."
+                )
+            local = stack.enter_context(self._local_copy(path))
+            manifest = read_manifest(local)
+        except BaseException as exc:
+            error = exc
+        vote(error, path=path, what=what, timeout=self.dist_timeout)
+        return prepare_restore(local, **targets, manifest=manifest, timeout=self.dist_timeout)
 
     def _resolve_step(self, step: int | str) -> str:
         infos = self.checkpoints

@@ -1,39 +1,52 @@
-"""Restoring one checkpoint into live objects: verify everything, check it fits, then change things.
+"""Restoring one checkpoint into live objects: read and verify everything, check it fits, then change
+things.
 
-Order matters: every file is checksummed and every piece of state decoded and matched against its
-target (weights and optimizer moments against the parameters' shapes, the scheduler's keys against its
-own `state_dict()`, RNG states decoded into throwaway generators) before the first live object
-changes, so a bad checkpoint changes nothing. Then the user's stateful objects go first (their
-`load_state_dict` is code that may still refuse), the RNGs last.
+    apply = prepare_restore(path, model=model, optimizer=opt)   # reads, verifies, checks; changes nothing
+    result = apply()                                            # the live objects change
+
+Each file a restore uses is read once, and checked against the manifest in that same read
+(`verified_read`; DCP items against their recorded checksums): weights into buffers of their own,
+optimizer moments and the small state decoded, scheduler keys matched against its own `state_dict()`,
+RNG states decoded into throwaway generators, all before the first live object changes, so a damaged
+or mismatched checkpoint changes nothing. Files no step reads (config, tokenizer) are checksummed too.
+Then the user's stateful objects go first (their `load_state_dict` is code that may still refuse),
+the RNGs last. Under torchrun (or for a checkpoint written by one) `restore_collective` does the same
+with a vote between the phases.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from savepoint import distributed
-from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
-from savepoint.formats import stateful as stateful_format
+from savepoint.errors import IncompatibleCheckpointError
 from savepoint.formats import train_state
-from savepoint.formats.hf import check_model_files, copy_model_files, unwrap_model
+from savepoint.formats.hf import unwrap_model
 from savepoint.formats.sharded import has_dcp
-from savepoint.manifest import Manifest, find_problems, read_manifest
+from savepoint.manifest import Manifest, read_manifest
+from savepoint.restore_collective import prepare_collective
+from savepoint.restore_model import plan_model_files
+from savepoint.restore_state import (
+    RestoreResult,
+    apply_stateful,
+    check_blobs,
+    finish_restore,
+    verify_side_files,
+)
 from savepoint.saving import is_peft_model, rng_relbase, stateful_relbase
 
-
-@dataclass(frozen=True)
-class RestoreResult:
-    """What `restore()` found. `step` is 0 and `path` None when there was nothing to restore."""
-
-    step: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    path: str | None = None
+__all__ = [
+    "RestoreResult",
+    "apply_stateful",
+    "check_blobs",
+    "finish_restore",
+    "prepare_restore",
+    "restore_checkpoint",
+]
 
 
 def restore_checkpoint(
@@ -46,17 +59,36 @@ def restore_checkpoint(
     verified: bool = False,
     timeout: float | None = None,
 ) -> RestoreResult:
-    manifest = read_manifest(path)
-    if not verified:
-        problems = find_problems(path, manifest, check_unlisted=False)
-        if problems:
-            raise CorruptCheckpointError(path, problems)
+    """Restore checkpoint `path` into the given objects; nothing changes unless every part checks out.
+
+    `verified` is accepted for older callers and has no effect: every file is checked as it is read."""
+    del verified
+    return prepare_restore(
+        path, model=model, optimizer=optimizer, scheduler=scheduler, stateful=stateful, timeout=timeout
+    )()
+
+
+def prepare_restore(
+    path: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    stateful: Mapping[str, Any] | None = None,
+    manifest: Manifest | None = None,
+    timeout: float | None = None,
+) -> Callable[[], RestoreResult]:
+    """Read, verify and check checkpoint `path` against the targets; return the step that applies it.
+
+    `manifest`: the checkpoint's, when the caller has already read it.
+    A CorruptCheckpointError from here means the checkpoint is damaged (on some rank, under torchrun:
+    then on every rank) and nothing has changed: a caller may fall back to an earlier one.
+    """
+    manifest = manifest if manifest is not None else read_manifest(path)
     if (
         distributed.is_collective(model) or has_dcp(manifest) or manifest.world_size > 1
     ):  # torchrun or its output
-        from savepoint.collective import restore_collective
-
-        return restore_collective(
+        return prepare_collective(
             path,
             manifest,
             model=model,
@@ -73,49 +105,16 @@ def restore_checkpoint(
     if optimizer is not None:
         optimizer_sd = train_state.prepare_optimizer_state(optimizer, model, blobs["optimizer"], path)
     check_blobs(path, blobs, scheduler=scheduler, stateful=stateful)
+    verify_side_files(path, manifest)
 
-    # Everything is checked: from here on, state changes.
-    apply_stateful(blobs, stateful)
-    load_model()
-    if optimizer is not None and optimizer_sd is not None:
-        optimizer.load_state_dict(optimizer_sd)
-    return finish_restore(path, manifest, blobs, scheduler=scheduler, stateful={})
+    def apply() -> RestoreResult:
+        apply_stateful(blobs, stateful)
+        load_model()
+        if optimizer is not None and optimizer_sd is not None:
+            optimizer.load_state_dict(optimizer_sd)
+        return finish_restore(path, manifest, blobs, scheduler=scheduler, stateful={})
 
-
-def check_blobs(path: str, blobs: dict[str, Any], *, scheduler: Any, stateful: Mapping[str, Any]) -> None:
-    """Check the decoded small state against its targets, before any live object changes."""
-    if scheduler is not None:
-        train_state.check_scheduler_state(scheduler, blobs["scheduler"], path)
-    for name, obj in stateful.items():
-        stateful_format.check(obj, blobs[f"stateful/{name}"], path, f"stateful/{name}")
-    if "rng" in blobs:
-        train_state.check_rng_state(blobs["rng"], path, f"{rng_relbase(distributed.rank())}.json")
-    if not isinstance(blobs.get("extra") or {}, dict):
-        raise CorruptCheckpointError(
-            path, [Problem(f"{train_state.TRAIN_STATE_DIR}/extra.json", "not a mapping")]
-        )
-
-
-def apply_stateful(blobs: dict[str, Any], stateful: Mapping[str, Any]) -> None:
-    """The user's objects first: their `load_state_dict` is code that may still refuse its state, and
-    then nothing else has changed yet."""
-    for name, obj in stateful.items():
-        stateful_format.restore(obj, blobs[f"stateful/{name}"])
-
-
-def finish_restore(
-    path: str, manifest: Manifest, blobs: dict[str, Any], *, scheduler: Any, stateful: Mapping[str, Any]
-) -> RestoreResult:
-    """The last steps of every restore path: stateful objects not yet restored, scheduler, then the
-    RNGs, and the result."""
-    apply_stateful(blobs, stateful)
-    if scheduler is not None:
-        scheduler.load_state_dict(blobs["scheduler"])
-    if "rng" in blobs:  # last: restoring the objects above may draw from the global RNGs
-        train_state.set_rng_state(blobs["rng"])
-    return RestoreResult(
-        step=manifest.step or 0, metrics=dict(manifest.metrics), extra=blobs.get("extra") or {}, path=path
-    )
+    return apply
 
 
 def _read_blobs(
@@ -157,7 +156,8 @@ def _read_blobs(
 
 
 def _plan_model_load(model: torch.nn.Module, path: str, manifest: Manifest) -> Callable[[], None]:
-    """Check the model files fit `model` now; return the function that loads them."""
+    """Read the model files (checked as they are read) and check they fit `model`; return the
+    function that loads them."""
     if manifest.kind == "adapter" or is_peft_model(model):
         if manifest.kind != "adapter" or not is_peft_model(model):
             raise IncompatibleCheckpointError(
@@ -167,5 +167,4 @@ def _plan_model_load(model: torch.nn.Module, path: str, manifest: Manifest) -> C
         from savepoint.formats import peft as peft_format
 
         return peft_format.plan_adapter_load(model, path, manifest)
-    files, targets = check_model_files(model, path, manifest)
-    return lambda: copy_model_files(path, files, targets)
+    return plan_model_files(model, path, manifest)

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.planner import LoadItemType
 
 from savepoint.errors import CorruptCheckpointError, Problem, SavepointError, UnsafeCheckpointError
 from savepoint.formats.dcp_metadata import MAX_METADATA_BYTES, parse_metadata
+from savepoint.formats.dcp_ranges import RangeCheckedStream, RangeRecords
 from savepoint.io.files import open_fd_inside, read_bytes_inside
 
 METADATA_NAME = ".metadata"
@@ -63,11 +64,14 @@ def _bare_file_sizes(root: str, dcp_rel: str) -> dict[str, int]:
 
 
 class _NoFollowFileSystem(FileSystem):
-    """DCP's file system for reading: files directly inside one directory, opened safely."""
+    """DCP's file system for reading: files directly inside one directory, opened safely; with `ranges`,
+    each item's bytes are checked against their recorded checksum as they are read."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, ranges: RangeRecords | None = None, checkpoint: str = "") -> None:
         super().__init__()
         self.directory = os.path.abspath(directory)
+        self.ranges, self.checkpoint = ranges, checkpoint or directory
+        self.bytes_read = 0
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
@@ -77,16 +81,36 @@ class _NoFollowFileSystem(FileSystem):
                 self.directory, [Problem(name, "not a data file of this DCP directory")]
             )
         fd, _ = open_fd_inside(self.directory, name)
-        with open(fd, "rb") as stream:  # buffered: DCP seeks and reads small records
-            yield stream
+        if self.ranges is None:
+            with open(fd, "rb") as stream:  # buffered: DCP seeks and reads small records
+                yield stream
+            return
+        relpath = f"{self.ranges.dcp_rel}/{name}"
+
+        def fail(reason: str) -> CorruptCheckpointError:
+            return CorruptCheckpointError(self.checkpoint, [Problem(relpath, reason)])
+
+        try:
+            checked = RangeCheckedStream(fd, self.ranges.for_file(name), fail)
+        except BaseException:
+            os.close(fd)
+            raise
+        with checked:
+            try:
+                yield checked
+            finally:
+                self.bytes_read += checked.bytes_read
 
 
 class VerifiedReader(FileSystemReader):
     """A `FileSystemReader` that serves checked metadata and opens files without following symlinks."""
 
-    def __init__(self, directory: str, metadata: Any) -> None:
+    def __init__(
+        self, directory: str, metadata: Any, ranges: RangeRecords | None = None, checkpoint: str = ""
+    ) -> None:
         super().__init__(directory)
-        self.fs = _NoFollowFileSystem(directory)
+        self.checked_fs = _NoFollowFileSystem(directory, ranges, checkpoint)
+        self.fs = self.checked_fs
         self._checked = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
@@ -111,8 +135,10 @@ def load_tensors(
     *,
     checkpoint: str,
     process_group: Any = None,
-) -> None:
-    """Fill `targets` (plain tensors or DTensors; DCP reshards) from the DCP directory, in place.
+    ranges: RangeRecords | None = None,
+) -> int:
+    """Fill `targets` (plain tensors or DTensors; DCP reshards) from the DCP directory, in place; return
+    the data bytes this process read when `ranges` checks each item as it is read (else 0).
 
     Collective when `process_group` is given. A failure while reading (a tensor record that does not
     decode, a chunk of the wrong size) is a CorruptCheckpointError naming the checkpoint.
@@ -120,7 +146,7 @@ def load_tensors(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    reader = VerifiedReader(directory, metadata)
+    reader = VerifiedReader(directory, metadata, ranges, checkpoint)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -128,6 +154,7 @@ def load_tensors(
                 dcp.load(targets, storage_reader=reader, process_group=process_group)
             else:
                 dcp.load(targets, storage_reader=reader, no_dist=True)
+        return reader.checked_fs.bytes_read
     except SavepointError:
         raise
     except (Exception, CheckpointException) as exc:

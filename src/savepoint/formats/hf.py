@@ -325,13 +325,20 @@ def match_model_files(
 
 
 def iter_model_parts(
-    ckpt_dir: str, files: list[str], layout: HubLayout | None
+    ckpt_dir: str,
+    files: list[str],
+    layout: HubLayout | None,
+    read: Callable[[str], dict[str, torch.Tensor]] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The weight files' tensors under the model's in-memory names: file by file, or, converting from
-    the Hub layout, group by group as each group's tensors have been read."""
+    the Hub layout, group by group as each group's tensors have been read. `read(relpath)` gives a
+    file's tensors (default: read from `ckpt_dir`; a restore passes the files it already read)."""
     loader = HubLoader(layout) if layout is not None else None
     for rel in files:
-        tensors = read_safetensors(os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel)
+        if read is not None:
+            tensors = read(rel)
+        else:
+            tensors = read_safetensors(os.path.join(ckpt_dir, rel), checkpoint=ckpt_dir, relpath=rel)
         if loader is None:
             yield tensors
             continue
@@ -343,10 +350,15 @@ def iter_model_parts(
         loader.finish()
 
 
-def copy_model_files(ckpt_dir: str, files: list[str], targets: ModelTargets) -> None:
+def copy_model_files(
+    ckpt_dir: str,
+    files: list[str],
+    targets: ModelTargets,
+    read: Callable[[str], dict[str, torch.Tensor]] | None = None,
+) -> None:
     """Copy checked weight files into the model's tensors in place, one file (or group) in memory at a time."""
     with torch.no_grad():
-        for part in iter_model_parts(ckpt_dir, files, targets.layout):
+        for part in iter_model_parts(ckpt_dir, files, targets.layout, read):
             for name, tensor in part.items():
                 targets.tensors[name].copy_(tensor)
 

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from savepoint.errors import IncompatibleCheckpointError
-from savepoint.formats.safetensors_io import read_safetensors, write_safetensors
+from savepoint.formats.safetensors_io import write_safetensors
 from savepoint.lora.adapter import CONFIG_NAME, WEIGHTS_NAME
 from savepoint.lora.fingerprint import fingerprint_model
-from savepoint.manifest import Manifest, read_manifest, resolve_inside, verify_files
+from savepoint.manifest import Manifest, read_manifest
 from savepoint.storage.local import StagedDir
+from savepoint.verified_read import read_safetensors_verified
 
 
 def is_peft_model(model: object) -> bool:
@@ -115,8 +116,7 @@ def plan_adapter_load(
     adapter_name = getattr(model, "active_adapter", "default")
     prefix = "" if adapter_name == "default" else f"{adapter_name}/"
     relpath = prefix + WEIGHTS_NAME
-    verify_files(ckpt_dir, manifest, [relpath])
-    state = read_safetensors(resolve_inside(ckpt_dir, relpath), checkpoint=ckpt_dir, relpath=relpath)
+    state = read_safetensors_verified(ckpt_dir, manifest, relpath)  # checked in the one read
     _check_keys(model, state, adapter_name, ckpt_dir)
 
     def load() -> None:

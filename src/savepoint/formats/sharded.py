@@ -24,8 +24,10 @@ import torch
 from savepoint import distributed
 from savepoint.errors import CorruptCheckpointError, Problem
 from savepoint.formats import train_state
+from savepoint.formats.dcp_ranges import RangeRecordingWriter, RangeRecords, has_range_records, record_files
 from savepoint.manifest import Manifest, verify_files
 from savepoint.storage.local import StagedDir
+from savepoint.verified_read import read_bytes_verified
 
 DCP_DIR = f"{train_state.TRAIN_STATE_DIR}/dcp"
 METADATA = f"{DCP_DIR}/.metadata"
@@ -103,7 +105,7 @@ def write_dcp(staged: StagedDir, tensors: dict[str, torch.Tensor], *, timeout: f
 
     path = staged.abspath(DCP_DIR)
     os.makedirs(path, exist_ok=True)
-    writer = dcp.FileSystemWriter(path, sync_files=True)
+    writer = RangeRecordingWriter(path, sync_files=True)
     if distributed.is_distributed():
         dcp.save(tensors, storage_writer=writer, process_group=distributed.coordination_group(timeout))
     else:
@@ -111,11 +113,15 @@ def write_dcp(staged: StagedDir, tensors: dict[str, torch.Tensor], *, timeout: f
     # FileSystemWriter names each rank's files `__<rank>_<n>.distcp`: each rank hashes its own, so rank 0
     # never reads another rank's shards. Rank 0 takes every file that names no rank (`.metadata`); a
     # file of another layout is refused at commit rather than read there.
+    # Each item's checksum is taken in the same read (`dcp_ranges`): a rank restoring at another world
+    # size reads only some items, and checks those.
     me = distributed.rank()
+    mine = []
     for name in sorted(os.listdir(path)):
         owner = _DCP_RANK_FILE.match(name)
         if (int(owner.group(1)) if owner else 0) == me:
-            staged.record(f"{DCP_DIR}/{name}")
+            mine.append(name)
+    record_files(staged, DCP_DIR, mine, writer.items, me)
 
 
 # ---------------------------------------------------------------- reading
@@ -128,29 +134,44 @@ def read_dcp(
     *,
     metadata: Any = None,
     timeout: float | None = None,
-) -> None:
+) -> int:
     """Load checkpointed tensors into `targets` in place (plain tensors or DTensors: DCP reshards).
 
-    `metadata`: what `read_metadata` returned (its files are verified then); else it is read here.
+    Each item read is checked against its recorded checksum as it is read (checkpoints without item
+    records had every DCP file verified whole by `read_metadata`). Returns the data bytes read
+    (0 for such older checkpoints). `metadata`: what `read_metadata` returned; else it is read here.
     """
     from savepoint.formats.dcp_reader import load_tensors
 
     if metadata is None:
         metadata = read_metadata(ckpt_dir, manifest)
     group = distributed.coordination_group(timeout) if distributed.is_distributed() else None
-    load_tensors(os.path.join(ckpt_dir, DCP_DIR), metadata, targets, checkpoint=ckpt_dir, process_group=group)
+    ranges = RangeRecords(ckpt_dir, manifest, DCP_DIR) if has_range_records(manifest) else None
+    return load_tensors(
+        os.path.join(ckpt_dir, DCP_DIR),
+        metadata,
+        targets,
+        checkpoint=ckpt_dir,
+        process_group=group,
+        ranges=ranges,
+    )
 
 
 def read_metadata(ckpt_dir: str, manifest: Manifest) -> Any:
-    """torch's DCP `Metadata` of a checkpoint: every DCP file verified against the manifest, then
-    `.metadata` read through the allow-list (never `pickle.load`), its entries confined to those files."""
-    from savepoint.formats.dcp_reader import read_dcp_metadata
+    """torch's DCP `Metadata` of a checkpoint: `.metadata` checked against the manifest as it is read,
+    through the allow-list (never `pickle.load`), its entries confined to the listed data files.
+
+    Data files are checked item by item as they are read (`read_dcp`), where the checkpoint records
+    item checksums; in older checkpoints every DCP file is verified whole here, first."""
+    from savepoint.formats.dcp_metadata import MAX_METADATA_BYTES, parse_metadata
 
     if not has_dcp(manifest):
         raise CorruptCheckpointError(
             ckpt_dir, [Problem(METADATA, "needed for sharded state but not in the manifest")]
         )
     files = dcp_files(manifest)
-    verify_files(ckpt_dir, manifest, files)
-    sizes = {p[len(DCP_DIR) + 1 :]: manifest.files[p].size for p in files}
-    return read_dcp_metadata(ckpt_dir, DCP_DIR, sizes)
+    if not has_range_records(manifest):
+        verify_files(ckpt_dir, manifest, [p for p in files if p != METADATA])
+    raw = read_bytes_verified(ckpt_dir, manifest, METADATA, max_bytes=MAX_METADATA_BYTES)
+    sizes = {p[len(DCP_DIR) + 1 :]: manifest.files[p].size for p in files if p != METADATA}
+    return parse_metadata(raw, sizes, checkpoint=ckpt_dir, relpath=METADATA)

@@ -8,7 +8,6 @@ wrapping (DDP, torch.compile) and refuses to load into a model whose parameters 
 from __future__ import annotations
 
 import math
-import os
 import random
 import warnings
 from collections.abc import Mapping
@@ -20,9 +19,10 @@ import torch
 from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
 from savepoint.formats import state as state_codec
 from savepoint.formats.hf import unwrap_model
-from savepoint.formats.safetensors_io import read_safetensors, write_safetensors
-from savepoint.manifest import Manifest, verify_files
+from savepoint.formats.safetensors_io import write_safetensors
+from savepoint.manifest import Manifest
 from savepoint.storage.local import StagedDir
+from savepoint.verified_read import read_bytes_verified, read_safetensors_verified
 
 TRAIN_STATE_DIR = "train_state"
 
@@ -53,21 +53,13 @@ def has_blob(manifest: Manifest, relbase: str) -> bool:
 
 
 def read_blob(ckpt_dir: str, manifest: Manifest, relbase: str) -> Any:
-    """Verify and decode one blob."""
+    """Read and decode one blob; each file is checked against the manifest in the same read."""
     json_rel, st_rel = blob_files(relbase)
-    needed = [json_rel] + ([st_rel] if st_rel in manifest.files else [])
-    verify_files(ckpt_dir, manifest, needed)
-    try:
-        with open(os.path.join(ckpt_dir, json_rel), "rb") as f:
-            raw = f.read()
-    except OSError as exc:  # e.g. deleted by retention after it verified (tests/reliability: concurrency)
-        raise CorruptCheckpointError(
-            ckpt_dir, [Problem(json_rel, f"unreadable ({exc.strerror or exc})")]
-        ) from exc
+    raw = read_bytes_verified(ckpt_dir, manifest, json_rel)
     doc = state_codec.loads(raw, ckpt=ckpt_dir, relpath=json_rel)
     tensors = {}
     if st_rel in manifest.files:
-        tensors = read_safetensors(os.path.join(ckpt_dir, st_rel), checkpoint=ckpt_dir, relpath=st_rel)
+        tensors = read_safetensors_verified(ckpt_dir, manifest, st_rel)
     if not isinstance(doc, dict) or "state" not in doc:
         raise CorruptCheckpointError(ckpt_dir, [Problem(json_rel, "missing the 'state' field")])
     return state_codec.decode(doc["state"], tensors, ckpt=ckpt_dir, relpath=json_rel)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import TracebackType
@@ -141,9 +141,19 @@ def parse_header(raw: bytes, data_bytes: int) -> tuple[dict[str, TensorEntry], d
 class SafetensorsFile(AbstractContextManager["SafetensorsFile"]):
     """An open safetensors file with a checked header; tensors are read on demand, never mapped."""
 
-    def __init__(self, fd: int, size: int, root: str, relpath: str) -> None:
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        root: str,
+        relpath: str,
+        on_read: Callable[[memoryview], object] | None = None,
+    ) -> None:
+        """`on_read` sees every byte read, in the order read (a checksum while reading: the header, then
+        the tensors in file order, tile the whole file)."""
         self._fd: int | None = fd
         self.root, self.relpath = root, relpath
+        self._on_read = on_read
         try:
             self.entries, self.metadata, self._data_start = self._read_header(size)
         except BaseException:
@@ -189,6 +199,8 @@ class SafetensorsFile(AbstractContextManager["SafetensorsFile"]):
             if n == 0:
                 raise self._fail(f"the file ends at byte {offset + done}, inside a tensor it declares")
             done += n
+        if self._on_read is not None:
+            self._on_read(view)
 
     def keys(self) -> list[str]:
         return list(self.entries)
