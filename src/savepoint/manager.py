@@ -157,7 +157,11 @@ class CheckpointManager:
         if distributed.is_collective(model):  # every rank calls save(); savepoint decides who writes what
             from savepoint.collective import save_collective
 
-            path = save_collective(request, timeout=self.dist_timeout, sharded_model=self.sharded_model)
+            try:
+                path = save_collective(request, timeout=self.dist_timeout, sharded_model=self.sharded_model)
+            finally:
+                if self._remote is not None:  # every rank staged (and uploaded) its own part
+                    self._remote.clear_staging()
             if distributed.rank() == 0:
                 self._publish_and_prune(path, step)
             return os.path.join(self.root, discovery.step_dir_name(step))
@@ -195,7 +199,9 @@ class CheckpointManager:
     def _open_for_writing(self) -> None:
         if self._remote is not None:
             if not self._remote_swept:  # one writer per remote root: what has no manifest is a dead upload
-                self._remote.sweep()
+                distributed.on_rank0(
+                    self._remote.sweep, timeout=self.dist_timeout, what=f"sweeping {self.root}"
+                )
                 self._remote_swept = True
             return
         if self._opened:
@@ -220,7 +226,7 @@ class CheckpointManager:
         self._publish_and_prune(write_checkpoint(job), job.request.step)
 
     def _publish_and_prune(self, path: str, step: int) -> None:
-        if self._remote is not None:
+        if self._remote is not None and not is_remote_url(path):  # collective saves upload as they commit
             try:
                 self._remote.upload_checkpoint(path)
             finally:
@@ -294,6 +300,7 @@ class CheckpointManager:
         rank that does not see the step at all (different roots, a root not shared) fails every rank.
         Every collective here runs on the one coordination group, within `dist_timeout`."""
         timeout, what = self.dist_timeout, f"restore from {self.root}"
+        model, optimizer = targets["model"], targets["optimizer"]
 
         def candidates() -> list[int]:
             if step == "latest":
@@ -306,7 +313,8 @@ class CheckpointManager:
         for number in chosen:
             path = os.path.join(self.root, discovery.step_dir_name(number))
             with contextlib.ExitStack() as stack:
-                error, problems, local = None, [], path
+                error, local = None, path
+                problems: list[Problem] = []
                 try:
                     if self._remote is None and not os.path.isdir(path):
                         raise CheckpointNotFoundError(
@@ -315,8 +323,15 @@ class CheckpointManager:
                             "a root that is not shared). Give every rank the same root on a shared filesystem, "
                             "or an object-store root (s3://...)."
                         )
-                    local = stack.enter_context(self._local_copy(path))
-                    problems = find_problems(local, check_unlisted=False)
+                    if self._remote is not None:  # an object store: this rank downloads only what it reads
+                        from savepoint.storage.remote_restore import rank_copy
+
+                        part = rank_copy(
+                            self._remote, path, rank=distributed.rank(), model=model, optimizer=optimizer
+                        )
+                        local, problems = stack.enter_context(part)
+                    else:
+                        problems = find_problems(local, check_unlisted=False)
                 except BaseException as exc:
                     error = exc
                 damage = str(CorruptCheckpointError(path, problems)) if problems else None
