@@ -95,7 +95,10 @@ def check_save(root: str, out: Path, caches: list[Path]) -> dict[str, int]:
         assert report["path"] == f"{root}/{STEP}"
     manifest = RemoteRoot(root).read_manifest(STEP)
     stored = objects(root, STEP)
-    assert stored == {**{p: e.size for p, e in manifest.files.items()}, "savepoint.json": stored["savepoint.json"]}
+    assert stored == {
+        **{p: e.size for p, e in manifest.files.items()},
+        "savepoint.json": stored["savepoint.json"],
+    }
     # Rank 1's files exist only on its own disk: they are in the store because rank 1 uploaded them.
     rank1 = sum(size for rel, size in stored.items() if owned_by(rel, 1))
     assert rank1 > 0 and saved[1]["uploaded"] == rank1
@@ -115,7 +118,9 @@ def check_restore(out: Path, stored: dict[str, int]) -> None:
         other = 1 - rank
         # Nothing of the other rank's own state is downloaded; rank 0 needs no shard of rank 1 either
         # (DCP puts replicated tensors, AdamW's steps, into rank 0's file, which rank 1 does read).
-        skipped = {rel for rel in stored if owned_by(rel, other) and not (other == 0 and rel.endswith(".distcp"))}
+        skipped = {
+            rel for rel in stored if owned_by(rel, other) and not (other == 0 and rel.endswith(".distcp"))
+        }
         expected = sum(size for rel, size in stored.items() if rel not in skipped and rel != "savepoint.json")
         assert report["downloaded"] == expected, (rank, report["downloaded"], expected, sorted(skipped))
         assert skipped and report["downloaded"] < sum(stored.values())
