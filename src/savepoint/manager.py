@@ -151,7 +151,8 @@ class CheckpointManager:
             metrics=clean_metrics(metrics),
             extra=dict(extra or {}),
             final=final,
-            parent=self._parent_name(step),
+            # Only rank 0 writes a manifest: W ranks listing the root (W listings of a bucket) for nothing.
+            parent=self._parent_name(step) if distributed.rank() == 0 else None,
             max_shard_size=self.max_shard_size,
         )
         if distributed.is_collective(model):  # every rank calls save(); savepoint decides who writes what

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from tests.distributed.common import REPO, TORCHRUN, worker_env
+import torch
+from safetensors.torch import load_file
+from tests.distributed.common import REPO, TORCHRUN, assert_same, plain_reference, worker_env
 
 import savepoint
+from savepoint.demo import tiny
 from savepoint.storage.remote import RemoteRoot
 
 pytestmark = pytest.mark.slow
@@ -133,6 +136,15 @@ def test_two_ranks_upload_their_own_files_and_restore_their_own_part(s3_root: st
     stored = check_save(s3_root, tmp_path, [cache])
     run_one_node("restore", s3_root, tmp_path, cache)
     check_restore(tmp_path, stored)
+
+    # One process without torch.distributed restores the same objects (every file: it reads them all).
+    model = tiny.tiny_llama(seed=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    with pytest.warns(UserWarning, match=r"saved by 2 rank\(s\) and is restored at 1"):
+        assert savepoint.CheckpointManager(s3_root).restore(model=model, optimizer=opt).step == 2
+    assert_same(
+        load_file(tmp_path / "ref.safetensors"), plain_reference(model, opt), where="restored at 1 rank"
+    )
 
     # A rank whose upload fails part-way: no manifest, and the objects every rank uploaded are gone.
     run_one_node("fail", s3_root, tmp_path, cache)
