@@ -4,6 +4,7 @@ saves to and restores from an `s3://` root on a moto server (s3fs is pointed at 
     worker_s3.py save ROOT OUT      train 2 steps, save step 2, record the reference, train 2 more
     worker_s3.py restore ROOT OUT   restore into other weights, check them, train 2 more
     worker_s3.py fail ROOT OUT      save step 3 while rank 1's upload fails part-way through
+    ... save ROOT OUT async         the save with `async_save=True`: it is committed once wait() returns
 
 Each rank writes OUT/<mode>-rank<r>.json: what it staged, uploaded and downloaded (its own RemoteRoot's
 counters), the losses, and the error it saw. Rank 0 writes OUT/ref.safetensors at save.
@@ -25,11 +26,11 @@ from tests.distributed.worker_fsdp2 import build, gathered, train
 import savepoint
 
 
-def main(mode: str, root: str, out: str) -> None:
+def main(mode: str, root: str, out: str, how: str = "sync") -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(100 + rank)
-    mgr = savepoint.CheckpointManager(root, keep_last=2, dist_timeout=60)
+    mgr = savepoint.CheckpointManager(root, keep_last=2, dist_timeout=60, async_save=how == "async")
     remote = mgr._remote
     assert remote is not None
     report: dict = {
@@ -43,6 +44,7 @@ def main(mode: str, root: str, out: str) -> None:
         train(model, opt, sched, batches, 2)
         started = time.perf_counter()
         report["path"] = mgr.save(2, model=model, optimizer=opt, scheduler=sched, stateful={"data": loader})
+        mgr.wait()  # a no-op for a synchronous manager
         report["save_s"] = time.perf_counter() - started
         # save() returned: the checkpoint lists on every rank, not only on rank 0
         report["listed_after_save"] = [i.step for i in mgr.checkpoints]
@@ -92,4 +94,4 @@ def fail_after_first_upload(fs) -> None:  # type: ignore[no-untyped-def]
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

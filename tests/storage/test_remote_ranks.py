@@ -33,8 +33,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_one_node(mode: str, root: str, out: Path, cache: Path) -> None:
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", WORKER, mode, root, str(out)]
+def run_one_node(mode: str, root: str, out: Path, cache: Path, *how: str) -> None:
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", WORKER, mode, root, str(out), *how]
     proc = subprocess.run(
         cmd, env=worker_env(SAVEPOINT_CACHE=str(cache)), capture_output=True, text=True, timeout=300
     )
@@ -132,7 +132,7 @@ def check_restore(out: Path, stored: dict[str, int]) -> None:
 def test_two_ranks_upload_their_own_files_and_restore_their_own_part(s3_root: str, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
-    run_one_node("save", s3_root, tmp_path, cache)
+    run_one_node("save", s3_root, tmp_path, cache, "async")  # committed on every rank once wait() returns
     stored = check_save(s3_root, tmp_path, [cache])
     run_one_node("restore", s3_root, tmp_path, cache)
     check_restore(tmp_path, stored)
