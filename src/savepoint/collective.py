@@ -18,6 +18,7 @@ rank 0 removes the temporary directory, and the previous checkpoint is untouched
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -40,6 +41,8 @@ from savepoint.manifest import build_manifest
 from savepoint.restore_blobs import read_restore_blobs
 from savepoint.saving import checkpoint_manifest, is_peft_model
 from savepoint.storage.local import StagedDir
+from savepoint.storage.remote import staged_for
+from savepoint.storage.remote_ranks import RemoteStagedDir, open_remote_staged
 
 _TS = train_state.TRAIN_STATE_DIR
 
@@ -117,6 +120,10 @@ def _open_staged(parent: str, final_name: str, *, timeout: float | None, what: s
 
     Two nodes with the same root path on separate local disks would otherwise each write into their
     own copy, and rank 0 would commit a manifest listing files that are not there."""
+    remote = staged_for(parent)
+    if remote is not None:  # an object-store root: each rank stages on its own disk and uploads its part
+        vote = functools.partial(agree, timeout=timeout, what=what)
+        return open_remote_staged(remote, parent, final_name, rank=rank(), vote=vote)  # type: ignore[return-value]
     opened, error = None, None
     if rank() == 0:
         try:
@@ -365,6 +372,8 @@ def _commit(
     the manifest over them without reading another rank's bytes, renames, and tells every rank."""
     final, reports = None, None
     failure: BaseException | None = None
+    if isinstance(staged, RemoteStagedDir):  # each rank's report confirms its objects are uploaded
+        error = staged.upload_own(error)
     try:
         reports = distributed.gather_to_rank0(error, dict(staged.entries), timeout=timeout, what=what)
     except DistributedSaveError as exc:

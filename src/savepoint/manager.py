@@ -26,6 +26,7 @@ from savepoint.saving import SaveRequest, capture, write_checkpoint
 from savepoint.storage.local import delete_checkpoint_dir, sweep_stale
 from savepoint.storage.lock import RootLock
 from savepoint.storage.remote import RemoteRoot, is_remote_url
+from savepoint.storage.remote_restore import rank_copy
 
 
 class CheckpointManager:
@@ -152,13 +153,18 @@ class CheckpointManager:
             metrics=clean_metrics(metrics),
             extra=dict(extra or {}),
             final=final,
-            parent=self._parent_name(step),
+            # Only rank 0 writes a manifest: W ranks listing the root (W listings of a bucket) for nothing.
+            parent=self._parent_name(step) if distributed.rank() == 0 else None,
             max_shard_size=self.max_shard_size,
         )
         if distributed.is_collective(model):  # every rank calls save(); savepoint decides who writes what
             from savepoint.collective import save_collective
 
-            path = save_collective(request, timeout=self.dist_timeout, sharded_model=self.sharded_model)
+            try:
+                path = save_collective(request, timeout=self.dist_timeout, sharded_model=self.sharded_model)
+            finally:
+                if self._remote is not None:  # every rank staged (and uploaded) its own part
+                    self._remote.clear_staging()
             if distributed.rank() == 0:
                 self._publish_and_prune(path, step)
             return os.path.join(self.root, discovery.step_dir_name(step))
@@ -196,7 +202,9 @@ class CheckpointManager:
     def _open_for_writing(self) -> None:
         if self._remote is not None:
             if not self._remote_swept:  # one writer per remote root: what has no manifest is a dead upload
-                self._remote.sweep()
+                distributed.on_rank0(
+                    self._remote.sweep, timeout=self.dist_timeout, what=f"sweeping {self.root}"
+                )
                 self._remote_swept = True
             return
         if self._opened:
@@ -221,7 +229,7 @@ class CheckpointManager:
         self._publish_and_prune(write_checkpoint(job), job.request.step)
 
     def _publish_and_prune(self, path: str, step: int) -> None:
-        if self._remote is not None:
+        if self._remote is not None and not is_remote_url(path):  # collective saves upload as they commit
             try:
                 self._remote.upload_checkpoint(path)
             finally:
@@ -334,7 +342,19 @@ class CheckpointManager:
                     "a root that is not shared). Give every rank the same root on a shared filesystem, "
                     "or an object-store root (s3://...)."
                 )
-            local = stack.enter_context(self._local_copy(path))
+            if self._remote is not None:  # an object store: this rank downloads only what it reads
+                part = rank_copy(
+                    self._remote,
+                    path,
+                    rank=distributed.rank(),
+                    model=targets["model"],
+                    optimizer=targets["optimizer"],
+                )
+                local, problems = stack.enter_context(part)
+                if problems:
+                    raise CorruptCheckpointError(path, problems)
+            else:
+                local = stack.enter_context(self._local_copy(path))
             manifest = read_manifest(local)
         except BaseException as exc:
             error = exc

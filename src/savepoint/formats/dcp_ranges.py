@@ -42,6 +42,12 @@ def record_name(rank: int) -> str:
     return f"{RANGES_DIR}/rank-{rank:05d}.json"
 
 
+def record_of(dcp_file: str) -> str | None:
+    """The record holding the item checksums of DCP data file `dcp_file` (None: not a rank's file)."""
+    owner = _RANK_FILE.search(dcp_file)
+    return record_name(int(owner.group(1))) if owner else None
+
+
 def has_range_records(manifest: Manifest) -> bool:
     return any(p.startswith(RANGES_DIR + "/") for p in manifest.files)
 

@@ -27,6 +27,7 @@ from savepoint.formats import train_state
 from savepoint.formats.dcp_ranges import RangeRecordingWriter, RangeRecords, has_range_records, record_files
 from savepoint.manifest import Manifest, verify_files
 from savepoint.storage.local import StagedDir
+from savepoint.storage.remote import left_in_store
 from savepoint.verified_read import read_bytes_verified
 
 DCP_DIR = f"{train_state.TRAIN_STATE_DIR}/dcp"
@@ -107,7 +108,11 @@ def write_dcp(staged: StagedDir, tensors: dict[str, torch.Tensor], *, timeout: f
     os.makedirs(path, exist_ok=True)
     writer = RangeRecordingWriter(path, sync_files=True)
     if distributed.is_distributed():
-        dcp.save(tensors, storage_writer=writer, process_group=distributed.coordination_group(timeout))
+        # Replicated tensors (AdamW's scalar steps) go to rank 0's file, not spread over every rank's: a
+        # rank restoring from an object store then downloads its own file and rank 0's, not all of them.
+        planner = dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+        group = distributed.coordination_group(timeout)
+        dcp.save(tensors, storage_writer=writer, planner=planner, process_group=group)
     else:
         dcp.save(tensors, storage_writer=writer, no_dist=True)
     # FileSystemWriter names each rank's files `__<rank>_<n>.distcp`: each rank hashes its own, so rank 0
@@ -170,8 +175,9 @@ def read_metadata(ckpt_dir: str, manifest: Manifest) -> Any:
             ckpt_dir, [Problem(METADATA, "needed for sharded state but not in the manifest")]
         )
     files = dcp_files(manifest)
-    if not has_range_records(manifest):
-        verify_files(ckpt_dir, manifest, [p for p in files if p != METADATA])
+    if not has_range_records(manifest):  # older checkpoints: whole files first, then DCP reads ranges
+        left = left_in_store(ckpt_dir)  # a rank's partial copy of an object-store checkpoint: not its shards
+        verify_files(ckpt_dir, manifest, [p for p in files if p != METADATA and p not in left])
     raw = read_bytes_verified(ckpt_dir, manifest, METADATA, max_bytes=MAX_METADATA_BYTES)
     sizes = {p[len(DCP_DIR) + 1 :]: manifest.files[p].size for p in files if p != METADATA}
     return parse_metadata(raw, sizes, checkpoint=ckpt_dir, relpath=METADATA)

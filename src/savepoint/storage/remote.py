@@ -41,6 +41,9 @@ from savepoint.storage.local import MANIFEST_NAME
 
 CACHE_ENV = "SAVEPOINT_CACHE"
 _FETCH_CHUNK = 16 * 1024 * 1024
+# Staging dirs of this process -> the root they upload to, so that a collective save given a staging
+# dir (`storage/remote_ranks.py`) knows its files go to an object store, not to a shared directory.
+_STAGED_FOR: weakref.WeakValueDictionary[str, RemoteRoot] = weakref.WeakValueDictionary()
 
 
 def is_remote_url(root: str | os.PathLike[str]) -> bool:
@@ -70,6 +73,7 @@ class RemoteRoot:
         self.fs, self.path = fsspec.core.url_to_fs(self.url, **storage_options)
         self.path = self.path.rstrip("/")
         self._staging: str | None = None
+        self.transfers = {"uploaded": 0, "downloaded": 0}  # bytes this process moved, for reports and tests
 
     # ------------------------------------------------------------ names
 
@@ -79,6 +83,10 @@ class RemoteRoot:
     def _key(self, *parts: str) -> str:
         return "/".join((self.path, *parts))
 
+    def object_key(self, *parts: str) -> str:
+        """The store's key (no protocol) of `parts` below the root: `object_key("step-00000042", "a.json")`."""
+        return self._key(*parts)
+
     @property
     def staging_dir(self) -> str:
         """A local directory of this process where saves are written and committed before upload."""
@@ -86,7 +94,16 @@ class RemoteRoot:
             os.makedirs(cache_dir(), exist_ok=True)
             self._staging = tempfile.mkdtemp(prefix="savepoint-stage-", dir=cache_dir())
             weakref.finalize(self, shutil.rmtree, self._staging, True)
+            _STAGED_FOR[self._staging] = self
         return self._staging
+
+    def clear_staging(self) -> None:
+        """Remove whatever a save left in the staging dir (uploaded, or given up); the dir itself stays."""
+        if self._staging is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self._staging):
+                shutil.rmtree(os.path.join(self._staging, name), ignore_errors=True)
 
     # ------------------------------------------------------------ listing
 
@@ -101,9 +118,9 @@ class RemoteRoot:
 
     def read_manifest(self, name: str) -> Manifest:
         """Fetch and parse one checkpoint's manifest; CorruptCheckpointError when it is absent or bad."""
-        return parse_manifest(self._manifest_bytes(name), self.step_url(name))
+        return parse_manifest(self.manifest_bytes(name), self.step_url(name))
 
-    def _manifest_bytes(self, name: str) -> bytes:
+    def manifest_bytes(self, name: str) -> bytes:
         key = self._key(name, MANIFEST_NAME)
         try:
             size = self.fs.size(key)
@@ -158,6 +175,7 @@ class RemoteRoot:
     def _put(self, local: str, key: str) -> None:
         # One object at a time, in order: the manifest must not race ahead of the files it lists.
         self.fs.put_file(local, key)
+        self.transfers["uploaded"] += os.path.getsize(local)
 
     def delete(self, name_or_url: str) -> None:
         """Delete one checkpoint: its manifest first (it stops listing at once), then everything else."""
@@ -181,7 +199,7 @@ class RemoteRoot:
 
     # ------------------------------------------------------------ reading
 
-    def _name_of(self, step_url: str) -> str:
+    def name_of(self, step_url: str) -> str:
         name = step_url.rstrip("/").rsplit("/", 1)[-1]
         if not STEP_DIR.match(name) or self.step_url(name) != step_url.rstrip("/"):
             raise CheckpointNotFoundError(f"{step_url} is not a checkpoint of {self.url}")
@@ -193,34 +211,66 @@ class RemoteRoot:
         Files are not checked here: the caller checksums the local copy (`find_problems`), so a
         damaged or missing object is reported by name exactly as on local disk.
         """
-        name = self._name_of(step_url)
-        raw = self._manifest_bytes(name)
+        name = self.name_of(step_url)
+        raw = self.manifest_bytes(name)
         manifest = parse_manifest(raw, step_url)  # refuses paths that climb out of the checkpoint
         local = os.path.join(dest, name)
-        os.makedirs(local, exist_ok=True)
-        for rel, entry in sorted(manifest.files.items()):
-            # A file that cannot be placed (a listed "a" and "a/b") or is absent is reported "missing"
-            # by the check; one whose size is not the listed one is fetched only to one byte past it,
-            # so disk and time follow the manifest's claim, never an object's real size.
-            with contextlib.suppress(
-                FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError
-            ):
-                target = os.path.join(local, rel)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                self._fetch(self._key(name, rel), target, entry.size)
+        self.fetch(name, manifest, sorted(manifest.files), local)
         with open(os.path.join(local, MANIFEST_NAME), "wb") as f:
             f.write(raw)  # the very bytes the files were fetched by
         return local
 
-    def _fetch(self, key: str, target: str, size: int) -> None:
-        if self.fs.size(key) == size:
-            self.fs.get_file(key, target)
-            return
+    def fetch(self, name: str, manifest: Manifest, relpaths: list[str], local: str) -> None:
+        """Download these files of checkpoint `name` (listed in its parsed `manifest`) into `local`.
+
+        One listing gives every object's size; the objects of the listed size come down in one
+        concurrent `fs.get`. A file that cannot be placed (a listed "a" and "a/b") or is absent is
+        left out, for the caller's check to report "missing"; one whose size is not the listed one is
+        fetched only to one byte past it, so disk and time follow the manifest's claim, never an
+        object's real size.
+        """
+        os.makedirs(local, exist_ok=True)
+        prefix = self._key(name) + "/"
+        self.fs.invalidate_cache()
+        try:
+            listed = self.fs.find(self._key(name), detail=True)
+        except FileNotFoundError:
+            listed = {}
+        sizes = {k[len(prefix) :]: info.get("size") for k, info in listed.items() if k.startswith(prefix)}
+        whole: list[str] = []
+        capped: list[str] = []
+        for rel in relpaths:
+            target = os.path.join(local, rel)
+            if rel not in sizes:
+                continue
+            try:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                continue
+            if os.path.isdir(target):
+                continue
+            (whole if sizes[rel] == manifest.files[rel].size else capped).append(rel)
+        whole = [r for r in whole if not os.path.isdir(os.path.join(local, r))]  # "a" and "a/b" both listed
+        try:
+            self.fs.get([self._key(name, r) for r in whole], [os.path.join(local, r) for r in whole])
+        except OSError:  # one object gone since the listing: the others one by one, the gone one "missing"
+            for rel in whole:
+                with contextlib.suppress(OSError):
+                    self.fs.get_file(self._key(name, rel), os.path.join(local, rel))
+        self.transfers["downloaded"] += sum(
+            manifest.files[r].size for r in whole if os.path.isfile(os.path.join(local, r))
+        )
+        for rel in capped:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                self._fetch_capped(self._key(name, rel), os.path.join(local, rel), manifest.files[rel].size)
+
+    def _fetch_capped(self, key: str, target: str, size: int) -> None:
         remaining = size + 1
         with self.fs.open(key, "rb") as src, open(target, "wb") as dst:
             while remaining > 0 and (chunk := src.read(min(remaining, _FETCH_CHUNK))):
                 dst.write(chunk)
                 remaining -= len(chunk)
+                self.transfers["downloaded"] += len(chunk)
 
     @contextlib.contextmanager
     def local_copy(self, step_url: str) -> Iterator[str]:
@@ -240,6 +290,33 @@ class RemoteRoot:
             for rel in rels
             if rel != MANIFEST_NAME and rel not in manifest.files
         ]
+
+
+# Local copies holding only one rank's part of a checkpoint -> the listed files left in the store, so that
+# a reader verifying "every DCP file" skips those (this rank reads none of them). In-process only: nothing
+# on disk can claim a file need not be checked.
+_LEFT_IN_STORE: dict[str, frozenset[str]] = {}
+
+
+def left_in_store(local_copy: str) -> frozenset[str]:
+    """Files of the partial local copy `local_copy` that were deliberately not downloaded (else empty)."""
+    return _LEFT_IN_STORE.get(os.path.abspath(local_copy), frozenset())
+
+
+@contextlib.contextmanager
+def partial_copy(local_copy: str, left: frozenset[str]) -> Iterator[None]:
+    """Mark `local_copy` as holding all its manifest lists but `left`, for the `with` block."""
+    key = os.path.abspath(local_copy)
+    _LEFT_IN_STORE[key] = left
+    try:
+        yield
+    finally:
+        _LEFT_IN_STORE.pop(key, None)
+
+
+def staged_for(staging_dir: str) -> RemoteRoot | None:
+    """The root whose saves `staging_dir` stages (a `RemoteRoot.staging_dir` of this process), else None."""
+    return _STAGED_FOR.get(staging_dir)
 
 
 def verify_remote(url: str) -> list[str]:
