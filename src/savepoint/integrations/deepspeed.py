@@ -270,7 +270,7 @@ def consolidate(
     from the nearest of `source` and its parents that has a config.json (a savepoint checkpoint's); a
     model transformers converts (MoE experts fused in memory) is written in the Hub's layout, as its
     `save_pretrained` writes it."""
-    from savepoint.consolidate import copy_checkpoint_side_files, set_config_dtype
+    from savepoint.side_files import copy_checkpoint_side_files, set_config_dtype
     from savepoint.formats.hf import write_weights
     from savepoint.manifest import build_manifest
     from savepoint.storage.local import StagedDir
