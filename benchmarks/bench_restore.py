@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 import savepoint
 from benchmarks.bench_save import dcp_save, flat_tensors, torch_save
 from benchmarks.common import GB, Table, drop_caches, median, remove, spread
-from savepoint.restoring import restore_checkpoint
+from savepoint.pipeline.restore_entry import restore_checkpoint
 
 
 def restore(

@@ -19,8 +19,9 @@ import torch
 from savepoint import discovery, distributed, policy
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, Problem, UnsafeCheckpointError
 from savepoint.manifest import clean_metrics, find_problems, read_manifest
+from savepoint.pipeline.restore_entry import restore_checkpoint
 from savepoint.policy import BestMode, CheckpointInfo, RetentionPolicy
-from savepoint.restoring import RestoreResult, restore_checkpoint
+from savepoint.restoring import RestoreResult
 from savepoint.saving import SaveRequest, capture, write_checkpoint
 from savepoint.storage.local import delete_checkpoint_dir, sweep_stale
 from savepoint.storage.lock import RootLock
@@ -154,8 +155,10 @@ class CheckpointManager:
             parent=self._parent_name(step),
             max_shard_size=self.max_shard_size,
         )
-        if distributed.is_collective(model):  # every rank calls save(); savepoint decides who writes what
-            from savepoint.collective import save_collective
+        from savepoint.pipeline.sources import is_collective
+
+        if is_collective(model):  # every rank calls save(); savepoint decides who writes what
+            from savepoint.pipeline.save import save_collective
 
             path = save_collective(request, timeout=self.dist_timeout, sharded_model=self.sharded_model)
             if distributed.rank() == 0:

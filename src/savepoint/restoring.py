@@ -21,8 +21,7 @@ from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from savepoint.formats import stateful as stateful_format
 from savepoint.formats import train_state
 from savepoint.formats.hf import check_model_files, copy_model_files, unwrap_model
-from savepoint.formats.sharded import has_dcp
-from savepoint.manifest import Manifest, find_problems, read_manifest
+from savepoint.manifest import Manifest
 from savepoint.saving import is_peft_model, rng_relbase, stateful_relbase
 
 
@@ -36,35 +35,16 @@ class RestoreResult:
     path: str | None = None
 
 
-def restore_checkpoint(
+def restore_local(
     path: str,
+    manifest: Manifest,
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     stateful: Mapping[str, Any] | None = None,
-    verified: bool = False,
-    timeout: float | None = None,
 ) -> RestoreResult:
-    manifest = read_manifest(path)
-    if not verified:
-        problems = find_problems(path, manifest, check_unlisted=False)
-        if problems:
-            raise CorruptCheckpointError(path, problems)
-    if (
-        distributed.is_collective(model) or has_dcp(manifest) or manifest.world_size > 1
-    ):  # torchrun or its output
-        from savepoint.collective import restore_collective
-
-        return restore_collective(
-            path,
-            manifest,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            stateful=stateful,
-            timeout=timeout,
-        )
+    """Restore a one-process checkpoint into a plain process (`pipeline.restore_entry` picks this path)."""
     model = unwrap_model(model)
     stateful = dict(stateful or {})
     load_model = _plan_model_load(model, path, manifest)

@@ -30,7 +30,7 @@ from savepoint.errors import (
     UnsafeCheckpointError,
 )
 from savepoint.manifest import hash_entry, parse_manifest, read_manifest
-from savepoint.restoring import restore_checkpoint
+from savepoint.pipeline.restore_entry import restore_checkpoint
 
 SENTINEL = "pwned"
 
