@@ -2,7 +2,7 @@
 
 No processes: a temporary directory holds W ranks' empty files under the real layout (a DCP shard,
 RNG state and one stateful object per rank), each rank's report is the dict it would send through the
-gather, and rank 0 runs the real commit code on them: `SharedStagedDir.take_reports` (a stat per
+gather, and rank 0 runs the real commit code on them (pipeline/commit.py): `take_reports` (a stat per
 reported file), `cover_rest` (one walk, names only), the manifest and `commit` (fsync, rename). The
 restore side times what every rank does with the W-rank manifest: parse it, and read the W votes.
 Run: python -m benchmarks.bench_commit_scale [W ...]
@@ -16,8 +16,9 @@ import tempfile
 import time
 from typing import Any
 
-from savepoint.collective import SharedStagedDir
 from savepoint.manifest import build_manifest, parse_manifest
+from savepoint.pipeline.commit import cover_rest, take_reports
+from savepoint.pipeline.staging import SharedStagedDir
 
 NOTES = [
     "per rank: train_state/dcp/__<r>_0.distcp, rng/rank-<r>.{json,safetensors}, stateful/rank-<r>/data.{json,safetensors}",
@@ -51,8 +52,8 @@ def simulate(world: int, workdir: str) -> dict[str, Any]:
         reports.append(report)
     staged.entries.update(reports[0])
     start = time.perf_counter()
-    staged.take_reports(reports)
-    staged.cover_rest()
+    take_reports(staged, reports)
+    cover_rest(staged)
     manifest = build_manifest("model", staged.entries, step=1, world_size=world)
     raw = manifest.to_json()
     final = staged.commit(raw)

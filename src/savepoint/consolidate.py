@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
-from savepoint._json import read_json_inside
 from savepoint.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
@@ -37,11 +36,8 @@ from savepoint.formats.hf import WEIGHTS_INDEX_NAME, parse_dtype, write_weights
 from savepoint.formats.hub_layout import HubTensors, layout_for_config
 from savepoint.formats.safetensors_io import write_streamed
 from savepoint.manifest import MANIFEST_NAME, build_manifest, find_problems, read_manifest
-from savepoint.side_files import copy_model_side_files
+from savepoint.side_files import copy_checkpoint_side_files, set_config_dtype
 from savepoint.storage.local import StagedDir
-
-# Files of a checkpoint that do not belong in a model directory.
-_NOT_MODEL_FILES = {MANIFEST_NAME, "metrics.json"}
 
 Progress = Callable[[str, int, int], None]  # (output file, shards done, shards in all)
 _BATCH_BYTES = 256 * 1024 * 1024  # per DCP load: few calls, bounded memory
@@ -278,31 +274,3 @@ class _BatchedLoader:
         buffers = {self.names[n][0]: torch.empty(self.names[n][1], dtype=self.names[n][2]) for n in batch}
         load_tensors(self.dcp_dir, self.metadata, buffers, checkpoint=self.dcp_dir)
         self.ready.update({n: buffers[self.names[n][0]] for n in batch})
-
-
-def copy_checkpoint_side_files(directory: str, staged: StagedDir) -> None:
-    """config, generation config and tokenizer files: every top-level file but ours and the weights,
-    confined to `directory` and checked against its manifest when it has one (`savepoint.side_files`)."""
-    copy_model_side_files(directory, staged, skip=_not_a_side_file)
-
-
-def _not_a_side_file(name: str) -> bool:
-    return name in _NOT_MODEL_FILES or name.endswith(".safetensors") or name == WEIGHTS_INDEX_NAME
-
-
-def set_config_dtype(staged: StagedDir, dtype: torch.dtype) -> None:
-    path = staged.abspath("config.json")
-
-    def fail(reason: str) -> CorruptCheckpointError:  # the copied (verified) source config is malformed
-        return CorruptCheckpointError(
-            staged.path,
-            [Problem("config.json", reason)],
-            hint="nothing was written; fix the source's config.json",
-        )
-
-    config: dict[str, Any] = read_json_inside(staged.path, "config.json", fail)
-    if not isinstance(config, dict):
-        raise fail("is not a JSON object")
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)

@@ -74,14 +74,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def is_collective(model: torch.nn.Module) -> bool:
-    """Whether saving `model` takes every rank (a process group is up, the model is sharded, or it is a
-    DeepSpeed engine, which always saves through its own collective checkpoint)."""
-    from savepoint.integrations.deepspeed import is_engine
-
-    return (is_distributed() and world_size() > 1) or is_sharded(model) or is_engine(model)
-
-
 # ---------------------------------------------------------------- coordination
 
 

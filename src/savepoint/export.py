@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from savepoint import distributed
 from savepoint.formats.hf import write_model_files
 from savepoint.manifest import build_manifest
 from savepoint.storage.local import StagedDir
@@ -32,8 +31,10 @@ def save_pretrained(
     out = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out} is a file; save_pretrained needs a directory path")
-    if distributed.is_collective(model):  # torchrun: every rank calls this; rank 0 alone writes
-        from savepoint.collective import save_pretrained_collective
+    from savepoint.pipeline.sources import is_collective
+
+    if is_collective(model):  # torchrun: every rank calls this; rank 0 alone writes
+        from savepoint.pipeline.save import save_pretrained_collective
 
         return save_pretrained_collective(
             model, out, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype

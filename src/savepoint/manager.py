@@ -157,8 +157,10 @@ class CheckpointManager:
             parent=self._parent_name(step) if distributed.rank() == 0 else None,
             max_shard_size=self.max_shard_size,
         )
-        if distributed.is_collective(model):  # every rank calls save(); savepoint decides who writes what
-            from savepoint.collective import save_collective
+        from savepoint.pipeline.sources import is_collective
+
+        if is_collective(model):  # every rank calls save(); savepoint decides who writes what
+            from savepoint.pipeline.save import save_collective
 
             try:
                 path = save_collective(request, timeout=self.dist_timeout, sharded_model=self.sharded_model)

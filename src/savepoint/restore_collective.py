@@ -27,8 +27,8 @@ from savepoint import distributed
 from savepoint.distributed import DistributedSaveError, agree, rank, unwrap_optimizer
 from savepoint.errors import CorruptCheckpointError, Problem, UnsafeCheckpointError
 from savepoint.formats import hf, sharded
+from savepoint.formats.rank_state import read_rank_blobs
 from savepoint.manifest import Manifest, verify_files
-from savepoint.restore_blobs import read_restore_blobs
 from savepoint.restore_model import Step, plan_model, ready
 from savepoint.restore_optimizer import plan_optimizer
 from savepoint.restore_state import (
@@ -101,8 +101,8 @@ def prepare_collective(
     try:
         metadata = sharded.read_metadata(path, manifest) if sharded.has_dcp(manifest) else None
         model_step = plan_model(model, path, manifest, metadata)
-        blobs = read_restore_blobs(
-            path, manifest, optimizer=optimizer, scheduler=scheduler, stateful=stateful
+        blobs = read_rank_blobs(
+            path, manifest, rank=rank(), optimizer=optimizer, scheduler=scheduler, stateful=stateful
         )
         check_blobs(path, blobs, scheduler=scheduler, stateful=stateful)
         if optimizer is not None:

@@ -28,6 +28,7 @@ from savepoint.formats import train_state
 from savepoint.formats.hf import unwrap_model
 from savepoint.formats.sharded import has_dcp
 from savepoint.manifest import Manifest, read_manifest
+from savepoint.pipeline.sources import is_collective
 from savepoint.restore_collective import prepare_collective
 from savepoint.restore_model import plan_model_files
 from savepoint.restore_state import (
@@ -85,9 +86,7 @@ def prepare_restore(
     then on every rank) and nothing has changed: a caller may fall back to an earlier one.
     """
     manifest = manifest if manifest is not None else read_manifest(path)
-    if (
-        distributed.is_collective(model) or has_dcp(manifest) or manifest.world_size > 1
-    ):  # torchrun or its output
+    if is_collective(model) or has_dcp(manifest) or manifest.world_size > 1:  # torchrun or its output
         return prepare_collective(
             path,
             manifest,

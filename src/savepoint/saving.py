@@ -17,12 +17,14 @@ from savepoint.discovery import step_dir_name
 from savepoint.formats import stateful as stateful_format
 from savepoint.formats import train_state
 from savepoint.formats.hf import savable_state_dict, unwrap_model, write_model_files
+from savepoint.formats.rank_state import rng_relbase as rng_relbase
+from savepoint.formats.rank_state import stateful_relbase as stateful_relbase
 from savepoint.manifest import Manifest, build_manifest
 from savepoint.storage.dedupe import DedupingStagedDir
 from savepoint.storage.local import StagedDir
 
 METRICS_NAME = "metrics.json"
-_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+# rng_relbase and stateful_relbase are re-exported (`as`): restore code names blobs through this module.
 
 
 @dataclass
@@ -52,18 +54,6 @@ class SaveJob:
     adapter: Any = None
     # adapter name -> tensors, taken at capture time (the writer never reads a live adapter)
     adapter_state: dict[str, dict[str, torch.Tensor]] | None = None
-
-
-def stateful_relbase(name: str) -> str:
-    if not name or not set(name) <= _NAME_OK or name.startswith("."):
-        raise ValueError(
-            f"stateful name {name!r} must be non-empty letters, digits, '_', '.', '-' (it names a file)"
-        )
-    return f"{train_state.TRAIN_STATE_DIR}/stateful/{name}"
-
-
-def rng_relbase(rank: int) -> str:
-    return f"{train_state.TRAIN_STATE_DIR}/rng/rank-{rank:05d}"
 
 
 def capture(request: SaveRequest, *, snapshot: bool) -> SaveJob:
@@ -110,7 +100,8 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return peft_format.is_peft_model(model)
 
 
-def _write_adapter(job: SaveJob, staged: StagedDir) -> dict[str, Any]:
+def write_adapter(job: SaveJob, staged: StagedDir) -> dict[str, Any]:
+    """The adapter files (and the merged model with `final`); returns the manifest's `base_model`."""
     from savepoint.formats import peft as peft_format
 
     base_model: dict[str, Any] = peft_format.write_adapter_files(
@@ -149,7 +140,7 @@ def write_checkpoint(job: SaveJob) -> str:
     try:
         base_model = None
         if job.adapter is not None:
-            base_model = _write_adapter(job, staged)
+            base_model = write_adapter(job, staged)
             kind = "adapter"
         else:
             kind = write_model_files(

@@ -18,16 +18,24 @@ nothing unverified is ever published.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
+import torch
+
+from savepoint._json import read_json_inside
 from savepoint.errors import CorruptCheckpointError, Problem, SavepointError
+from savepoint.formats.hf import WEIGHTS_INDEX_NAME
 from savepoint.io.files import FILE, list_dir_inside, open_inside
 from savepoint.manifest import Manifest, read_manifest
 from savepoint.storage.local import MANIFEST_NAME, StagedDir
 
 MAX_SIDE_FILE_BYTES = 1 << 30  # a tokenizer is tens of MB; anything past 1 GiB is not a side file
 _CHUNK = 16 * 1024 * 1024
+# Files of a checkpoint that do not belong in a model directory.
+_NOT_MODEL_FILES = {MANIFEST_NAME, "metrics.json"}
 
 
 def source_manifest(src_dir: str) -> Manifest | None:
@@ -117,3 +125,32 @@ def _top_level(src_dir: str) -> list[tuple[str, str]]:
         return [(n, kind) for n, kind in list_dir_inside(src_dir) if kind != "directory"]
     except OSError as exc:
         raise SavepointError(f"cannot list {src_dir} ({exc.strerror or exc}); check the path") from exc
+
+
+def copy_checkpoint_side_files(directory: str, staged: StagedDir) -> None:
+    """config, generation config and tokenizer files: every top-level file but ours and the weights,
+    confined to `directory` and checked against its manifest when it has one (`savepoint.side_files`)."""
+    copy_model_side_files(directory, staged, skip=_not_a_side_file)
+
+
+def _not_a_side_file(name: str) -> bool:
+    return name in _NOT_MODEL_FILES or name.endswith(".safetensors") or name == WEIGHTS_INDEX_NAME
+
+
+def set_config_dtype(staged: StagedDir, dtype: torch.dtype) -> None:
+    """Record the dtype the weights were converted to in the staged config.json."""
+    path = staged.abspath("config.json")
+
+    def fail(reason: str) -> CorruptCheckpointError:  # the copied (verified) source config is malformed
+        return CorruptCheckpointError(
+            staged.path,
+            [Problem("config.json", reason)],
+            hint="nothing was written; fix the source's config.json",
+        )
+
+    config: dict[str, Any] = read_json_inside(staged.path, "config.json", fail)
+    if not isinstance(config, dict):
+        raise fail("is not a JSON object")
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)

@@ -11,7 +11,7 @@ import torch
 from tests.cli.cli_helpers import flip_byte, step_dir, table_row
 
 import savepoint
-from savepoint.cli import inspect as inspect_cli
+from savepoint.cli import inspect_report as inspect_cli
 
 
 def test_checkpoint_tensors_and_manifest(cli, llama_run: Path) -> None:

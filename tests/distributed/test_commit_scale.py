@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from benchmarks import bench_commit_scale
 
-from savepoint.collective import SharedStagedDir
 from savepoint.distributed import DistributedSaveError
+from savepoint.pipeline.commit import cover_rest, take_reports
+from savepoint.pipeline.staging import SharedStagedDir
 
 
 def test_commit_of_a_hundred_ranks_lists_every_file(tmp_path: Path) -> None:
@@ -29,9 +30,9 @@ def test_a_file_no_rank_reported_fails_the_commit(tmp_path: Path) -> None:
     staged, reports = _staged_with_reports(tmp_path)
     Path(staged.abspath("train_state/dcp")).mkdir(parents=True)
     Path(staged.abspath("train_state/dcp/__7_0.distcp")).write_bytes(b"x")
-    staged.take_reports(reports)
+    take_reports(staged, reports)
     with pytest.raises(DistributedSaveError, match=r"reported by no rank: train_state/dcp/__7_0\.distcp"):
-        staged.cover_rest()
+        cover_rest(staged)
 
 
 def test_a_reported_file_of_another_size_fails_the_commit(tmp_path: Path) -> None:
@@ -39,12 +40,12 @@ def test_a_reported_file_of_another_size_fails_the_commit(tmp_path: Path) -> Non
     size, checksum = reports[1]["train_state/rng/rank-00001.json"]
     reports[1]["train_state/rng/rank-00001.json"] = (size + 1, checksum)
     with pytest.raises(DistributedSaveError, match="does not see 1 file"):
-        staged.take_reports(reports)
+        take_reports(staged, reports)
 
 
 def test_rank0_hashes_only_its_own_unlisted_files(tmp_path: Path) -> None:
     staged, reports = _staged_with_reports(tmp_path)
     Path(staged.abspath("tokenizer.json")).write_bytes(b"{}")  # rank 0's, written by another library
-    staged.take_reports(reports)
-    staged.cover_rest()
+    take_reports(staged, reports)
+    cover_rest(staged)
     assert set(staged.entries) == {"metrics.json", "tokenizer.json", "train_state/rng/rank-00001.json"}

@@ -147,13 +147,14 @@ def test_rank_killed_during_weight_gather(tmp_path: Path, mode: str) -> None:
 def test_commit_lists_only_files_rank0_sees(tmp_path: Path) -> None:
     """The backstop behind the root check: a file another rank reported but rank 0 cannot see (or sees
     at another size) fails the commit instead of being listed in the manifest."""
-    from savepoint.collective import SharedStagedDir, _check_reported
     from savepoint.distributed import DistributedSaveError
+    from savepoint.pipeline.commit import check_reported
+    from savepoint.pipeline.staging import SharedStagedDir
 
     staged = SharedStagedDir(str(tmp_path), "step-00000002")
     staged.write_bytes("train_state/rng/rank-00001.json", b"{}")
-    _check_reported(staged, 1, {"train_state/rng/rank-00001.json": (2, "x")})  # seen: fine
+    check_reported(staged, 1, {"train_state/rng/rank-00001.json": (2, "x")})  # seen: fine
     with pytest.raises(DistributedSaveError, match=r"rank 1 wrote.*absent.*shared filesystem"):
-        _check_reported(staged, 1, {"train_state/rng/rank-00001.safetensors": (8, "x")})
+        check_reported(staged, 1, {"train_state/rng/rank-00001.safetensors": (8, "x")})
     with pytest.raises(DistributedSaveError, match=r"2 bytes, reported 5"):
-        _check_reported(staged, 1, {"train_state/rng/rank-00001.json": (5, "x")})
+        check_reported(staged, 1, {"train_state/rng/rank-00001.json": (5, "x")})

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 
 import savepoint
 from savepoint.demo import tiny
-from savepoint.integrations.transformers import SavepointCallback, policy_from_args
+from savepoint.integrations.trainer_bridge import policy_from_args
+from savepoint.integrations.transformers import SavepointCallback
 from savepoint.policy import RetentionPolicy
 
 

@@ -80,7 +80,7 @@ def test_side_file_the_manifest_does_not_vouch_for(tmp_path: Path, route: str, t
 
 def test_consolidate_side_files_come_only_from_the_manifest(tmp_path: Path, secret: Path) -> None:
     """consolidate's side-file copy (shared with DeepSpeed consolidation) on a checkpoint directory."""
-    from savepoint.consolidate import copy_checkpoint_side_files
+    from savepoint.side_files import copy_checkpoint_side_files
     from savepoint.storage.local import StagedDir
 
     out = model_state(1)

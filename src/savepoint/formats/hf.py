@@ -75,10 +75,10 @@ def savable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         return remove_tied_weights_from_state_dict(dict(state), model)  # type: ignore[arg-type]
-    return _drop_aliases(state)[0]
+    return drop_aliases(state)[0]
 
 
-def _drop_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def drop_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Keep one name per shared storage (the first in sorted order); return the dropped aliases."""
     groups: dict[Any, list[str]] = collections.defaultdict(list)
     for name, t in state.items():
@@ -125,7 +125,7 @@ def write_model_files(
         hub_state(model, state), staged, max_shard_size=max_shard_size, dtype=target, index_metadata=counts
     )
     if is_transformers_model(model):
-        _write_config(model, staged, target)
+        write_config(model, staged, target)
         kind = "model"
     else:
         staged.write_bytes(MODULE_INFO_NAME, _module_info(model, state))
@@ -205,7 +205,7 @@ def _to_write(t: torch.Tensor, out_dtype: Callable[[torch.Tensor], torch.dtype])
     return t.contiguous().to(out_dtype(t))
 
 
-def _write_config(model: torch.nn.Module, staged: StagedDir, dtype: torch.dtype | None) -> None:
+def write_config(model: torch.nn.Module, staged: StagedDir, dtype: torch.dtype | None) -> None:
     config: Any = copy.deepcopy(model.config)
     # FSDP2's fully_shard swaps in a class named FSDP<Model>; transformers strips the prefix the same way.
     config.architectures = [type(model).__name__.removeprefix("FSDP")]
@@ -221,7 +221,7 @@ def _write_config(model: torch.nn.Module, staged: StagedDir, dtype: torch.dtype 
 
 
 def _module_info(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bytes:
-    _, aliases = _drop_aliases(model.state_dict())
+    _, aliases = drop_aliases(model.state_dict())
     info = {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "num_tensors": len(state),

@@ -44,7 +44,8 @@ from savepoint.errors import (
     Problem,
     UnsupportedStateError,
 )
-from savepoint.formats import hf, train_state
+from savepoint.formats import train_state
+from savepoint.formats.rank_state import read_rank_blobs
 from savepoint.integrations.deepspeed_files import (
     FileLoader,
     engine_reads_through,
@@ -82,53 +83,9 @@ def full_state(engine: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}  # ZeRO-1/2: replicated
 
 
-def save(request: Any, *, timeout: float | None) -> str:
-    """Write checkpoint `request.step` of a DeepSpeed engine from every rank (see the module docstring)."""
-    from savepoint.collective import _capture_local, _commit, _open_staged, savable
-    from savepoint.discovery import step_dir_name
-
-    engine = request.model
-    if request.optimizer is not None and request.optimizer is not engine.optimizer:
-        raise UnsupportedStateError(
-            "with a DeepSpeed engine, pass model=engine and no optimizer= (or engine.optimizer): the engine "
-            "saves and restores its own optimizer"
-        )
-    what = f"save of step {request.step} under {request.root}"
-    staged = _open_staged(request.root, step_dir_name(request.step), timeout=timeout, what=what)
-    try:
-        blobs, error = {}, None
-        try:
-            blobs = _capture_local(request)
-        except BaseException as exc:
-            error = exc
-        distributed.agree(error, timeout=timeout, what=what)  # nobody enters a collective after a rank failed
-        with distributed.peer_failures(what, "gathering the weights to rank 0"):
-            full = full_state(engine)  # collective
-        error = None
-        try:
-            _save_engine(engine, staged, request.step)  # collective (DeepSpeed's own barriers)
-            if distributed.rank() == 0:
-                module = engine.module
-                hf.write_model_files(module, staged, tokenizer=request.tokenizer, state=savable(module, full))
-                del full
-                metrics = {"step": request.step, **request.metrics}
-                import json
-
-                staged.write_bytes("metrics.json", json.dumps(metrics, indent=1).encode())
-            for relbase, (doc, tensors) in blobs.items():
-                train_state.write_blob(staged, relbase, doc, tensors)
-        except BaseException as exc:
-            error = exc
-        kind = "model" if hf.is_transformers_model(engine.module) else "module"
-        return _commit(staged, error, request, kind, None, timeout=timeout, what=what)
-    except BaseException:
-        if distributed.rank() == 0:
-            staged.abort()
-        raise
-
-
-def _save_engine(engine: Any, staged: Any, step: int) -> None:
-    """The engine's own checkpoint into the staged directory; each rank records (hashes) its own files."""
+def save_engine_files(engine: Any, staged: Any, step: int) -> None:
+    """The engine's own checkpoint into the staged directory; each rank records (hashes) its own files.
+    Collective (DeepSpeed's own barriers); the save pipeline calls it through `pipeline.sources.EngineSource`."""
     save_dir = staged.abspath(DS_DIR)
     tag = tag_of(step)
     engine.save_checkpoint(save_dir, tag=tag, client_state={}, save_latest=False)
@@ -170,8 +127,7 @@ def restore(
 
     Before the engine changes: every DeepSpeed file verified, this rank's files decoded (weights-only,
     memory-mapped), the small state checked. What DeepSpeed then checks while loading is its own."""
-    from savepoint.collective import _read_blobs
-    from savepoint.restoring import check_blobs, finish_restore
+    from savepoint.restore_state import check_blobs, finish_restore
 
     if optimizer is not None and optimizer is not engine.optimizer:
         raise UnsupportedStateError("with a DeepSpeed engine, restore(model=engine) without optimizer=")
@@ -197,7 +153,9 @@ def restore(
                 path, [Problem(f"{DS_DIR}/{tag}", "no DeepSpeed files for this step")]
             )
         verify_files(path, manifest, files)  # every pickle matches its checksum before any is opened
-        blobs = _read_blobs(path, manifest, optimizer=None, scheduler=scheduler, stateful=stateful)
+        blobs = read_rank_blobs(
+            path, manifest, rank=distributed.rank(), optimizer=None, scheduler=scheduler, stateful=stateful
+        )
         check_blobs(path, blobs, scheduler=scheduler, stateful=stateful)
         names = [f.rsplit("/", 1)[1] for f in files]
         loader = FileLoader(os.path.join(path, DS_DIR, tag), listed=names, checkpoint=path)
@@ -270,9 +228,9 @@ def consolidate(
     from the nearest of `source` and its parents that has a config.json (a savepoint checkpoint's); a
     model transformers converts (MoE experts fused in memory) is written in the Hub's layout, as its
     `save_pretrained` writes it."""
-    from savepoint.consolidate import copy_checkpoint_side_files, set_config_dtype
     from savepoint.formats.hf import write_weights
     from savepoint.manifest import build_manifest
+    from savepoint.side_files import copy_checkpoint_side_files, set_config_dtype
     from savepoint.storage.local import StagedDir
 
     tag_dir = find_checkpoint(source)

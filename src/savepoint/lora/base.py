@@ -25,6 +25,7 @@ from savepoint._json import read_json_inside
 from savepoint.errors import MergeError
 from savepoint.io.memory import Allocate, empty_buffer
 from savepoint.io.safetensors import SafetensorsFile, open_safetensors
+from savepoint.lora.fingerprint import Fingerprinter, base_state_items, unwrap_peft
 from savepoint.manifest import resolve_inside
 
 SINGLE = "model.safetensors"
@@ -121,7 +122,6 @@ class BaseWeights(AbstractContextManager["BaseWeights"]):
         names and shapes transformers saves them with (MoE experts one tensor per expert)."""
         from savepoint.formats.hf import hub_state
         from savepoint.formats.hub_layout import HubTensors
-        from savepoint.lora.fingerprint import base_state_items, unwrap_peft
 
         tensors = hub_state(unwrap_peft(module), {k: t.detach() for k, t in base_state_items(module)})
         # A Hub layout converts a group when a tensor is asked for: read shapes from its plan instead.
@@ -181,3 +181,13 @@ def iter_in_file_order(weights: BaseWeights) -> Iterator[str]:
         by_file.setdefault(info.file, []).append(key)
     for keys in by_file.values():
         yield from keys
+
+
+def fingerprint_dir(base_dir: str) -> dict[str, Any]:
+    """Fingerprint of a transformers model directory's safetensors weights, read one tensor at a time
+    (equal to `fingerprint_model` of the same weights in memory)."""
+    fp = Fingerprinter()
+    with BaseWeights.open(base_dir) as weights:
+        for key in iter_in_file_order(weights):
+            fp.add(weights.get(key))
+    return fp.result()

@@ -10,7 +10,10 @@ Why it is built this way:
 - Floating tensors are hashed after a cast to bfloat16, so a base saved in float32 and the same base
   loaded in bfloat16 for training have one fingerprint; a different base still differs almost everywhere.
 
-    >>> fingerprint_dir("models/llama-1b")["fingerprint"]  # doctest: +SKIP
+The fingerprint of a directory of weights is `savepoint.lora.base.fingerprint_dir` (it reads through
+`BaseWeights`, which builds on this module).
+
+    >>> fingerprint_model(model)["fingerprint"]  # doctest: +SKIP
     '8c4f...'
 """
 
@@ -97,14 +100,3 @@ def fingerprint_model(module: torch.nn.Module) -> dict[str, Any]:
             fp.add(t.cpu())
         cached = _model_cache[module] = fp.result()
     return dict(cached)
-
-
-def fingerprint_dir(base_dir: str) -> dict[str, Any]:
-    """Fingerprint of a transformers model directory's safetensors weights, read one tensor at a time."""
-    from savepoint.lora.base import BaseWeights, iter_in_file_order
-
-    fp = Fingerprinter()
-    with BaseWeights.open(base_dir) as weights:
-        for key in iter_in_file_order(weights):
-            fp.add(weights.get(key))
-    return fp.result()

@@ -1,0 +1,228 @@
+"""Where a save's model state comes from: one small interface over every kind of model, picked by
+`source_for`. The save pipeline (pipeline/save.py) calls the same steps on each, in the same order, on
+every rank:
+
+    describe()                   the manifest's kind ("model", "module", "sharded", "adapter")
+    check(request)               refusals that need no collective, the same verdict on every rank
+    gather()                     collective: what rank 0 needs to write the weights (FSDP, ZeRO-3 gathers)
+    shard_tensors()              this rank's weight shards for the DCP directory ({} when gathered)
+    write_all_ranks(staged, rq)  collective writes of every rank (DeepSpeed's own partition files)
+    write_rank0(staged, rq)      rank 0's weight files; returns the manifest's `base_model` (adapters)
+
+    ModuleSource        plain module, DDP, FSDP1/FSDP2 gathered to rank 0    "model" or "module"
+    ShardedSource       FSDP1/FSDP2 stored as each rank's shards (DCP)       "sharded"
+    AdapterSource       a peft PeftModel (plain, DDP or FSDP2)                "adapter"
+    EngineSource        a DeepSpeed engine (ZeRO 1-3)                         "model" or "module"
+
+Integrations sit below this module: it imports them, never the reverse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from savepoint import distributed
+from savepoint.distributed import is_sharded
+from savepoint.errors import UnsupportedStateError
+from savepoint.formats import hf, sharded
+from savepoint.integrations import deepspeed as ds
+from savepoint.saving import SaveJob, is_peft_model, write_adapter
+from savepoint.storage.local import StagedDir
+
+
+class ModelSource:
+    """The default of every step is to do nothing; a source overrides what its kind of model needs."""
+
+    owns_optimizer = False  # True when the model saves its optimizer itself (a DeepSpeed engine)
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module  # what optimizer state is keyed by (parameter names)
+
+    def describe(self) -> str:
+        return "module"
+
+    def check(self, request: Any) -> None:
+        pass
+
+    def gather(self) -> None:
+        pass
+
+    def shard_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def write_all_ranks(self, staged: StagedDir, request: Any) -> None:
+        pass
+
+    def write_rank0(self, staged: StagedDir, request: Any) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+
+def source_for(model: torch.nn.Module, *, sharded_model: bool = False) -> ModelSource:
+    """The source for `model` as passed to `save()`. `sharded_model` stores a sharded model's weights as
+    each rank's shards; adapters are small and always gathered."""
+    if ds.is_engine(model):
+        return EngineSource(model)
+    module = hf.unwrap_model(model)
+    if is_peft_model(module):
+        return AdapterSource(module)
+    if sharded_model and is_sharded(module):
+        return ShardedSource(module)
+    return ModuleSource(module)
+
+
+def is_collective(model: torch.nn.Module) -> bool:
+    """Whether saving `model` takes every rank (a process group is up, the model is sharded, or it is a
+    DeepSpeed engine, which always saves through its own collective checkpoint)."""
+    return (
+        (distributed.is_distributed() and distributed.world_size() > 1)
+        or is_sharded(model)
+        or ds.is_engine(model)
+    )
+
+
+class ModuleSource(ModelSource):
+    """A whole module on rank 0: as it is (plain, DDP), or gathered there from FSDP1/FSDP2 shards."""
+
+    full: dict[str, torch.Tensor] | None = None
+
+    def describe(self) -> str:
+        return "model" if hf.is_transformers_model(unwrap_fsdp1(self.module)) else "module"
+
+    def gather(self) -> None:
+        if is_sharded(self.module):
+            self.full = distributed.full_model_state(self.module)  # collective
+
+    def write_rank0(self, staged: StagedDir, request: Any) -> dict[str, Any] | None:
+        inner = unwrap_fsdp1(self.module)
+        full, self.full = self.full, None
+        state = savable(inner, full) if full is not None else hf.savable_state_dict(self.module)
+        hf.write_model_files(inner, staged, tokenizer=request.tokenizer, state=state)
+        return None
+
+
+class ShardedSource(ModelSource):
+    """Each rank's weight shards go into the DCP directory; rank 0 writes config and tokenizer only, for
+    `savepoint consolidate` to complete."""
+
+    def describe(self) -> str:
+        return "sharded"
+
+    def shard_tensors(self) -> dict[str, torch.Tensor]:
+        return sharded.model_tensors(self.module)
+
+    def write_rank0(self, staged: StagedDir, request: Any) -> dict[str, Any] | None:
+        if hf.is_transformers_model(self.module):
+            hf.write_config(self.module, staged, None)
+        if request.tokenizer is not None:
+            request.tokenizer.save_pretrained(staged.path)
+        staged.record_unlisted()
+        return None
+
+
+class AdapterSource(ModelSource):
+    """A peft model's adapters (never the base). Sharded (FSDP2): gathered to rank 0, with the full base's
+    fingerprint computed collectively."""
+
+    states: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def describe(self) -> str:
+        return "adapter"
+
+    def check(self, request: Any) -> None:
+        if not is_sharded(self.module):
+            return
+        from savepoint.lora.sharded import uses_dtensor
+
+        if not uses_dtensor(self.module):
+            raise UnsupportedStateError(
+                "saving the LoRA adapter of an FSDP1 (FullyShardedDataParallel) model is not supported; shard the "
+                "PeftModel with FSDP2 (`fully_shard`) or wrap it with DDP instead (adapters are small)"
+            )
+        if request.final:
+            raise UnsupportedStateError(
+                "final=True (merging the adapter into the base) is not supported for a sharded model: save without "
+                "final=True, then run `savepoint merge-lora CKPT --base BASE_DIR --out OUT` on one machine"
+            )
+
+    def gather(self) -> None:
+        if is_sharded(self.module):  # collective: the adapter to rank 0, the full base's fingerprint
+            from savepoint.lora.sharded import gather_adapter_states, prime_fingerprint
+
+            prime_fingerprint(self.module)
+            self.states = gather_adapter_states(self.module)
+
+    def write_rank0(self, staged: StagedDir, request: Any) -> dict[str, Any] | None:
+        job = SaveJob(
+            request=request, model_state=None, blobs={}, adapter=self.module, adapter_state=self.states
+        )
+        return write_adapter(job, staged)
+
+
+class EngineSource(ModelSource):
+    """A DeepSpeed engine: its own checkpoint (every rank its partition, the optimizer included) under
+    train_state/deepspeed/, plus the 16-bit weights gathered to rank 0 as a transformers directory."""
+
+    owns_optimizer = True
+    full: dict[str, torch.Tensor] | None = None
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine.module)
+        self.engine = engine
+
+    def describe(self) -> str:
+        return "model" if hf.is_transformers_model(self.engine.module) else "module"
+
+    def check(self, request: Any) -> None:
+        if request.optimizer is not None and request.optimizer is not self.engine.optimizer:
+            raise UnsupportedStateError(
+                "with a DeepSpeed engine, pass model=engine and no optimizer= (or engine.optimizer): the engine "
+                "saves and restores its own optimizer"
+            )
+
+    def gather(self) -> None:
+        self.full = ds.full_state(self.engine)  # collective
+
+    def write_all_ranks(self, staged: StagedDir, request: Any) -> None:
+        ds.save_engine_files(self.engine, staged, request.step)  # collective (DeepSpeed's own barriers)
+
+    def write_rank0(self, staged: StagedDir, request: Any) -> dict[str, Any] | None:
+        full, self.full = self.full or {}, None
+        module = self.engine.module
+        hf.write_model_files(module, staged, tokenizer=request.tokenizer, state=savable(module, full))
+        return None
+
+
+# ---------------------------------------------------------------- helpers (also for export and restore)
+
+
+def unwrap_fsdp1(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside an FSDP1 root wrapper, for config and tied-weight names: torch's full state
+    dict of FSDP1 already has the wrapper's `_fsdp_wrapped_module.` prefixes removed, and nothing here may
+    call the wrapper's own state_dict() on rank 0 alone (it is collective)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    while isinstance(model, FullyShardedDataParallel):
+        model = model.module
+    return model
+
+
+def savable(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A gathered full state dict as it goes on disk: tied weights once, named as transformers expects."""
+    if hf.is_transformers_model(model):
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        return remove_tied_weights_from_state_dict(full, model)  # type: ignore[arg-type]
+    return hf.drop_aliases(full)[0]
+
+
+def gather_for_export(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
+    """(the module to write, its full state on rank 0 or None when the module on rank 0 is whole).
+    Collective: every rank calls it."""
+    if ds.is_engine(model):
+        return unwrap_fsdp1(model.module), ds.full_state(model)  # type: ignore[arg-type]  # ZeRO-3 gathers
+    inner = hf.unwrap_model(model)
+    if is_sharded(inner):
+        return unwrap_fsdp1(inner), distributed.full_model_state(inner)
+    return inner, None
