@@ -28,7 +28,7 @@ from savepoint.distributed import DistributedSaveError, agree, rank, unwrap_opti
 from savepoint.errors import CorruptCheckpointError, Problem, UnsafeCheckpointError
 from savepoint.formats import hf, sharded
 from savepoint.formats.rank_state import read_rank_blobs
-from savepoint.manifest import Manifest, verify_files
+from savepoint.manifest import Manifest
 from savepoint.restore_model import Step, plan_model, ready
 from savepoint.restore_optimizer import plan_optimizer
 from savepoint.restore_state import (
@@ -38,6 +38,7 @@ from savepoint.restore_state import (
     finish_restore,
     verify_side_files,
 )
+from savepoint.verified_read import verify_share
 
 
 def restore_collective(
@@ -81,10 +82,11 @@ def prepare_collective(
 
     if ds.is_engine(model):
         # DeepSpeed reads its own files inside engine.load_checkpoint, where damage could no longer be
-        # voted on: they are verified whole first, and damage on any rank is damage on every rank.
+        # voted on: the checkpoint is verified whole first (each file by one rank), and damage on any
+        # rank is damage on every rank.
         failure = None
         try:
-            verify_files(path, manifest, sorted(manifest.files))
+            verify_share(path, manifest, manifest.files, rank=rank(), world_size=distributed.world_size())
         except BaseException as exc:
             failure = exc
         vote(failure, path=path, what=f"restore of {path}", timeout=timeout)

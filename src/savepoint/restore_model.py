@@ -7,10 +7,10 @@ read) into buffers of their own, and hand back the step that changes the live mo
 
 Weight files of a plain model are read once, into fresh buffers, and copied in only after every file
 matched its checksum (`verified_read`): a second read of each file to verify it first costs more than
-holding the weights once on the host, as the DCP path already does. The exception is a sharded model
-restored from full weight files: every rank reads every file and keeps its own shard of each tensor,
-streaming file by file; holding the whole model on every rank first would defeat the sharding, so
-there the files are verified before that read.
+holding the weights once on the host, as the DCP path already does. An FSDP2 model restored from full
+weight files reads each file once too, and keeps only this rank's shard of each tensor (1/W of the
+model) until the apply. FSDP1's flat shards are filled by torch from full tensors as they stream in,
+which would change the model before the last file is read: there the files are verified first.
 """
 
 from __future__ import annotations
@@ -72,14 +72,18 @@ def plan_model(model: torch.nn.Module, path: str, manifest: Manifest, metadata: 
     if not is_sharded(model):
         return ready(plan_model_files(model, path, manifest))
     files = hf.weight_files(path, manifest)
-    verify_files(path, manifest, files)  # streamed into the shards below: see the module docstring
     expected = _expected_shapes(model)
     layout, mismatches = hf.match_model_files(fsdp_inner(model), expected, hf.read_headers(path, files))
     if mismatches:
+        verify_files(path, manifest, files)  # a damaged header reads as another model: damage first
         raise IncompatibleCheckpointError(
             f"the model does not match checkpoint {path}; nothing was loaded:", mismatches=mismatches
         )
-    return ready(lambda: _load_full_files(model, path, files, layout))
+    if _is_fsdp1(model):  # flat shards: streamed in through torch, verified first (module docstring)
+        verify_files(path, manifest, files)
+        return ready(lambda: _load_full_files(model, path, files, layout))
+    shards = _read_local_shards(model, path, manifest, files, layout)
+    return ready(lambda: _apply_local_shards(model, shards))
 
 
 def _plan_adapter(model: torch.nn.Module, path: str, manifest: Manifest) -> Step:
@@ -150,6 +154,57 @@ def _expected_shapes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return remove_tied_weights_from_state_dict(meta, model)  # type: ignore[arg-type]
     aliases = distributed.alias_names(model)
     return {n: t for n, t in meta.items() if n not in aliases}
+
+
+def _is_fsdp1(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
+def _read_local_shards(
+    model: torch.nn.Module, path: str, manifest: Manifest, files: list[str], layout: Any
+) -> dict[str, torch.Tensor]:
+    """This rank's shard of every tensor in the full weight files (FSDP2: DTensor parameters), read file
+    by file, each file checked in its one read; only the shards are kept. No communication: every rank
+    cuts its own shard out of the full tensor it read."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    targets = model.state_dict()
+    shards: dict[str, torch.Tensor] = {}
+
+    def read(rel: str) -> dict[str, torch.Tensor]:
+        return read_safetensors_verified(path, manifest, rel)
+
+    for part in hf.iter_model_parts(path, files, layout, read=read):
+        for name, full in part.items():
+            target = targets.get(name)
+            if target is None:
+                raise IncompatibleCheckpointError(
+                    f"{path} holds {name}, which the model lacks; nothing was loaded"
+                )
+            if isinstance(target, DTensor):
+                cut = distribute_tensor(
+                    full.to(target.device), target.device_mesh, target.placements, src_data_rank=None
+                )
+                shards[name] = DTensor.from_local(
+                    cut.to_local().clone(),  # its own memory: the full tensor is dropped
+                    target.device_mesh,
+                    target.placements,
+                    run_check=False,
+                    shape=cut.shape,
+                    stride=cut.stride(),
+                )
+            else:
+                shards[name] = full.to(target.device)
+    return shards
+
+
+def _apply_local_shards(model: torch.nn.Module, shards: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # strict=False: tied weights are stored once, under the name the files use
+    set_model_state_dict(model, dict[str, Any](shards), options=StateDictOptions(strict=False))
 
 
 def _load_full_files(model: torch.nn.Module, path: str, files: list[str], layout: Any = None) -> None:

@@ -36,16 +36,19 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture
-def run(tmp_path: Path):  # type: ignore[no-untyped-def]
+@pytest.fixture(params=["one-file", "sharded"])
+def run(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     model, opt, sched = make_run()
-    mgr = savepoint.CheckpointManager(tmp_path / "run")
+    shard = "5GB" if request.param == "one-file" else 200_000  # several files and an index
+    mgr = savepoint.CheckpointManager(tmp_path / "run", max_shard_size=shard)
     train_steps(model, opt, 1)
     mgr.save(1, model=model, optimizer=opt, scheduler=sched)
     at1 = snapshot(model, opt)
     train_steps(model, opt, 1, seed=1)
     mgr.save(2, model=model, optimizer=opt, scheduler=sched)
     at2 = snapshot(model, opt)
+    index = Path(mgr.root) / "step-00000002" / "model.safetensors.index.json"
+    assert index.exists() == (request.param == "sharded")
     return mgr, model, opt, sched, at1, at2
 
 
@@ -71,8 +74,9 @@ def test_restore_reads_each_file_once(run) -> None:  # type: ignore[no-untyped-d
 
 def test_damaged_weights_fall_back_and_change_nothing(run) -> None:  # type: ignore[no-untyped-def]
     mgr, model, opt, sched, at1, at2 = run
-    flip(Path(mgr.root) / "step-00000002" / "model.safetensors")
-    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors: checksum mismatch"):
+    weights = sorted((Path(mgr.root) / "step-00000002").glob("model*.safetensors"))
+    flip(weights[-1])
+    with pytest.raises(CorruptCheckpointError, match=rf"{weights[-1].name}: checksum mismatch"):
         mgr.restore(model=model, optimizer=opt, scheduler=sched, step=2)
     assert same(at2, snapshot(model, opt))  # read into buffers of its own: nothing changed
     with pytest.warns(UserWarning, match="falling back"):
@@ -95,11 +99,15 @@ def test_damage_in_state_or_side_files_changes_nothing(run, relpath: str) -> Non
 
 def test_header_that_reads_as_another_model_is_damage_not_a_mismatch(run) -> None:  # type: ignore[no-untyped-def]
     mgr, model, opt, sched, _, _ = run
-    path = Path(mgr.root) / "step-00000002" / "model.safetensors"
+    path = next(
+        p
+        for p in (Path(mgr.root) / "step-00000002").glob("model*.safetensors")
+        if b'"model.norm.weight"' in p.read_bytes()
+    )
     data = path.read_bytes()
     at = data.index(b'"model.norm.weight"')  # same length: the header still parses, names differ
     path.write_bytes(data[:at] + b'"model.norm.weighs"' + data[at + len(b'"model.norm.weight"') :])
-    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors: checksum mismatch"):
+    with pytest.raises(CorruptCheckpointError, match=rf"{path.name}: checksum mismatch"):
         mgr.restore(model=model, optimizer=opt, scheduler=sched, step=2)
 
 

@@ -41,3 +41,10 @@ def test_checkpoint_without_item_checksums_is_verified_whole_then_read(reports: 
     for rank, report in enumerate(reports):
         assert (report["old_step"], report["old_state"]) == (2, "exact"), (rank, report)
         assert report["old"] >= report["all_shards"] + report["own_shard"], (rank, report)
+
+
+def test_full_weight_files_are_read_once_into_the_shards(reports: list[dict]) -> None:
+    for rank, report in enumerate(reports):
+        assert (report["full_step"], report["full_state"]) == (2, "exact"), (rank, report)
+        needed = report["full_weights"] + report["full_own_shard"]
+        assert needed <= report["full"] <= needed + SLACK, (rank, report)

@@ -6,7 +6,8 @@ An FSDP2-sharded plain `nn.Sequential` and its AdamW state are saved as DCP shar
   old       the same from a copy whose manifests list no item checksums (a checkpoint written before
             them: verified whole, then read);
   damaged   restore "latest" from a copy where bytes inside rank 1's shard file of step 2 are flipped:
-            only rank 1 reads them, and every rank must fall back to step 1.
+            only rank 1 reads them, and every rank must fall back to step 1;
+  full      restore from full weight files (a save without sharded_model) into the FSDP2 model.
 Each rank writes OUT/rank-<r>.json with the bytes read, the sizes of the DCP files, and the outcomes.
 """
 
@@ -112,6 +113,19 @@ def main(out: str) -> None:
         result, report["damaged"] = measured(lambda: damaged.restore(model=model, optimizer=opt))
     report["damaged_step"], report["damaged_state"] = result.step, same(at1, local_state(model, opt))
     report["warnings"] = [str(w.message) for w in caught if "damaged" in str(w.message)]
+
+    # Full weight files (a save without sharded_model) into the FSDP2 model: every rank reads each
+    # weight file once and keeps its shards; the optimizer moments still come from its DCP shard.
+    full = savepoint.CheckpointManager(f"{out}/full", dist_timeout=60)
+    full.save(2, model=model, optimizer=opt)
+    at_full = local_state(model, opt)
+    files = json.loads(Path(f"{out}/full/step-00000002/savepoint.json").read_text())["files"]
+    report["full_weights"] = sum(e["size"] for p, e in files.items() if p.endswith(".safetensors"))
+    report["full_own_shard"] = files[f"{DCP}/__{rank}_0.distcp"]["size"]
+    full.restore(model=model, optimizer=opt, step=2)  # warm-up
+    train(model, opt, 6)
+    result, report["full"] = measured(lambda: full.restore(model=model, optimizer=opt, step=2))
+    report["full_step"], report["full_state"] = result.step, same(at_full, local_state(model, opt))
     write_json(f"{out}/rank-{rank}.json", report)
     dist.barrier()
     dist.destroy_process_group()

@@ -10,6 +10,9 @@ checksums) and, in the same pass, each item DCP wrote there; it writes them as a
 The record is itself a listed file, checked against the manifest when read. On restore,
 `RangeCheckedStream` serves DCP each item only after the item's bytes, read once, match their record.
 Checkpoints written before these records exist are verified whole before they are read.
+
+An item is held in memory once more while DCP decodes it (its bytes, then the tensor): items are one
+tensor's shard each, so this is bounded by the largest shard, not by the checkpoint.
 """
 
 from __future__ import annotations

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
-from savepoint._json import read_json_inside
+from savepoint._json import MAX_JSON_BYTES, parse_json, read_json_inside
 from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
 from savepoint.formats.hub_layout import HubLayout, HubLoader, HubTensors, plan_hub_layout
 from savepoint.formats.safetensors_io import DTYPE_NAMES, read_header, read_safetensors, write_streamed
 from savepoint.manifest import Manifest, resolve_inside, verify_files
 from savepoint.storage.local import StagedDir, storage_error
+from savepoint.verified_read import read_bytes_verified
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -237,8 +238,8 @@ def weight_files(ckpt_dir: str, manifest: Manifest, prefix: str = "") -> list[st
     """The safetensors files holding the model's weights, from the (verified) index if sharded."""
     index_rel = prefix + WEIGHTS_INDEX_NAME
     if index_rel in manifest.files:
-        verify_files(ckpt_dir, manifest, [index_rel])
-        weight_map = read_index(ckpt_dir, index_rel)
+        raw = read_bytes_verified(ckpt_dir, manifest, index_rel, max_bytes=MAX_JSON_BYTES)  # checked as read
+        weight_map = read_index(ckpt_dir, index_rel, raw=raw)
         return sorted({prefix + f for f in weight_map.values()})
     if prefix + WEIGHTS_NAME in manifest.files:
         return [prefix + WEIGHTS_NAME]
@@ -248,11 +249,16 @@ def weight_files(ckpt_dir: str, manifest: Manifest, prefix: str = "") -> list[st
     )
 
 
-def read_index(model_dir: str, index_rel: str = WEIGHTS_INDEX_NAME) -> dict[str, str]:
-    """The `weight_map` of a safetensors index, refusing entries that leave the directory."""
-    doc = read_json_inside(
-        model_dir, index_rel, lambda reason: CorruptCheckpointError(model_dir, [Problem(index_rel, reason)])
-    )
+def read_index(
+    model_dir: str, index_rel: str = WEIGHTS_INDEX_NAME, *, raw: bytes | None = None
+) -> dict[str, str]:
+    """The `weight_map` of a safetensors index (`raw`: its bytes, already read and checked), refusing
+    entries that leave the directory."""
+
+    def fail(reason: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(model_dir, [Problem(index_rel, reason)])
+
+    doc = read_json_inside(model_dir, index_rel, fail) if raw is None else parse_json(raw, fail)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
