@@ -42,6 +42,7 @@ def launch(
     *,
     disks: dict[int, Path] | None = None,
     cwds: dict[int, Path] | None = None,
+    per_node: int = 1,
 ) -> dict[int, dict[str, list[str]]]:
     """Start both nodes' torchrun agents; return each rank's `RESULT` lines as {rank: {key: [outcome,
     seconds, message]}}. `disks`: bind-mount disks[node] at `root` in that node's own mount namespace.
@@ -52,7 +53,7 @@ def launch(
         cmd = [
             TORCHRUN,
             "--nnodes=2",
-            "--nproc-per-node=1",
+            f"--nproc-per-node={per_node}",
             f"--node-rank={node}",
             "--master-addr=127.0.0.1",
             f"--master-port={port}",
@@ -87,13 +88,13 @@ def launch(
     logs = "".join(f"--- node {n}\n{o[-2000:]}\n{e[-4000:]}" for n, (o, e) in enumerate(outs))
     assert [p.returncode for p in procs] == [0, 0], logs
     results: dict[int, dict[str, list[str]]] = {}
-    for node, (out, err) in enumerate(outs):
+    for out, err in outs:
         for line in (out + err).splitlines():
-            line = line.split("]:", 1)[1] if line.startswith("[") and "]:RESULT " in line else line
             if line.startswith("RESULT "):
                 key, *rest = line.split(" ", 4)[1:]
-                results.setdefault(node, {})[key] = rest + [""] * (3 - len(rest))
-    assert set(results) == {0, 1}, logs
+                name, _, rank = key.partition("@")
+                results.setdefault(int(rank), {})[name] = rest + [""] * (3 - len(rest))
+    assert set(results) == set(range(2 * per_node)), logs
     return results
 
 
@@ -107,7 +108,7 @@ def can_bind_mount(base: Path) -> bool:
 
 
 def check_separate_disks(results: dict[int, dict[str, list[str]]], base: Path, disks: list[Path]) -> None:
-    for rank in (0, 1):
+    for rank in results:
         outcome, seconds, message = results[rank]["save"]
         assert outcome == "DistributedSaveError", (rank, outcome, message)
         assert "shared filesystem" in message and "object-store root" in message, message
@@ -135,6 +136,7 @@ def check_separate_disks(results: dict[int, dict[str, list[str]]], base: Path, d
 
 
 def test_same_root_on_separate_disks_via_mount_namespaces(tmp_path: Path) -> None:
+    """2 nodes of 2 ranks: ranks 0 and 1 share node 0's disk, ranks 2 and 3 have node 1's."""
     if not can_bind_mount(tmp_path):
         pytest.skip("needs `unshare -m` and bind mounts (root); the relative-root variant covers the rest")
     disks = {n: tmp_path / f"disk-{n}" for n in (0, 1)}
@@ -142,7 +144,7 @@ def test_same_root_on_separate_disks_via_mount_namespaces(tmp_path: Path) -> Non
         disk.mkdir()
     root = tmp_path / "root"
     root.mkdir()
-    results = launch("separate", tmp_path, str(root), disks=disks)
+    results = launch("separate", tmp_path, str(root), disks=disks, per_node=2)
     check_separate_disks(results, tmp_path, list(disks.values()))
     assert not list(root.iterdir()), "something was written to the directory behind the mounts"
 
@@ -167,7 +169,7 @@ def test_shared_root_saves_and_resumes_exactly(tmp_path: Path) -> None:
     from it and trains on bit-identically to the first launch's continuation."""
     root = str(tmp_path / "run")
     saved = launch("save", tmp_path, root)
-    assert all(saved[r]["save"][0] == "ok" for r in (0, 1)), saved
+    assert all(saved[r]["save"][0] == "ok" for r in (0, 1)), saved  # one rank per node
     resumed = launch("resume", tmp_path, root)
     assert all(resumed[r]["restore"][0] == "ok" and resumed[r]["restore"][2] == "2" for r in (0, 1)), resumed
     for rank in (0, 1):

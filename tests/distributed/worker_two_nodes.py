@@ -1,5 +1,5 @@
-"""One rank of a 2-node job (`torchrun --nnodes=2 --nproc-per-node=1`, one rank per "node") on an
-FSDP2-sharded plain `nn.Sequential` (argv: MODE BASE ROOT TIMEOUT).
+"""One rank of a 2-node job (`torchrun --nnodes=2 --nproc-per-node=N`) on an FSDP2-sharded plain
+`nn.Sequential` (argv: MODE BASE ROOT TIMEOUT).
 
 ROOT is the checkpoint root path string every rank is given. The test decides what is behind it:
 one shared directory (the control), or a different directory per node (a bind mount in a private
@@ -14,7 +14,7 @@ Modes:
              rank's final shards to BASE/out-save-<rank>.safetensors.
   resume     (control) restore from ROOT into a fresh model, train 2 steps; write the same to
              BASE/out-resume-<rank>.safetensors.
-Each rank prints `RESULT <key> <outcome> <seconds> <message>` lines and exits 0.
+Each rank prints `RESULT <key>@<rank> <outcome> <seconds> <message>` lines and exits 0.
 """
 
 from __future__ import annotations
@@ -37,34 +37,36 @@ def copy_step1(base: str, root: str) -> None:
 
 
 def separate(base: str, root: str, timeout: float) -> None:
-    rank = dist.get_rank()
+    rank, node = dist.get_rank(), int(os.environ["GROUP_RANK"])
+    copier = int(os.environ["LOCAL_RANK"]) == 0  # one rank per node changes that node's disk
     model, opt = build()
     train(model, opt, 1)
     savepoint.CheckpointManager(f"{base}/shared", dist_timeout=timeout).save(1, model=model, optimizer=opt)
     train(model, opt, 2)
     attempt(
-        "save",
+        f"save@{rank}",
         lambda: savepoint.CheckpointManager(root, dist_timeout=timeout).save(2, model=model, optimizer=opt),
     )
 
     def restore() -> object:
         return savepoint.CheckpointManager(root, dist_timeout=timeout).restore(model=model, optimizer=opt)
 
-    attempt("restore-empty", restore)
+    attempt(f"restore-empty@{rank}", restore)
     dist.barrier()
-    if rank == 1:
+    if copier and node == 1:
         copy_step1(base, root)
     dist.barrier()
-    attempt("restore-node1-only", restore)
+    attempt(f"restore-node1-only@{rank}", restore)
     dist.barrier()
-    if rank == 1:
-        shutil.rmtree(f"{root}/step-00000001")
-    else:
-        copy_step1(base, root)
+    if copier:
+        if node == 1:
+            shutil.rmtree(f"{root}/step-00000001")
+        else:
+            copy_step1(base, root)
     dist.barrier()
-    attempt("restore-node0-only", restore)
+    attempt(f"restore-node0-only@{rank}", restore)
     dist.barrier()
-    if rank == 0:
+    if copier and node == 0:
         shutil.rmtree(f"{root}/step-00000001")
 
 
@@ -95,7 +97,7 @@ def main(mode: str, base: str, root: str, timeout: float) -> int:
         model, opt = build()
         steps(model, opt, range(1, 3))
         mgr = savepoint.CheckpointManager(root, dist_timeout=timeout)
-        attempt("save", lambda: mgr.save(2, model=model, optimizer=opt))
+        attempt(f"save@{rank}", lambda: mgr.save(2, model=model, optimizer=opt))
         record(f"{base}/out-save-{rank}.safetensors", model, opt, steps(model, opt, range(3, 5)))
     elif mode == "resume":
         torch.manual_seed(1234)  # other weights than `build()` gives: the restore must replace them all
@@ -105,7 +107,7 @@ def main(mode: str, base: str, root: str, timeout: float) -> int:
         fully_shard(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         mgr = savepoint.CheckpointManager(root, dist_timeout=timeout)
-        attempt("restore", lambda: mgr.restore(model=model, optimizer=opt))
+        attempt(f"restore@{rank}", lambda: mgr.restore(model=model, optimizer=opt))
         record(f"{base}/out-resume-{rank}.safetensors", model, opt, steps(model, opt, range(3, 5)))
     dist.barrier()
     dist.destroy_process_group()
