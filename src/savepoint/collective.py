@@ -23,7 +23,7 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -39,13 +39,15 @@ from savepoint.formats import stateful as stateful_format
 from savepoint.io.files import read_bytes_inside
 from savepoint.manifest import Manifest, build_manifest, verify_files
 from savepoint.saving import checkpoint_manifest, is_peft_model
-from savepoint.storage.local import StagedDir
+from savepoint.storage.local import StagedDir, fsync_dir, storage_error
 
 _TS = train_state.TRAIN_STATE_DIR
 
 
 class SharedStagedDir(StagedDir):
     """The temporary directory every rank writes into: rank 0 creates and commits it, the others join it."""
+
+    others_files: frozenset[str] = frozenset()  # relpaths other ranks reported (set by take_reports)
 
     @classmethod
     def join(cls, parent: str, final_name: str, path: str) -> SharedStagedDir:
@@ -66,6 +68,9 @@ class SharedStagedDir(StagedDir):
     def take_reports(self, reports: list[dict[str, tuple[int, str]]]) -> None:
         """Rank 0 lists every other rank's files as reported: it stats them (`_check_reported`), never
         reads them. Two ranks reporting one path with different contents is refused."""
+        self.others_files = frozenset(
+            rel for other, entries in enumerate(reports) if other for rel in entries
+        )
         for other, entries in enumerate(reports):
             if other == 0:
                 continue
@@ -77,6 +82,14 @@ class SharedStagedDir(StagedDir):
                         "contents; nothing was committed.",
                         failed={other: f"wrote {relpath}, which another rank also wrote"},
                     )
+
+    def dirs_to_sync(self) -> Iterator[str]:
+        """Rank 0 skips a directory that holds only other ranks' files: they fsynced it before reporting
+        (`_sync_own_dirs`), so the commit makes O(1) directory syncs, not one per rank's directory."""
+        for dirpath, dirs, files in os.walk(self.path):
+            rels = (os.path.relpath(os.path.join(dirpath, n), self.path).replace(os.sep, "/") for n in files)
+            if dirs or not files or not all(rel in self.others_files for rel in rels):
+                yield dirpath
 
     def cover_rest(self) -> None:
         """One walk, names only: rank 0 hashes its own unlisted files (outside train_state/, where no other
@@ -365,6 +378,11 @@ def _commit(
     the manifest over them without reading another rank's bytes, renames, and tells every rank."""
     final, reports = None, None
     failure: BaseException | None = None
+    if error is None and rank() != 0:
+        try:
+            _sync_own_dirs(staged)
+        except BaseException as exc:
+            error = exc
     try:
         reports = distributed.gather_to_rank0(error, dict(staged.entries), timeout=timeout, what=what)
     except DistributedSaveError as exc:
@@ -410,6 +428,16 @@ def _commit(
             failed = {0: message}
         raise DistributedSaveError(message, failed=failed)
     return final_seen
+
+
+def _sync_own_dirs(staged: SharedStagedDir) -> None:
+    """Make this rank's new directory entries durable before it reports them (the writer syncs its own
+    writes, which a network filesystem needs too); rank 0 then skips the directories only others wrote."""
+    for path in sorted({os.path.dirname(staged.abspath(rel)) for rel in staged.entries}):
+        try:
+            fsync_dir(path)
+        except OSError as exc:
+            raise storage_error(exc, path, "syncing") from exc
 
 
 def _check_reported(staged: SharedStagedDir, other: int, entries: Mapping[str, tuple[int, str]]) -> None:
