@@ -68,7 +68,7 @@ def simulate(world: int, workdir: str) -> dict[str, Any]:
         "ranks": world,
         "files": len(parsed.files),
         "rank 0 commit (s)": round(commit_s, 3),
-        "of which fsync + rename (s)": round(sync_s, 3),
+        "of which commit() (s)": round(sync_s, 3),
         "load avg": round(os.getloadavg()[0], 1),
         "manifest (MB)": round(len(raw) / 1e6, 2),
         "restore: parse + votes (s)": round(restore_s, 3),
@@ -95,9 +95,10 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
         f"stateful object's .json/.safetensors), {per_rank_files * 10_000 + 1:,} manifest entries, a manifest of "
         f"{manifest_mb} MB ({manifest_mb * 1e6 / (per_rank_files * 10_000):.0f} bytes per entry) that every rank "
         f"parses at restore ({parse_s} s here), 20,000 files in train_state/rng/ and 10,000 directories under "
-        "train_state/stateful/, which rank 0 fsyncs at commit. The per-rank RNG and stateful files stay: they "
+        "train_state/stateful/ (each synced by its own rank). The per-rank RNG and stateful files stay: they "
         "are what makes a resume exact, and each rank writes and reads only its own",
-        "fsync + rename: the manifest's fsync, rank 0's directory syncs and the rename. Rank 0 syncs only the "
+        "commit(): the manifest's fsync, one walk to pick the directories to sync, their syncs and the rename. "
+        "Rank 0 syncs only the "
         "directories holding its own files or other directories (6 here); each other rank syncs the "
         "directories of its own files before it reports (in parallel, not timed here), so rank 0 makes no "
         "sync per rank. A sync waits on the disk's journal, so it grows with what else writes to the disk "
