@@ -1,5 +1,5 @@
-"""Two "nodes" on 127.0.0.1: two `torchrun --nnodes=2 --nproc-per-node=1` agents (node ranks 0 and 1),
-each with one rank, given the same checkpoint root path string.
+"""Two "nodes" on 127.0.0.1: two `torchrun --nnodes=2 --nproc-per-node=N` agents (node ranks 0 and 1),
+whose ranks are all given the same checkpoint root path string.
 
 With a different disk behind that string on each node (the usual cloud set-up: local disks, no shared
 filesystem), every rank's save must fail with savepoint's error naming the fix, nothing may be
