@@ -25,7 +25,7 @@ bench: venv
 	$(PY) -m benchmarks.run
 
 torture: venv
-	SAVEPOINT_TORTURE=full $(PY) -m pytest -q tests/reliability
+	SAVEPOINT_TORTURE=full $(PY) -m pytest -q tests/reliability tests/distributed/test_reshard.py tests/distributed/test_two_nodes.py
 
 lint: venv
 	.venv/bin/ruff check src tests benchmarks

@@ -315,6 +315,16 @@ class CheckpointManager:
 
         with _refusal(what):  # rank 0's own error is raised there; the others name it
             chosen = distributed.on_rank0(candidates, timeout=timeout, what=what)
+        if not chosen:  # rank 0 sees none: a rank that sees one must not silently start at step 0 with it
+            unseen: BaseException | None = None
+            if distributed.rank() != 0 and self.checkpoints:
+                unseen = CheckpointNotFoundError(
+                    f"rank {distributed.rank()} sees checkpoint(s) under {self.root} but rank 0 sees none: the "
+                    "ranks see different checkpoints (different root paths, or a root that is not shared). Give "
+                    "every rank the same root on a shared filesystem, or an object-store root (s3://...)."
+                )
+            with _refusal(what):
+                distributed.agree(unseen, timeout=timeout, what=what)
         for number in chosen:
             path = os.path.join(self.root, discovery.step_dir_name(number))
             with contextlib.ExitStack() as stack:

@@ -19,12 +19,14 @@ from savepoint.distributed import DistributedSaveError, broadcast, rank
 from savepoint.formats.train_state import TRAIN_STATE_DIR
 from savepoint.pipeline.staging import ROOT_CHECK_NAME, SharedStagedDir
 from savepoint.saving import checkpoint_manifest
+from savepoint.storage.local import fsync_dir, storage_error
 from savepoint.storage.remote_ranks import RemoteStagedDir
 
 
 def take_reports(staged: SharedStagedDir, reports: list[dict[str, tuple[int, str]]]) -> None:
     """Rank 0 lists every other rank's files as reported: it stats them (`check_reported`), never
     reads them. Two ranks reporting one path with different contents is refused."""
+    staged.others_files = frozenset(rel for other, entries in enumerate(reports) if other for rel in entries)
     for other, entries in enumerate(reports):
         if other == 0:
             continue
@@ -57,6 +59,16 @@ def cover_rest(staged: SharedStagedDir) -> None:
             "A library wrote files savepoint does not know about (a new torch or DeepSpeed layout?); "
             "nothing was committed. Please report this with your torch version.",
         )
+
+
+def sync_own_dirs(staged: SharedStagedDir) -> None:
+    """Make this rank's new directory entries durable before it reports them (the writer syncs its own
+    writes, which a network filesystem needs too); rank 0 then skips the directories only others wrote."""
+    for path in sorted({os.path.dirname(staged.abspath(rel)) for rel in staged.entries}):
+        try:
+            fsync_dir(path)
+        except OSError as exc:
+            raise storage_error(exc, path, "syncing") from exc
 
 
 def check_reported(staged: SharedStagedDir, other: int, entries: Mapping[str, tuple[int, str]]) -> None:
@@ -94,6 +106,11 @@ def commit(
     failure: BaseException | None = None
     if isinstance(staged, RemoteStagedDir):  # each rank's report confirms its objects are uploaded
         error = staged.upload_own(error)
+    elif error is None and rank() != 0:
+        try:
+            sync_own_dirs(staged)
+        except BaseException as exc:
+            error = exc
     try:
         reports = distributed.gather_to_rank0(error, dict(staged.entries), timeout=timeout, what=what)
     except DistributedSaveError as exc:

@@ -12,6 +12,7 @@ import functools
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from contextlib import suppress
 
 from savepoint import distributed
@@ -29,6 +30,8 @@ ROOT_CHECK_NAME = ".savepoint-root-check"  # rank 0's proof that every rank sees
 class SharedStagedDir(StagedDir):
     """The temporary directory every rank writes into: rank 0 creates and commits it, the others join it."""
 
+    others_files: frozenset[str] = frozenset()  # relpaths other ranks reported (set by commit.take_reports)
+
     @classmethod
     def join(cls, parent: str, final_name: str, path: str) -> SharedStagedDir:
         staged = cls.__new__(cls)
@@ -44,6 +47,14 @@ class SharedStagedDir(StagedDir):
                 rel = os.path.relpath(os.path.join(dirpath, name), self.path).replace(os.sep, "/")
                 if rel not in self.entries:
                     self.record(rel)
+
+    def dirs_to_sync(self) -> Iterator[str]:
+        """Rank 0 skips a directory that holds only other ranks' files: they fsynced it before reporting
+        (`commit.sync_own_dirs`), so the commit makes O(1) directory syncs, not one per rank's directory."""
+        for dirpath, dirs, files in os.walk(self.path):
+            rels = (os.path.relpath(os.path.join(dirpath, n), self.path).replace(os.sep, "/") for n in files)
+            if dirs or not files or not all(rel in self.others_files for rel in rels):
+                yield dirpath
 
 
 def open_staged(

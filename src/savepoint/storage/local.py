@@ -172,6 +172,11 @@ class StagedDir:
         except OSError as exc:
             raise storage_error(exc, full, "recording") from exc
 
+    def dirs_to_sync(self) -> Iterator[str]:
+        """The directories `commit()` fsyncs: all of them (each holds entries made since it was created)."""
+        for dirpath, _dirs, _files in os.walk(self.path):
+            yield dirpath
+
     def record_unlisted(self) -> None:
         """Register every file present that was not written through `create()`."""
         for dirpath, _dirs, files in os.walk(self.path):
@@ -188,7 +193,7 @@ class StagedDir:
                 f.write(manifest_bytes)
                 f.flush()
                 os.fsync(f.fileno())
-            for dirpath, _dirs, _files in os.walk(self.path):
+            for dirpath in self.dirs_to_sync():
                 fsync_dir(dirpath)
             if os.path.lexists(final):
                 if not replace:
