@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,13 +20,12 @@ from savepoint import discovery, distributed, policy
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, Problem, UnsafeCheckpointError
 from savepoint.manifest import clean_metrics, read_manifest
 from savepoint.policy import BestMode, CheckpointInfo, RetentionPolicy
-from savepoint.restore_collective import vote
+from savepoint.restore_agreement import restore_agreed
 from savepoint.restoring import RestoreResult, prepare_restore, restore_checkpoint
 from savepoint.saving import SaveRequest, capture, write_checkpoint
 from savepoint.storage.local import delete_checkpoint_dir, sweep_stale
 from savepoint.storage.lock import RootLock
 from savepoint.storage.remote import RemoteRoot, is_remote_url
-from savepoint.storage.remote_restore import rank_copy
 
 
 class CheckpointManager:
@@ -298,80 +297,21 @@ class CheckpointManager:
         return RestoreResult(step=0)
 
     def _restore_agreed(self, targets: dict[str, Any], step: int | str) -> RestoreResult:
-        """Under torchrun: rank 0 picks the step and every rank restores that one, or none does.
-
-        Rank 0 names its candidates (newest first for "latest"); every rank reads and verifies its part
-        of a candidate in its own view of the root, and the ranks vote (`restore_collective.vote`).
-        Damage found by any rank while reading makes all ranks fall back together; a rank that does not
-        see the step at all (different roots, a root not shared) fails every rank. Every collective
-        here runs on the one coordination group, within `dist_timeout`."""
-        timeout, what = self.dist_timeout, f"restore from {self.root}"
-
-        def candidates() -> list[int]:
+        def candidates() -> list[int]:  # run on rank 0 only
             if step == "latest":
                 return [i.step for i in reversed(self.checkpoints)]
             self._resolve_step(step)  # a step that is not there is an error, raised on every rank
             return [self.best_step if step == "best" else step]  # type: ignore[list-item]
 
-        with _refusal(what):  # rank 0's own error is raised there; the others name it
-            chosen = distributed.on_rank0(candidates, timeout=timeout, what=what)
-        if not chosen:  # rank 0 sees none: a rank that sees one must not silently start at step 0 with it
-            unseen: BaseException | None = None
-            if distributed.rank() != 0 and self.checkpoints:
-                unseen = CheckpointNotFoundError(
-                    f"rank {distributed.rank()} sees checkpoint(s) under {self.root} but rank 0 sees none: the "
-                    "ranks see different checkpoints (different root paths, or a root that is not shared). Give "
-                    "every rank the same root on a shared filesystem, or an object-store root (s3://...)."
-                )
-            with _refusal(what):
-                distributed.agree(unseen, timeout=timeout, what=what)
-        for number in chosen:
-            path = os.path.join(self.root, discovery.step_dir_name(number))
-            with contextlib.ExitStack() as stack:
-                try:
-                    with _refusal(f"{what}, step {number}"):
-                        apply = self._prepare_agreed(stack, path, number, targets, f"{what}, step {number}")
-                except CorruptCheckpointError as exc:  # raised on every rank: the vote
-                    if step != "latest":
-                        raise
-                    warnings.warn(
-                        f"{what}: step {number} is damaged; every rank falls back to the previous checkpoint ({exc})",
-                        stacklevel=3,
-                    )
-                    continue
-                return dataclasses.replace(apply(), path=path)
-        return RestoreResult(step=0)
-
-    def _prepare_agreed(
-        self, stack: contextlib.ExitStack, path: str, number: int, targets: dict[str, Any], what: str
-    ) -> Any:
-        error, local, manifest = None, path, None
-        try:
-            if self._remote is None and not os.path.isdir(path):
-                raise CheckpointNotFoundError(
-                    f"rank {distributed.rank()} sees no checkpoint for step {number} under {self.root}, "
-                    "which rank 0 chose: the ranks see different checkpoints (different root paths, or "
-                    "a root that is not shared). Give every rank the same root on a shared filesystem, "
-                    "or an object-store root (s3://...)."
-                )
-            if self._remote is not None:  # an object store: this rank downloads only what it reads
-                part = rank_copy(
-                    self._remote,
-                    path,
-                    rank=distributed.rank(),
-                    model=targets["model"],
-                    optimizer=targets["optimizer"],
-                )
-                local, problems = stack.enter_context(part)
-                if problems:
-                    raise CorruptCheckpointError(path, problems)
-            else:
-                local = stack.enter_context(self._local_copy(path))
-            manifest = read_manifest(local)
-        except BaseException as exc:
-            error = exc
-        vote(error, path=path, what=what, timeout=self.dist_timeout)
-        return prepare_restore(local, **targets, manifest=manifest, timeout=self.dist_timeout)
+        return restore_agreed(
+            self.root,
+            self._remote,
+            targets,
+            candidates=candidates,
+            sees_any=lambda: bool(self.checkpoints),
+            latest=step == "latest",
+            timeout=self.dist_timeout,
+        )
 
     def _resolve_step(self, step: int | str) -> str:
         infos = self.checkpoints
@@ -410,17 +350,3 @@ class CheckpointManager:
             )
         read_manifest(path)  # a damaged or foreign manifest is an error here, not a silent skip
         return path
-
-
-@contextlib.contextmanager
-def _refusal(what: str) -> Iterator[None]:
-    """Another rank's error from a restore vote, worded for a restore (nothing changed, not "committed")."""
-    try:
-        yield
-    except distributed.DistributedSaveError as exc:
-        if not exc.failed:
-            raise
-        lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(exc.failed.items()))
-        raise distributed.DistributedSaveError(
-            f"{what} was refused, nothing was changed on any rank: {lines}", failed=exc.failed
-        ) from exc
