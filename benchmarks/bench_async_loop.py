@@ -67,7 +67,9 @@ class Method:
 
 
 class Savepoint(Method):
-    def __init__(self, name: str, root: str, model: torch.nn.Module, opt: torch.optim.Optimizer, mode: Any) -> None:
+    def __init__(
+        self, name: str, root: str, model: torch.nn.Module, opt: torch.optim.Optimizer, mode: Any
+    ) -> None:
         super().__init__(name)
         self.root, self.model, self.opt, self.mode = root, model, opt, mode
         self.mgr = savepoint.CheckpointManager(root, async_save=mode)
@@ -96,7 +98,9 @@ class Savepoint(Method):
 
 
 class DCPAsync(Method):
-    def __init__(self, name: str, root: str, model: torch.nn.Module, opt: torch.optim.Optimizer, kind: Any) -> None:
+    def __init__(
+        self, name: str, root: str, model: torch.nn.Module, opt: torch.optim.Optimizer, kind: Any
+    ) -> None:
         super().__init__(name)
         self.root, self.model, self.opt, self.kind = root, model, opt, kind
         self.future: Any = None
@@ -107,7 +111,9 @@ class DCPAsync(Method):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.future = dcp.async_save(
-                state, checkpoint_id=os.path.join(self.root, f"step-{step}"), async_checkpointer_type=self.kind
+                state,
+                checkpoint_id=os.path.join(self.root, f"step-{step}"),
+                async_checkpointer_type=self.kind,
             )
 
     def busy(self) -> bool:
@@ -129,7 +135,9 @@ def _future(f: Any) -> Any:
 def make_model(size: dict[str, int]) -> tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[], None]]:
     torch.manual_seed(0)
     width, layers = size["width"], size["layers"]
-    model = torch.nn.Sequential(*[m for _ in range(layers) for m in (torch.nn.Linear(width, width), torch.nn.GELU())])
+    model = torch.nn.Sequential(
+        *[m for _ in range(layers) for m in (torch.nn.Linear(width, width), torch.nn.GELU())]
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(size["batch"], width)
 
@@ -168,7 +176,7 @@ def memcpy_floor(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int =
     times = []
     for _ in range(reps + 1):
         start = time.perf_counter()
-        for b, t in zip(buffers, tensors):
+        for b, t in zip(buffers, tensors, strict=True):
             b.copy_(t)
         times.append(time.perf_counter() - start)
     return median(times[1:]), sum(t.numel() * t.element_size() for t in tensors)
@@ -184,10 +192,16 @@ def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[
     methods: dict[str, Method | None] = {"no checkpoint": None}
     try:
         methods["savepoint sync"] = Savepoint("sync", os.path.join(workdir, "sync"), model, opt, False)
-        methods["savepoint async thread"] = Savepoint("thread", os.path.join(workdir, "thread"), model, opt, True)
-        methods["savepoint async process"] = Savepoint("process", os.path.join(workdir, "proc"), model, opt, "process")
+        methods["savepoint async thread"] = Savepoint(
+            "thread", os.path.join(workdir, "thread"), model, opt, True
+        )
+        methods["savepoint async process"] = Savepoint(
+            "process", os.path.join(workdir, "proc"), model, opt, "process"
+        )
         for kind in AsyncCheckpointerType:
-            methods[f"DCP async_save {kind.value}"] = DCPAsync(kind.value, os.path.join(workdir, f"dcp-{kind.value}"), model, opt, kind)
+            methods[f"DCP async_save {kind.value}"] = DCPAsync(
+                kind.value, os.path.join(workdir, f"dcp-{kind.value}"), model, opt, kind
+            )
         runs: dict[str, list[Run]] = {name: [] for name in methods}
         names = list(methods)
         first = 0
@@ -228,7 +242,9 @@ def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[
     return rows, notes
 
 
-def _rows(runs: dict[str, list[Run]], methods: dict[str, Method | None], floor: float) -> list[dict[str, object]]:
+def _rows(
+    runs: dict[str, list[Run]], methods: dict[str, Method | None], floor: float
+) -> list[dict[str, object]]:
     base = median([r.wall for r in runs["no checkpoint"]])
     base_rate = 1 / median([t for r in runs["no checkpoint"] for t in r.free_steps])
     sync_added = median([r.wall for r in runs["savepoint sync"]]) - base

@@ -26,12 +26,12 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
 from typing import Any
 
+from savepoint.discovery import step_dir_name
 from savepoint.errors import SavepointError
 from savepoint.io.files import read_bytes_inside
 from savepoint.io.shared_arena import SharedArena
 from savepoint.policy import RetentionPolicy
 from savepoint.saving import SaveJob, manifest_fields, stage_files
-from savepoint.discovery import step_dir_name
 from savepoint.snapshot import register_writer
 from savepoint.storage.local import TMP_PREFIX
 from savepoint.writer_process import Chunk, SavePlan
@@ -109,14 +109,21 @@ class _ChunkRecorder:
                 self.chunks.append(view.tobytes())
             return nbytes
         segment, offset, size = self._arena.put(view)
-        if not isinstance(last, bytes) and last is not None and last[0] == segment and last[1] + last[2] == offset:
+        if (
+            not isinstance(last, bytes)
+            and last is not None
+            and last[0] == segment
+            and last[1] + last[2] == offset
+        ):
             self.chunks[-1] = (segment, last[1], last[2] + size)  # consecutive: one region
         else:
             self.chunks.append((segment, offset, size))
         return nbytes
 
 
-def record_plan(job: SaveJob, arena: SharedArena, retention: RetentionPolicy, *, pause_s: float = 0.0) -> SavePlan:
+def record_plan(
+    job: SaveJob, arena: SharedArena, retention: RetentionPolicy, *, pause_s: float = 0.0
+) -> SavePlan:
     """Run the save code for `job` against a RecordingDir: the plan the writer process executes."""
     request = job.request
     arena.reset()
@@ -201,7 +208,11 @@ class ProcessWriter:
     def finish(self, reason: str) -> None:
         """Exit paths: wait for the save in flight without raising, report its error, stop."""
         if self.busy:
-            print(f"savepoint: finishing the checkpoint being written before {reason}", file=sys.stderr, flush=True)
+            print(
+                f"savepoint: finishing the checkpoint being written before {reason}",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             self.close()
         except SavepointError as exc:

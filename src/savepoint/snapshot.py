@@ -186,6 +186,7 @@ class BackgroundWriter:
 
 # ---------------------------------------------------------------- exit and SIGTERM
 
+
 class Finishable(Protocol):
     def finish(self, reason: str) -> None: ...
 

@@ -18,6 +18,7 @@ loop only reads the next message after the current one is done; then the process
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -84,22 +85,20 @@ def apply_retention(root: str, rules: policy.RetentionPolicy, *, protect: int) -
         try:
             delete_checkpoint_dir(info.path)
         except OSError as exc:  # a failed deletion must never fail the save that just committed
-            warnings.warn(f"could not delete {info.path} ({exc}); it will be retried on the next save", stacklevel=2)
+            warnings.warn(
+                f"could not delete {info.path} ({exc}); it will be retried on the next save", stacklevel=2
+            )
 
 
 def lower_priority() -> None:
     """Let the trainer's threads and I/O go first (best effort: each refusal only costs fairness)."""
-    try:
+    with contextlib.suppress(OSError):
         os.nice(10)
-    except OSError:
-        pass
     ioprio_set = {"x86_64": 251, "aarch64": 30}.get(os.uname().machine)
     if ioprio_set is not None:
         best_effort_lowest = (2 << 13) | 7  # IOPRIO_CLASS_BE, level 7
-        try:
-            ctypes.CDLL(None, use_errno=True).syscall(ioprio_set, 1, 0, best_effort_lowest)  # WHO_PROCESS, self
-        except (OSError, AttributeError):
-            pass
+        with contextlib.suppress(OSError, AttributeError):  # who = 1: IOPRIO_WHO_PROCESS, 0: this one
+            ctypes.CDLL(None, use_errno=True).syscall(ioprio_set, 1, 0, best_effort_lowest)
 
 
 def serve(conn: Connection) -> int:
@@ -124,10 +123,8 @@ def serve(conn: Connection) -> int:
 
 
 def _send(conn: Connection, reply: tuple[Any, ...]) -> None:
-    try:
+    with contextlib.suppress(OSError):  # the trainer died after the hand-off: the save is committed anyway
         conn.send(reply)
-    except OSError:
-        pass  # the trainer died after handing the save over: it is committed all the same
 
 
 def main(argv: list[str]) -> int:

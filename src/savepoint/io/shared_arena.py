@@ -27,7 +27,9 @@ _MIN_SEGMENT = 64 << 20
 class SharedArena:
     """Bump-allocated shared segments. Not thread-safe: one save fills it at a time."""
 
-    def __init__(self, on_new_segment: Callable[[int, int], None], *, min_segment: int = _MIN_SEGMENT) -> None:
+    def __init__(
+        self, on_new_segment: Callable[[int, int], None], *, min_segment: int = _MIN_SEGMENT
+    ) -> None:
         self._on_new_segment = on_new_segment
         self._min_segment = min_segment
         self._maps: list[mmap.mmap] = []
