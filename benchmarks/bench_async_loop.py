@@ -210,7 +210,9 @@ def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
                 method = methods[name]
                 result = one_run(method, step_fn, size, first)
-                print(f"[bench_async_loop] rep {rep} {name}: {result.wall:.2f} s", file=sys.stderr, flush=True)
+                print(
+                    f"[bench_async_loop] rep {rep} {name}: {result.wall:.2f} s", file=sys.stderr, flush=True
+                )
                 first += 1000
                 if rep:
                     runs[name].append(result)
