@@ -164,3 +164,15 @@ def test_process_mode_refuses_remote_roots_and_unknown_modes(tmp_path):
         savepoint.CheckpointManager("s3://bucket/run", async_save="process")
     with pytest.raises(ValueError, match='"process"'):
         savepoint.CheckpointManager(tmp_path / "run", async_save="fork")
+
+
+def test_the_writer_runs_in_its_own_session_at_a_lower_priority(tmp_path):
+    mgr = savepoint.CheckpointManager(tmp_path / "run", async_save="process")
+    mgr.save(1, model=torch.nn.Linear(4, 4))
+    mgr.wait()  # the writer has served a save, so it is past its start-up
+    pid = _writer(mgr).pid
+    assert os.getsid(pid) != os.getsid(0)  # a Ctrl-C or a group signal for the trainer does not reach it
+    with open(f"/proc/{pid}/stat") as f:
+        nice = int(f.read().rsplit(")", 1)[1].split()[16])
+    assert nice >= min(19, os.nice(0) + 10)
+    mgr.close()
