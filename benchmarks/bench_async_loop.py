@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import sys
 import tempfile
@@ -33,14 +34,16 @@ import savepoint
 from benchmarks.common import GB, Table, median, remove, spread
 from savepoint.snapshot import pool_for
 
-FULL = {"width": 1536, "layers": 4, "batch": 32, "steps": 20, "every": 10}  # 9.4M params, 0.11 GB state
+FULL = {"width": 1536, "layers": 4, "batch": 8, "steps": 20, "every": 10}  # 9.4M params, 0.11 GB state
 QUICK = {"width": 256, "layers": 2, "batch": 8, "steps": 10, "every": 5}
 
 
 @dataclass
 class Run:
     wall: float = 0.0
+    cpu: float = 0.0  # CPU seconds of the training process (all its threads; not a writer process)
     saves: int = 0
+    save_calls: list[float] = field(default_factory=list)  # how long each save() blocked
     busy_steps: list[float] = field(default_factory=list)  # durations of steps taken with a save in flight
     free_steps: list[float] = field(default_factory=list)
 
@@ -153,6 +156,7 @@ def make_model(size: dict[str, int]) -> tuple[torch.nn.Module, torch.optim.Optim
 
 def one_run(method: Method | None, step_fn: Callable[[], None], size: dict[str, int], first: int) -> Run:
     run = Run()
+    cpu = _cpu()
     start = time.perf_counter()
     for i in range(1, size["steps"] + 1):
         t0 = time.perf_counter()
@@ -160,12 +164,20 @@ def one_run(method: Method | None, step_fn: Callable[[], None], size: dict[str, 
         step_fn()
         (run.busy_steps if in_flight else run.free_steps).append(time.perf_counter() - t0)
         if method is not None and i % size["every"] == size["every"] // 2:
+            t0 = time.perf_counter()
             method.save(first + i)
+            run.save_calls.append(time.perf_counter() - t0)
             run.saves += 1
     if method is not None:
         method.wait()
     run.wall = time.perf_counter() - start
+    run.cpu = _cpu() - cpu
     return run
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def memcpy_floor(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int = 5) -> tuple[float, int]:
@@ -175,12 +187,12 @@ def memcpy_floor(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int =
     ]
     buffers = [torch.empty_like(t) for t in tensors]
     times = []
-    for _ in range(reps + 1):
+    for _ in range(reps + 1):  # the first one faults the buffers in
         start = time.perf_counter()
         for b, t in zip(buffers, tensors, strict=True):
             b.copy_(t)
         times.append(time.perf_counter() - start)
-    return median(times[1:]), sum(t.numel() * t.element_size() for t in tensors)
+    return median(times[1:] or times), sum(t.numel() * t.element_size() for t in tensors)
 
 
 def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[str, object]], list[str]]:
@@ -206,6 +218,8 @@ def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[
         runs: dict[str, list[Run]] = {name: [] for name in methods}
         names = list(methods)
         first = 0
+        floors: list[float] = []
+        state_bytes = memcpy_floor(model, opt, reps=0)[1]
         for rep in range(reps + 1):  # rep 0 warms every method up (writer start, imports, buffers)
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
                 method = methods[name]
@@ -219,8 +233,8 @@ def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[
                 if method is not None:
                     method.reset()
                 os.sync()
-        floor, state_bytes = memcpy_floor(model, opt)
-        rows = _rows(runs, methods, floor)
+            floors.append(memcpy_floor(model, opt)[0])  # under the same load as this repetition
+        rows = _rows(runs, methods, median(floors))
     finally:
         for method in methods.values():
             if method is not None:
@@ -235,8 +249,11 @@ def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[
         "`make bench` stays short on 2 shared cores",
         f"{size['steps']} steps per run, a save at steps {size['every'] // 2}, {size['every'] + size['every'] // 2}, "
         f"...; wall time until the last save is durable; {reps} runs per method, alternated, medians",
-        f"added = median wall − median wall of 'no checkpoint'; memcpy floor = {floor * 1e3:.0f} ms to copy the "
-        "state into buffers allocated once (what any snapshot must pay)",
+        f"added = median over rounds of (wall − wall of that round's 'no checkpoint' run); memcpy floor = "
+        f"{median(floors) * 1e3:.0f} ms to copy the state into buffers allocated once (what any snapshot must pay), "
+        "measured once per round",
+        "save() blocks: median time one save() call kept the loop waiting; trainer CPU added: CPU time of the "
+        "training process (all its threads, a writer process's not) over the run, minus 'no checkpoint'",
         "steps/s in flight: steps started while that method's save was still being written, against the "
         "steps/s of 'no checkpoint'",
         "snapshot memory: host buffers savepoint keeps for snapshots (shared memory for the process "
@@ -250,30 +267,37 @@ def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[
 def _rows(
     runs: dict[str, list[Run]], methods: dict[str, Method | None], floor: float
 ) -> list[dict[str, object]]:
-    base = median([r.wall for r in runs["no checkpoint"]])
-    base_rate = 1 / median([t for r in runs["no checkpoint"] for t in r.free_steps])
-    sync_added = median([r.wall for r in runs["savepoint sync"]]) - base
+    """Added time is paired by repetition (each run minus the 'no checkpoint' run of the same round),
+    which cancels most of a shared machine's drift from round to round; then the median is taken."""
+    none = runs["no checkpoint"]
+    base_rate = 1 / median([t for r in none for t in r.free_steps])
+
+    def added(results: list[Run], what: str) -> float:
+        return median([getattr(r, what) - getattr(b, what) for r, b in zip(results, none, strict=True)])
+
+    sync_added = added(runs["savepoint sync"], "wall")
     rows: list[dict[str, object]] = []
     for name, results in runs.items():
         walls = [r.wall for r in results]
-        added = median(walls) - base
         saves = max(1, results[0].saves)
         busy = [t for r in results for t in r.busy_steps]
+        calls = [t for r in results for t in r.save_calls]
         method = methods[name]
         snap = method.snapshot_bytes() if method is not None else None
-        rows.append(
-            {
-                "method": name,
-                "wall s (median)": median(walls),
-                "min–max": spread(walls),
-                "added s": added,
-                "added / sync's added": added / sync_added if name != "no checkpoint" else "",
-                "per save s": added / saves if name != "no checkpoint" else "",
-                "per save / memcpy": added / saves / floor if name != "no checkpoint" else "",
+        row: dict[str, object] = {"method": name, "wall s (median)": median(walls), "min–max": spread(walls)}
+        if method is not None:
+            wall_added = added(results, "wall")
+            row |= {
+                "added s": wall_added,
+                "added / sync's added": wall_added / sync_added,
+                "per save s": wall_added / saves,
+                "per save / memcpy": wall_added / saves / floor,
+                "save() blocks s": median(calls),
+                "trainer CPU added s": added(results, "cpu"),
                 "steps/s in flight / none": (1 / median(busy)) / base_rate if busy else "",
                 "snapshot GB": snap / GB if snap else "",
             }
-        )
+        rows.append(row)
     return rows
 
 
