@@ -176,3 +176,25 @@ def test_the_writer_runs_in_its_own_session_at_a_lower_priority(tmp_path):
         nice = int(f.read().rsplit(")", 1)[1].split()[16])
     assert nice >= min(19, os.nice(0) + 10)
     mgr.close()
+
+
+def test_a_peft_adapter_is_saved_by_the_writer_process_as_a_sync_save_saves_it(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from savepoint.demo import tiny
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny.tiny_llama(vocab_size=64), LoraConfig(target_modules=["q_proj"], r=4))
+    with savepoint.CheckpointManager(tmp_path / "sync") as sync:
+        expected = read_manifest(sync.save(1, model=model))
+    with savepoint.CheckpointManager(tmp_path / "proc", async_save="process") as mgr:
+        path = mgr.save(1, model=model)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)  # the adapter trains on: the snapshot must not see it
+        mgr.wait()
+        got = read_manifest(path)
+    assert got.kind == expected.kind == "adapter" and got.base_model == expected.base_model
+    same = {f: e for f, e in got.files.items() if "/rng/" not in f}
+    assert same == {f: e for f, e in expected.files.items() if "/rng/" not in f}
