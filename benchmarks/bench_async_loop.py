@@ -293,6 +293,7 @@ def _rows(
                 "per save s": wall_added / saves,
                 "per save / memcpy": wall_added / saves / floor,
                 "save() blocks s": median(calls),
+                "save() / memcpy": median(calls) / floor,
                 "trainer CPU added s": added(results, "cpu"),
                 "steps/s in flight / none": (1 / median(busy)) / base_rate if busy else "",
                 "snapshot GB": snap / GB if snap else "",

@@ -101,7 +101,7 @@ class CheckpointManager:
             from savepoint.snapshot import BackgroundWriter
 
             self._writer = BackgroundWriter()
-        elif async_save is not False:
+        elif async_save not in (False, None):
             raise ValueError(f'async_save must be False, True, "thread" or "process", got {async_save!r}')
 
     # ------------------------------------------------------------ discovery
