@@ -34,7 +34,7 @@ import savepoint
 from benchmarks.common import GB, Table, median, remove, spread
 from savepoint.snapshot import pool_for
 
-FULL = {"width": 1536, "layers": 4, "batch": 8, "steps": 20, "every": 10}  # 9.4M params, 0.11 GB state
+FULL = {"width": 1536, "layers": 4, "batch": 64, "steps": 20, "every": 10}  # 9.4M params, 0.11 GB state
 QUICK = {"width": 256, "layers": 2, "batch": 8, "steps": 10, "every": 5}
 
 
