@@ -245,7 +245,7 @@ def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[
     notes = [
         f"model: MLP {size['layers']}×Linear({size['width']}, {size['width']}), {params / 1e6:.1f}M parameters, "
         f"AdamW; state {state_bytes / GB:.2f} GB (fp32 weights + 2 moments). The issue's loop is 100M parameters "
-        "and 1.2 GB; scaled down ~10× (fewer tokens per step too, which makes saves weigh more, not less) so "
+        "and 1.2 GB; scaled down ~10× so "
         "`make bench` stays short on 2 shared cores",
         f"{size['steps']} steps per run, a save at steps {size['every'] // 2}, {size['every'] + size['every'] // 2}, "
         f"...; wall time until the last save is durable; {reps} runs per method, alternated, medians",
