@@ -37,7 +37,10 @@ class CheckpointManager:
         keep_last / keep_best / keep_every: retention rules (see `RetentionPolicy`); the latest
             and the best checkpoint are never deleted.
         best_metric / best_mode: which metric ranks checkpoints, and whether lower or higher is better.
-        async_save: return from `save()` after a memory snapshot and write in the background.
+        async_save: return from `save()` after a memory snapshot and write in the background:
+            True (or "thread") on a thread of this process; "process" in a separate writer process
+            fed from shared memory, which keeps the training cores free and commits a save that was
+            handed over even if this process is killed (local roots).
         dist_timeout: under torchrun, seconds a rank waits for the others at each step of a save
             before it raises instead of hanging (a rank died or stalled); it must exceed the longest
             time one rank spends writing its part. Default: $SAVEPOINT_DIST_TIMEOUT or 600.
@@ -59,7 +62,7 @@ class CheckpointManager:
         best_metric: str | None = None,
         best_mode: BestMode = "min",
         keep_every: int | None = None,
-        async_save: bool = False,
+        async_save: bool | str = False,
         dist_timeout: float | None = None,
         sharded_model: bool = False,
         max_shard_size: int | str = "5GB",
@@ -89,10 +92,18 @@ class CheckpointManager:
             discovery.check_root(self.root, must_exist=False)
         self._lock = RootLock(self.root)
         self._writer: Any = None
-        if async_save:
+        if async_save == "process":
+            if self._remote is not None:
+                raise ValueError('async_save="process" writes local roots only; use async_save=True here')
+            from savepoint.async_writer import ProcessWriter
+
+            self._writer = ProcessWriter()
+        elif async_save in (True, "thread"):
             from savepoint.snapshot import BackgroundWriter
 
             self._writer = BackgroundWriter()
+        elif async_save not in (False, None):
+            raise ValueError(f'async_save must be False, True, "thread" or "process", got {async_save!r}')
 
     # ------------------------------------------------------------ discovery
 
@@ -169,9 +180,12 @@ class CheckpointManager:
             if distributed.rank() == 0:
                 self._publish_and_prune(path, step)
             return os.path.join(self.root, discovery.step_dir_name(step))
-        job = capture(request, snapshot=self._writer is not None)
+        out_of_process = getattr(self._writer, "out_of_process", False)  # it snapshots into shared memory
+        job = capture(request, snapshot=self._writer is not None and not out_of_process)
         final_path = os.path.join(self.root, discovery.step_dir_name(step))
-        if self._writer is not None:
+        if out_of_process:
+            self._writer.submit_job(job, self.policy)
+        elif self._writer is not None:
             self._writer.submit(lambda: self._write_and_prune(job))
         else:
             self._write_and_prune(job)
@@ -189,7 +203,9 @@ class CheckpointManager:
         finally:
             self._lock.release()
             self._opened = False
-            if self._writer is not None:
+            if getattr(self._writer, "out_of_process", False):
+                self._writer.close()  # stops the writer process, frees its shared memory
+            elif self._writer is not None:
                 from savepoint.snapshot import release_buffers
 
                 release_buffers(self._write_root)  # the host copies are as large as the state

@@ -121,9 +121,12 @@ def checkpoint_manifest(
     request: SaveRequest, kind: str, entries: Mapping[str, tuple[int, str]], base_model: dict[str, Any] | None
 ) -> Manifest:
     """The manifest of a training checkpoint: the request's step, metrics and parent over `entries`."""
-    return build_manifest(
-        kind,
-        entries,
+    return build_manifest(kind, entries, **manifest_fields(request, base_model))
+
+
+def manifest_fields(request: SaveRequest, base_model: dict[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint's manifest says besides its files (the writer process builds it from these)."""
+    return dict(
         step=request.step,
         metrics=request.metrics,
         parent=request.parent,
@@ -132,29 +135,36 @@ def checkpoint_manifest(
     )
 
 
+def stage_files(job: SaveJob, staged: StagedDir) -> tuple[str, dict[str, Any] | None]:
+    """Write every file of the checkpoint into `staged`; return the manifest kind and base model.
+
+    The writer process (async_save="process") passes a recording stand-in for `staged`."""
+    request = job.request
+    base_model = None
+    if job.adapter is not None:
+        base_model = write_adapter(job, staged)
+        kind = "adapter"
+    else:
+        kind = write_model_files(
+            request.model,
+            staged,
+            tokenizer=request.tokenizer,
+            state=job.model_state,
+            max_shard_size=request.max_shard_size,
+        )
+    for relbase, (doc, tensors) in job.blobs.items():
+        train_state.write_blob(staged, relbase, doc, tensors)
+    staged.write_bytes(METRICS_NAME, json.dumps({"step": request.step, **request.metrics}, indent=1).encode())
+    return kind, base_model
+
+
 def write_checkpoint(job: SaveJob) -> str:
     """Write, checksum and commit one checkpoint; on any failure nothing is left behind."""
     request = job.request
     # Files equal to the parent checkpoint's (frozen shards, tokenizer) become hardlinks.
     staged = DedupingStagedDir(request.root, step_dir_name(request.step), previous=request.parent)
     try:
-        base_model = None
-        if job.adapter is not None:
-            base_model = write_adapter(job, staged)
-            kind = "adapter"
-        else:
-            kind = write_model_files(
-                request.model,
-                staged,
-                tokenizer=request.tokenizer,
-                state=job.model_state,
-                max_shard_size=request.max_shard_size,
-            )
-        for relbase, (doc, tensors) in job.blobs.items():
-            train_state.write_blob(staged, relbase, doc, tensors)
-        staged.write_bytes(
-            METRICS_NAME, json.dumps({"step": request.step, **request.metrics}, indent=1).encode()
-        )
+        kind, base_model = stage_files(job, staged)
         manifest = checkpoint_manifest(request, kind, staged.entries, base_model)
         return staged.commit(manifest.to_json(), replace=True)
     except BaseException:

@@ -21,7 +21,7 @@ import traceback
 import weakref
 from collections.abc import Callable, MutableMapping
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -133,8 +133,7 @@ class BackgroundWriter:
         self.name = name
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        _LIVE_WRITERS.add(self)
-        _install_exit_hooks()
+        register_writer(self)
 
     @property
     def busy(self) -> bool:
@@ -170,7 +169,7 @@ class BackgroundWriter:
             if self._thread is thread:
                 self._thread = None
 
-    def _finish(self, reason: str) -> None:
+    def finish(self, reason: str) -> None:
         """Finish the save in flight without raising (exit paths); report an uncollected error."""
         if self.busy:
             print(
@@ -187,14 +186,25 @@ class BackgroundWriter:
 
 # ---------------------------------------------------------------- exit and SIGTERM
 
-_LIVE_WRITERS: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
+
+class Finishable(Protocol):
+    def finish(self, reason: str) -> None: ...
+
+
+_LIVE_WRITERS: weakref.WeakSet[Finishable] = weakref.WeakSet()
 _HOOKS_INSTALLED = False
+
+
+def register_writer(writer: Finishable) -> None:
+    """Have `writer.finish(reason)` called at interpreter exit and on SIGTERM."""
+    _LIVE_WRITERS.add(writer)
+    _install_exit_hooks()
 
 
 def finish_all(reason: str = "exit") -> None:
     """Finish every save in flight in this process (atexit and the SIGTERM handler call this)."""
     for writer in list(_LIVE_WRITERS):
-        writer._finish(reason)
+        writer.finish(reason)
 
 
 def _install_exit_hooks() -> None:

@@ -23,6 +23,7 @@ def test_quick_benchmark_writes_tables_and_a_plot(tmp_path):
         "Save a bf16 model",
         "Save model + AdamW state",
         "Async save",
+        "Async saves end to end",
         "Restore",
         "Dedupe",
     ):
