@@ -41,28 +41,6 @@ from savepoint.restore_state import (
 from savepoint.verified_read import verify_share
 
 
-def restore_collective(
-    path: str,
-    manifest: Manifest,
-    *,
-    model: torch.nn.Module,
-    optimizer: Any = None,
-    scheduler: Any = None,
-    stateful: Mapping[str, Any] | None = None,
-    timeout: float | None = None,
-) -> Any:
-    """Read, verify and apply in one call (see `prepare_collective`)."""
-    return prepare_collective(
-        path,
-        manifest,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        stateful=stateful,
-        timeout=timeout,
-    )()
-
-
 def prepare_collective(
     path: str,
     manifest: Manifest,

@@ -10,7 +10,7 @@ optimizer moments and the small state decoded, scheduler keys matched against it
 RNG states decoded into throwaway generators, all before the first live object changes, so a damaged
 or mismatched checkpoint changes nothing. Files no step reads (config, tokenizer) are checksummed too.
 Then the user's stateful objects go first (their `load_state_dict` is code that may still refuse),
-the RNGs last. Under torchrun (or for a checkpoint written by one) `restore_collective` does the same
+the RNGs last. Under torchrun (or for a checkpoint written by one) `restore_collective.prepare_collective` does the same
 with a vote between the phases.
 """
 
