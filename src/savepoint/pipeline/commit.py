@@ -43,16 +43,7 @@ def take_reports(staged: SharedStagedDir, reports: list[dict[str, tuple[int, str
 def cover_rest(staged: SharedStagedDir) -> None:
     """One walk, names only: rank 0 hashes its own unlisted files (outside train_state/, where no other
     rank writes); a file under train_state/ that no rank reported fails the save."""
-    strays = []
-    for dirpath, _dirs, files in os.walk(staged.path):
-        for name in files:
-            rel = os.path.relpath(os.path.join(dirpath, name), staged.path).replace(os.sep, "/")
-            if rel in staged.entries or rel == ROOT_CHECK_NAME:
-                continue
-            if rel.startswith(TRAIN_STATE_DIR + "/"):
-                strays.append(rel)
-            else:
-                staged.record(rel)
+    strays = staged.record_unlisted_outside(TRAIN_STATE_DIR, ignore=frozenset({ROOT_CHECK_NAME}))
     if strays:
         raise DistributedSaveError(
             f"{len(strays)} file(s) in {staged.path} were reported by no rank: {', '.join(sorted(strays)[:5])}. "

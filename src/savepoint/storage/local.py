@@ -179,11 +179,23 @@ class StagedDir:
 
     def record_unlisted(self) -> None:
         """Register every file present that was not written through `create()`."""
+        self.record_unlisted_outside("", ignore=frozenset())
+
+    def record_unlisted_outside(self, shared: str, *, ignore: frozenset[str]) -> list[str]:
+        """Register (hash) the files present but not recorded, except those under directory `shared`
+        (where other writers put files they record themselves) and the names in `ignore`; return the
+        unrecorded files found under `shared`, sorted, for the caller to refuse. `shared=""`: none."""
+        strays = []
         for dirpath, _dirs, files in os.walk(self.path):
             for name in files:
                 rel = os.path.relpath(os.path.join(dirpath, name), self.path).replace(os.sep, "/")
-                if rel not in self.entries:
+                if rel in self.entries or rel in ignore:
+                    continue
+                if shared and rel.startswith(shared + "/"):
+                    strays.append(rel)
+                else:
                     self.record(rel)
+        return sorted(strays)
 
     def commit(self, manifest_bytes: bytes, *, replace: bool = False) -> str:
         """Write the manifest last, make everything durable, and rename into place."""

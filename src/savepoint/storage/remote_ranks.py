@@ -21,7 +21,6 @@ and the O(W) reports.
 
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -77,16 +76,7 @@ class RemoteStagedDir(StagedDir):
     def _cover_own(self) -> None:
         """Hash what a library wrote here without recording it; under train_state/ that is a layout we do not
         know (every rank writes there), which fails the save as on a shared directory."""
-        strays = []
-        for dirpath, _dirs, files in os.walk(self.path):
-            for name in files:
-                rel = os.path.relpath(os.path.join(dirpath, name), self.path).replace(os.sep, "/")
-                if rel in self.entries:
-                    continue
-                if rel.startswith(_TRAIN_STATE + "/"):
-                    strays.append(rel)
-                else:
-                    self.record(rel)
+        strays = self.record_unlisted_outside(_TRAIN_STATE, ignore=frozenset())
         if strays:
             raise SavepointError(
                 f"rank {self.rank} wrote {len(strays)} file(s) it did not record: {', '.join(sorted(strays)[:5])}. "
