@@ -94,3 +94,16 @@ def test_stalled_rank_times_out(tmp_path: Path) -> None:
     assert outcome == "DistributedSaveError"
     assert float(seconds) < 8 + 30, f"rank 0 waited {seconds}s with a timeout of 8s"
     assert_nothing_committed(tmp_path)
+
+
+def test_rank_killed_while_restoring_sharded_state(tmp_path: Path) -> None:
+    rank0, rank1 = launch(tmp_path, "kill-restore", timeout=60)
+    rank1.communicate(timeout=240)
+    _, err0 = rank0.communicate(timeout=120)  # gloo sees the closed connection: well within the timeout
+    assert rank1.returncode == -9
+    assert rank0.returncode == 3, err0[-3000:]
+    outcome, _seconds, fell_back = result_line(err0).split()[1:4]
+    # A dead peer is not damage: the survivor must not blame the checkpoint and fall back to step 1.
+    assert outcome == "DistributedSaveError" and fell_back == "fell_back=False", result_line(err0)
+    assert [i.step for i in savepoint.CheckpointManager(tmp_path).checkpoints] == [1, 2]
+    savepoint.verify(tmp_path)

@@ -1,7 +1,8 @@
 """One rank of a 2-rank FSDP2 job whose rank 1 fails during the second save (argv: ROOT MODE TIMEOUT).
 
 MODE is `kill` (rank 1 SIGKILLs itself while writing its files), `raise` (it raises) or `hang` (it
-stalls). Started by the test as two plain processes with RANK/WORLD_SIZE set, not by torchrun:
+stalls), or `kill-restore` (both save twice, then rank 1 SIGKILLs itself while reading its DCP shards
+during the restore). Started by the test as two plain processes with RANK/WORLD_SIZE set, not by torchrun:
 torchrun's agent would itself SIGTERM the survivor when a rank dies, hiding what savepoint does.
 Each rank prints `RESULT <outcome> <seconds>` and exits 0 (save committed) or 3 (save raised).
 """
@@ -12,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -19,7 +21,7 @@ from torch.distributed.fsdp import fully_shard
 
 import savepoint
 from savepoint.demo import tiny
-from savepoint.formats import train_state
+from savepoint.formats import dcp_reader, train_state
 
 ORIGINAL_WRITE_BLOB = train_state.write_blob
 
@@ -50,6 +52,8 @@ def main(root: str, mode: str, timeout: float) -> int:
     opt.step()
     mgr = savepoint.CheckpointManager(root, dist_timeout=timeout)
     mgr.save(1, model=model, optimizer=opt)
+    if mode == "kill-restore":
+        return restore_while_a_rank_dies(mgr, model, opt)
     if rank == 1:
         inject(mode)
     start = time.monotonic()
@@ -68,6 +72,31 @@ def main(root: str, mode: str, timeout: float) -> int:
             dist.destroy_process_group()
         return 3
     print(f"RESULT committed {time.monotonic() - start:.1f}", file=sys.stderr, flush=True)
+    return 0
+
+
+def restore_while_a_rank_dies(mgr: savepoint.CheckpointManager, model, opt) -> int:  # type: ignore[no-untyped-def]
+    mgr.save(2, model=model, optimizer=opt)
+    if dist.get_rank() == 1:
+
+        def die(self, plan, planner):  # type: ignore[no-untyped-def]
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        dcp_reader.VerifiedReader.read_data = die
+    start = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            mgr.restore(model=model, optimizer=opt)
+        except Exception as exc:
+            fell_back = any("falls back" in str(w.message) for w in caught)
+            print(
+                f"RESULT {type(exc).__name__} {time.monotonic() - start:.1f} fell_back={fell_back} {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 3
+    print(f"RESULT restored {time.monotonic() - start:.1f}", file=sys.stderr, flush=True)
     return 0
 
 
