@@ -1,6 +1,6 @@
 """Async saves: copy the state to host memory, then write it on one background thread.
 
-    job = capture(request, snapshot=True)     # snapshot_job(job): tensors -> host copies, in place
+    job = capture(request, snapshot=True)     # pipeline/save.py; snapshot_job(job): host copies, in place
     writer.submit(lambda: write_checkpoint(job))
     writer.wait()                             # durable, or the background error is raised here
 
