@@ -21,7 +21,7 @@ from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, Pr
 from savepoint.manifest import clean_metrics, read_manifest
 from savepoint.pipeline.job import SaveRequest
 from savepoint.pipeline.save import capture, write_checkpoint
-from savepoint.pipeline.sources import is_collective
+from savepoint.pipeline.sources import can_write_in_background, is_collective
 from savepoint.policy import BestMode, CheckpointInfo, RetentionPolicy
 from savepoint.restore_agreement import restore_agreed
 from savepoint.restoring import RestoreResult, prepare_restore, restore_checkpoint
@@ -42,7 +42,11 @@ class CheckpointManager:
         async_save: return from `save()` after a memory snapshot and write in the background:
             True (or "thread") on a thread of this process; "process" in a separate writer process
             fed from shared memory, which keeps the training cores free and commits a save that was
-            handed over even if this process is killed (local roots).
+            handed over even if this process is killed (local roots). Under torchrun, True makes
+            every rank snapshot and return; each rank's thread writes, reports and commits on
+            savepoint's own process group, one save in flight, and `wait()` or the next `save()`
+            raises a failure on every rank (sharded models and DeepSpeed engines: synchronous).
+            Call `wait()` before `save_pretrained` while a save is in flight.
         dist_timeout: under torchrun, seconds a rank waits for the others at each step of a save
             before it raises instead of hanging (a rank died or stalled); it must exceed the longest
             time one rank spends writing its part. Default: $SAVEPOINT_DIST_TIMEOUT or 600.
@@ -94,6 +98,7 @@ class CheckpointManager:
             discovery.check_root(self.root, must_exist=False)
         self._lock = RootLock(self.root)
         self._writer: Any = None
+        self._warned_sync = False
         if async_save == "process":
             if self._remote is not None:
                 raise ValueError('async_save="process" writes local roots only; use async_save=True here')
@@ -169,10 +174,9 @@ class CheckpointManager:
             parent=self._parent_name(step) if distributed.rank() == 0 else None,
             max_shard_size=self.max_shard_size,
         )
-        # Every save is the same pipeline (pipeline/save.py): capture now, then write and commit. Under
-        # torchrun (or with a sharded model or a DeepSpeed engine) every rank calls save() and writes its
-        # part; async_save applies to one process only: there the write waits for nothing but this one.
-        writer: Any = None if is_collective(model) else self._writer
+        # Every save is the same pipeline (pipeline/save.py): capture now, then write and commit, here or
+        # on the async writer. Under torchrun every rank calls save() and writes its part.
+        writer = self._writer_for(model)
         out_of_process = getattr(writer, "out_of_process", False)  # it snapshots into shared memory
         job = capture(
             request,
@@ -187,6 +191,21 @@ class CheckpointManager:
         else:
             self._write_and_prune(job)
         return os.path.join(self.root, discovery.step_dir_name(step))
+
+    def _writer_for(self, model: torch.nn.Module) -> Any:
+        """async_save's writer for this save, or None where it must be synchronous (said once)."""
+        if self._writer is None or not is_collective(model):
+            return self._writer
+        if getattr(self._writer, "out_of_process", False):
+            why = 'async_save="process" serves one process; under torchrun use async_save=True'
+        elif not can_write_in_background(model):
+            why = "a sharded model or a DeepSpeed engine is written synchronously"
+        else:
+            return self._writer  # every rank writes, reports and commits on its background thread
+        if not self._warned_sync:
+            warnings.warn(f"async_save: this save is synchronous ({why})", stacklevel=3)
+            self._warned_sync = True
+        return None
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is durable; raise its error if it failed."""

@@ -83,6 +83,13 @@ def is_collective(model: torch.nn.Module) -> bool:
     )
 
 
+def can_write_in_background(model: torch.nn.Module) -> bool:
+    """Whether a save under torchrun may run its write phase on a background thread (async_save): not
+    for a DeepSpeed engine (it writes through its own collectives on the training's process group) nor
+    a sharded model (its DCP tensors are DTensors or ShardedTensors: no host snapshot of them yet)."""
+    return not ds.is_engine(model) and not is_sharded(hf.unwrap_model(model))
+
+
 class ModuleSource(ModelSource):
     """A whole module on rank 0: as it is (plain, DDP), or gathered there from FSDP1/FSDP2 shards."""
 
