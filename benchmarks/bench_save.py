@@ -235,6 +235,6 @@ def dedupe(model: torch.nn.Module, workdir: str, shard: str) -> tuple[Table, dic
     notes = [
         f"shards of at most {shard} (huggingface_hub's splitter), so frozen layers sit in shards of their own",
         "savepoint.storage.dedupe.DedupingStagedDir streams each file against the parent's and hard-links it "
-        "when every byte matches; the manager gets it through the one-line hook in saving.write_checkpoint",
+        "when every byte matches; the manager gets it through the staged dir of pipeline.save.write_checkpoint",
     ]
     return Table("Dedupe: second save of a half-frozen model", rows, notes), stats

@@ -9,7 +9,8 @@ import time
 import torch
 
 from benchmarks.common import Table, median, remove
-from savepoint.saving import SaveRequest, capture, write_checkpoint
+from savepoint.pipeline.job import SaveRequest
+from savepoint.pipeline.save import capture, write_checkpoint
 from savepoint.snapshot import BackgroundWriter, release_buffers
 
 

@@ -4,7 +4,7 @@
     writer.submit_job(job, retention)          # copies the state into shared memory, hands it over
     writer.wait()                              # committed, or the writer's error is raised here
 
-`submit_job` runs the ordinary save code (`saving.stage_files`) against a `RecordingDir`: instead
+`submit_job` runs the pipeline's write phase (`pipeline.save.write_files`) against a `RecordingDir`: instead
 of files it records, per file, the inline bytes (headers, JSON) and, for everything large, a region
 of a `SharedArena` it copied the bytes into. That copy is the snapshot, and the only work the
 training process does; hashing, writing, fsync, commit and retention run in the writer process, off
@@ -30,8 +30,9 @@ from savepoint.discovery import step_dir_name
 from savepoint.errors import SavepointError
 from savepoint.io.files import read_bytes_inside
 from savepoint.io.shared_arena import SharedArena
+from savepoint.pipeline.job import SaveJob, manifest_fields
+from savepoint.pipeline.save import write_files
 from savepoint.policy import RetentionPolicy
-from savepoint.saving import SaveJob, manifest_fields, stage_files
 from savepoint.snapshot import register_writer
 from savepoint.storage.local import TMP_PREFIX
 from savepoint.writer_process import Chunk, SavePlan
@@ -129,7 +130,7 @@ def record_plan(
     arena.reset()
     staged = RecordingDir(request.root, arena)
     try:
-        kind, base_model = stage_files(job, staged)  # type: ignore[arg-type]  # duck-typed StagedDir
+        kind, base_model = write_files(job, staged)  # type: ignore[arg-type]  # duck-typed StagedDir
     finally:
         staged.discard()
     return SavePlan(

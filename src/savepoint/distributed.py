@@ -93,10 +93,9 @@ def coordination_group(timeout: float | None = None) -> Any:
     if seconds <= 0:
         raise ValueError(f"the distributed timeout must be positive, got {seconds}")
     if seconds not in _GROUPS:
-        if dist.get_backend() == "gloo" and _default_timeout() == seconds:
-            _GROUPS[seconds] = dist.group.WORLD
-        else:
-            _GROUPS[seconds] = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+        # Never the training's own group, even where it would do: an async save's write and commit run
+        # on a background thread while the training loop runs its collectives on that group.
+        _GROUPS[seconds] = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
     return _GROUPS[seconds]
 
 
@@ -115,15 +114,6 @@ def _drop_groups() -> None:
 
 
 atexit.register(_drop_groups)
-
-
-def _default_timeout() -> float | None:
-    try:
-        from torch.distributed.distributed_c10d import _get_default_timeout  # private; a hint only
-
-        return _get_default_timeout(dist.get_backend()).total_seconds()
-    except Exception:
-        return None
 
 
 def agree(

@@ -19,10 +19,12 @@ import torch
 from savepoint import discovery, distributed, policy
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, Problem, UnsafeCheckpointError
 from savepoint.manifest import clean_metrics, read_manifest
+from savepoint.pipeline.job import SaveRequest
+from savepoint.pipeline.save import capture, write_checkpoint
+from savepoint.pipeline.sources import can_write_in_background, is_collective
 from savepoint.policy import BestMode, CheckpointInfo, RetentionPolicy
 from savepoint.restore_agreement import restore_agreed
 from savepoint.restoring import RestoreResult, prepare_restore, restore_checkpoint
-from savepoint.saving import SaveRequest, capture, write_checkpoint
 from savepoint.storage.local import delete_checkpoint_dir, sweep_stale
 from savepoint.storage.lock import RootLock
 from savepoint.storage.remote import RemoteRoot, is_remote_url
@@ -40,7 +42,11 @@ class CheckpointManager:
         async_save: return from `save()` after a memory snapshot and write in the background:
             True (or "thread") on a thread of this process; "process" in a separate writer process
             fed from shared memory, which keeps the training cores free and commits a save that was
-            handed over even if this process is killed (local roots).
+            handed over even if this process is killed (local roots). Under torchrun, True makes
+            every rank snapshot and return; each rank's thread writes, reports and commits on
+            savepoint's own process group, one save in flight, and `wait()` or the next `save()`
+            raises a failure on every rank (sharded models and DeepSpeed engines: synchronous).
+            Call `wait()` before `save_pretrained` while a save is in flight.
         dist_timeout: under torchrun, seconds a rank waits for the others at each step of a save
             before it raises instead of hanging (a rank died or stalled); it must exceed the longest
             time one rank spends writing its part. Default: $SAVEPOINT_DIST_TIMEOUT or 600.
@@ -92,6 +98,7 @@ class CheckpointManager:
             discovery.check_root(self.root, must_exist=False)
         self._lock = RootLock(self.root)
         self._writer: Any = None
+        self._warned_sync = False
         if async_save == "process":
             if self._remote is not None:
                 raise ValueError('async_save="process" writes local roots only; use async_save=True here')
@@ -167,29 +174,38 @@ class CheckpointManager:
             parent=self._parent_name(step) if distributed.rank() == 0 else None,
             max_shard_size=self.max_shard_size,
         )
-        from savepoint.pipeline.sources import is_collective
-
-        if is_collective(model):  # every rank calls save(); savepoint decides who writes what
-            from savepoint.pipeline.save import save_collective
-
-            try:
-                path = save_collective(request, timeout=self.dist_timeout, sharded_model=self.sharded_model)
-            finally:
-                if self._remote is not None:  # every rank staged (and uploaded) its own part
-                    self._remote.clear_staging()
-            if distributed.rank() == 0:
-                self._publish_and_prune(path, step)
-            return os.path.join(self.root, discovery.step_dir_name(step))
-        out_of_process = getattr(self._writer, "out_of_process", False)  # it snapshots into shared memory
-        job = capture(request, snapshot=self._writer is not None and not out_of_process)
-        final_path = os.path.join(self.root, discovery.step_dir_name(step))
+        # Every save is the same pipeline (pipeline/save.py): capture now, then write and commit, here or
+        # on the async writer. Under torchrun every rank calls save() and writes its part.
+        writer = self._writer_for(model)
+        out_of_process = getattr(writer, "out_of_process", False)  # it snapshots into shared memory
+        job = capture(
+            request,
+            snapshot=writer is not None and not out_of_process,
+            timeout=self.dist_timeout,
+            sharded_model=self.sharded_model,
+        )
         if out_of_process:
-            self._writer.submit_job(job, self.policy)
-        elif self._writer is not None:
-            self._writer.submit(lambda: self._write_and_prune(job))
+            writer.submit_job(job, self.policy)
+        elif writer is not None:
+            writer.submit(lambda: self._write_and_prune(job))
         else:
             self._write_and_prune(job)
-        return final_path
+        return os.path.join(self.root, discovery.step_dir_name(step))
+
+    def _writer_for(self, model: torch.nn.Module) -> Any:
+        """async_save's writer for this save, or None where it must be synchronous (said once)."""
+        if self._writer is None or not is_collective(model):
+            return self._writer
+        if getattr(self._writer, "out_of_process", False):
+            why = 'async_save="process" serves one process; under torchrun use async_save=True'
+        elif not can_write_in_background(model):
+            why = "a sharded model or a DeepSpeed engine is written synchronously"
+        else:
+            return self._writer  # every rank writes, reports and commits on its background thread
+        if not self._warned_sync:
+            warnings.warn(f"async_save: this save is synchronous ({why})", stacklevel=3)
+            self._warned_sync = True
+        return None
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is durable; raise its error if it failed."""
@@ -243,7 +259,13 @@ class CheckpointManager:
         return os.path.basename(earlier[-1].path) if earlier else None
 
     def _write_and_prune(self, job: Any) -> None:
-        self._publish_and_prune(write_checkpoint(job), job.request.step)
+        try:
+            path = write_checkpoint(job)
+        finally:
+            if self._remote is not None and distributed.is_distributed():
+                self._remote.clear_staging()  # every rank staged (and uploaded) its own part
+        if distributed.rank() == 0:
+            self._publish_and_prune(path, job.request.step)
 
     def _publish_and_prune(self, path: str, step: int) -> None:
         if self._remote is not None and not is_remote_url(path):  # collective saves upload as they commit

@@ -26,7 +26,7 @@ from savepoint.distributed import is_sharded
 from savepoint.errors import IncompatibleCheckpointError
 from savepoint.formats import hf, sharded
 from savepoint.manifest import Manifest, verify_files
-from savepoint.saving import is_peft_model
+from savepoint.pipeline.job import is_peft_model
 from savepoint.verified_read import read_safetensors_verified
 
 

@@ -15,8 +15,8 @@ from savepoint import distributed
 from savepoint.errors import CorruptCheckpointError, Problem
 from savepoint.formats import stateful as stateful_format
 from savepoint.formats import train_state
+from savepoint.formats.rank_state import rng_relbase
 from savepoint.manifest import Manifest
-from savepoint.saving import rng_relbase
 from savepoint.storage.remote import left_in_store
 from savepoint.verified_read import verify_share
 

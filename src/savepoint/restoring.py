@@ -26,8 +26,10 @@ from savepoint import distributed
 from savepoint.errors import IncompatibleCheckpointError
 from savepoint.formats import train_state
 from savepoint.formats.hf import unwrap_model
+from savepoint.formats.rank_state import rng_relbase, stateful_relbase
 from savepoint.formats.sharded import has_dcp
 from savepoint.manifest import Manifest, read_manifest
+from savepoint.pipeline.job import is_peft_model
 from savepoint.pipeline.sources import is_collective
 from savepoint.restore_collective import prepare_collective
 from savepoint.restore_model import plan_model_files
@@ -38,7 +40,6 @@ from savepoint.restore_state import (
     finish_restore,
     verify_side_files,
 )
-from savepoint.saving import is_peft_model, rng_relbase, stateful_relbase
 
 __all__ = [
     "RestoreResult",

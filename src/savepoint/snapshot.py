@@ -1,6 +1,6 @@
 """Async saves: copy the state to host memory, then write it on one background thread.
 
-    job = capture(request, snapshot=True)     # snapshot_job(job): tensors -> host copies, in place
+    job = capture(request, snapshot=True)     # pipeline/save.py; snapshot_job(job): host copies, in place
     writer.submit(lambda: write_checkpoint(job))
     writer.wait()                             # durable, or the background error is raised here
 
@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from savepoint import distributed
 from savepoint.errors import SavepointError
 
 BufferKey = tuple[str, tuple[int, ...], torch.dtype]
@@ -96,10 +97,14 @@ def snapshot_job(job: Any) -> None:
 
     When this returns the copies are complete: training may change the live tensors at once.
     """
-    if job.adapter is not None and job.adapter_state is None:
+    if job.adapter is not None and job.adapter_state is None and distributed.rank() == 0:
         raise SavepointError(
             "async_save cannot snapshot this LoRA adapter: the save job carries no `adapter_state` to copy, "
             "so the background writer would read weights that training is changing. Use async_save=False."
+        )
+    if job.dcp_tensors:  # the manager writes sharded models synchronously (`can_write_in_background`)
+        raise SavepointError(
+            "async_save cannot snapshot a sharded model's DCP tensors; save it with async_save=False."
         )
     pool = pool_for(job.request.root)
     pool.begin()

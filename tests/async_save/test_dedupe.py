@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import savepoint
-from savepoint import saving
 from savepoint.formats.hf import write_weights
 from savepoint.formats.safetensors_io import write_safetensors
 from savepoint.manifest import build_manifest
@@ -122,10 +121,6 @@ def test_an_uncommitted_parent_is_never_linked_into(tmp_path):
     assert staged.linked == {}
 
 
-@pytest.mark.skipif(
-    not hasattr(saving, "DedupingStagedDir"),
-    reason="saving.write_checkpoint does not use DedupingStagedDir yet",
-)
 def test_manager_links_what_did_not_change_between_saves(tmp_path):
     model = torch.nn.Linear(256, 256)
     with savepoint.CheckpointManager(tmp_path / "run") as mgr:

@@ -10,7 +10,8 @@ from tests.async_save.helpers import WriterGate, clone_state, mutate, trained_ll
 import savepoint
 from savepoint import snapshot
 from savepoint.errors import SavepointError
-from savepoint.saving import SaveRequest, capture
+from savepoint.pipeline.job import SaveRequest
+from savepoint.pipeline.save import capture
 
 
 def test_checkpoint_holds_save_time_values_although_training_changed_them(tmp_path, monkeypatch):

@@ -32,7 +32,8 @@ import savepoint
 
 def report(key: str, outcome: str, start: float, message: str = "") -> None:
     flat = " ".join(message.split())[:3000]
-    print(f"RESULT {key} {outcome} {time.monotonic() - start:.1f} {flat}", file=sys.stderr, flush=True)
+    # One write(2) per line: ranks of a node share stderr, and print's separate writes could interleave.
+    os.write(2, f"RESULT {key} {outcome} {time.monotonic() - start:.1f} {flat}\n".encode())
 
 
 def attempt(key: str, fn) -> object:

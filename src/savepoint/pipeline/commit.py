@@ -17,8 +17,8 @@ from typing import Any
 from savepoint import distributed
 from savepoint.distributed import DistributedSaveError, broadcast, rank
 from savepoint.formats.train_state import TRAIN_STATE_DIR
+from savepoint.pipeline.job import checkpoint_manifest
 from savepoint.pipeline.staging import ROOT_CHECK_NAME, SharedStagedDir
-from savepoint.saving import checkpoint_manifest
 from savepoint.storage.local import fsync_dir, storage_error
 from savepoint.storage.remote_ranks import RemoteStagedDir
 

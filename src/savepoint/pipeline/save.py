@@ -1,15 +1,22 @@
-"""A save inside a `torchrun` job (or a plain process: world size 1): every rank calls the same API,
-savepoint decides who writes what, and nothing is committed unless every rank wrote its part.
+"""Every save, at every world size: one process is the case W = 1 of the same code. Two phases:
 
-    open the temp dir    rank 0 creates it; every rank proves it sees it        (pipeline/staging.py)
-    capture              this rank's small state: RNG, stateful objects (user code runs), on rank 0
-                         scheduler and extra; then a vote, so nobody enters a collective after a failure
-    gather               the model source's collective step (FSDP / ZeRO-3 gathers to rank 0)
-    write                each rank writes and hashes its own files: DCP shards (optimizer, and the
+    capture (save() time, on the training thread)                               `capture`
+      gather             the model source's weights into the job (FSDP / ZeRO-3 gather to rank 0: collective)
+      small state        this rank's RNG and stateful objects (user code runs), the optimizer's parts
+                         (DCP tensors when sharded; on rank 0 its name-keyed JSON), scheduler and extra;
+                         with `snapshot`, host copies of every tensor (async saves); then a vote, so
+                         nobody enters a collective write after a rank failed
+    write + commit (now, or on the async writer)                                `write_checkpoint`
+      open the temp dir  rank 0 creates it; every rank proves it sees it        (pipeline/staging.py)
+                         (at W = 1 its files are hard-linked to the parent checkpoint's when unchanged)
+      write              each rank writes and hashes its own files: DCP shards (optimizer, and the
                          model with sharded_model), DeepSpeed partitions, RNG and stateful blobs; rank 0
-                         the weights or adapter, the optimizer's small part, metrics.json
-    report + commit      a gather of votes and (path, size, checksum) lists; rank 0 stats, writes the
+                         the weights or adapter, the optimizer's small part, metrics.json  (`write_files`)
+      report + commit    a gather of votes and (path, size, checksum) lists; rank 0 stats, writes the
                          manifest, renames, and broadcasts the outcome               (pipeline/commit.py)
+
+At W = 1 every vote, gather and broadcast returns at once (distributed.py). The writer process of
+`async_save="process"` runs `write_files` against a recorder (async_writer.py) and commits the bytes.
 
 What each rank writes into the one temporary directory:
 
@@ -18,6 +25,7 @@ What each rank writes into the one temporary directory:
                  train_state/dcp/.metadata, then savepoint.json (the manifest) and the rename
     every rank   train_state/dcp/__<rank>_0.distcp (its optimizer shards, written in parallel through
                  DCP; never gathered), train_state/rng/rank-<rank>.*, train_state/stateful/rank-<rank>/*
+                 (train_state/stateful/NAME at W = 1)
 
 A rank that raises or dies makes every other rank raise within the timeout; rank 0 removes the
 temporary directory, and the previous checkpoint is untouched. Retention runs in the manager, after
@@ -40,59 +48,85 @@ from savepoint.formats import stateful as stateful_format
 from savepoint.formats.rank_state import TS, per_rank_stateful_relbase, rng_relbase, stateful_relbase
 from savepoint.manifest import build_manifest
 from savepoint.pipeline.commit import commit
+from savepoint.pipeline.job import METRICS_NAME, Blobs, SaveJob, SaveRequest
 from savepoint.pipeline.sources import gather_for_export, savable, source_for
 from savepoint.pipeline.staging import open_staged
+from savepoint.snapshot import snapshot_job
 from savepoint.storage.local import StagedDir
 
 
-def save_collective(request: Any, *, timeout: float | None = None, sharded_model: bool = False) -> str:
-    """Write checkpoint `request.step` from every rank; rank 0 commits once all ranks wrote their part.
-
-    With `sharded_model` (and a sharded model) the weights go into the DCP directory as each rank's
-    shards instead of being gathered to rank 0; the manifest's kind is then "sharded".
-    """
+def capture(
+    request: SaveRequest, *, snapshot: bool = False, timeout: float | None = None, sharded_model: bool = False
+) -> SaveJob:
+    """Take this rank's part of the checkpoint. With `snapshot`, tensors are copied to host memory so
+    training may go on while the job is written. Collective: every rank calls it."""
     what = f"save of step {request.step} under {request.root}"
     source = source_for(request.model, sharded_model=sharded_model)
     source.check(request)  # the same verdict on every rank, before anything collective
+    job = SaveJob(request=request, source=source, timeout=timeout)
+    with distributed.peer_failures(what, "gathering the weights to rank 0"):
+        source.gather(job)  # collective
     optimizer = None if source.owns_optimizer else request.optimizer
-    staged = open_staged(request.root, step_dir_name(request.step), timeout=timeout, what=what)
+    opt_tensors, opt_rest = (
+        optimizer_parts(source.module, optimizer) if optimizer is not None else (None, None)
+    )
+    error = None
     try:
-        blobs, error = {}, None
+        job.blobs = capture_rank_state(request)
+        if optimizer is not None and rank() == 0:
+            relbase = sharded.GROUPS_BLOB if opt_tensors is not None else f"{TS}/optimizer"
+            job.blobs[relbase] = train_state.encode_blob(opt_rest, "optimizer")
+        job.dcp_tensors = {**source.shard_tensors(), **(opt_tensors or {})}
+        if snapshot:
+            snapshot_job(job)
+    except BaseException as exc:
+        error = exc
+    agree(error, timeout=timeout, what=what)  # nobody enters a collective write after a rank failed
+    return job
+
+
+def write_checkpoint(job: SaveJob) -> str:
+    """Write this rank's files of `job` (hashed while written), report them, and commit on rank 0; on
+    any failure on any rank nothing is committed and the temp dir is removed. Collective."""
+    request = job.request
+    what = f"save of step {request.step} under {request.root}"
+    # One process: files equal to the parent checkpoint's (frozen shards, tokenizer) become hardlinks.
+    previous = request.parent if distributed.world_size() == 1 else None
+    staged = open_staged(
+        request.root, step_dir_name(request.step), previous=previous, timeout=job.timeout, what=what
+    )
+    try:
+        error, kind, base_model = None, job.source.describe(), None
         try:
-            blobs = capture_rank_state(request)
+            kind, base_model = write_files(job, staged)
         except BaseException as exc:
             error = exc
-        agree(error, timeout=timeout, what=what)  # nobody enters a collective after a rank failed
-        with distributed.peer_failures(what, "gathering the weights to rank 0"):
-            source.gather()  # collective
-        opt_tensors, opt_rest = (None, None)
-        if optimizer is not None:
-            opt_tensors, opt_rest = optimizer_parts(source.module, optimizer)
-        dcp_tensors = {**source.shard_tensors(), **(opt_tensors or {})}
-        error, base_model = None, None
-        try:
-            if dcp_tensors:
-                sharded.write_dcp(staged, dcp_tensors, timeout=timeout)  # collective; DCP raises on all ranks
-            source.write_all_ranks(staged, request)  # collective
-            if rank() == 0:
-                base_model = source.write_rank0(staged, request)
-                if optimizer is not None:
-                    relbase = sharded.GROUPS_BLOB if opt_tensors is not None else f"{TS}/optimizer"
-                    train_state.write_blob(staged, relbase, *train_state.encode_blob(opt_rest, "optimizer"))
-                metrics = {"step": request.step, **request.metrics}
-                staged.write_bytes("metrics.json", json.dumps(metrics, indent=1).encode())
-            for relbase, (doc, tensors) in blobs.items():
-                train_state.write_blob(staged, relbase, doc, tensors)
-        except BaseException as exc:
-            error = exc
-        return commit(staged, error, request, source.describe(), base_model, timeout=timeout, what=what)
+        return commit(staged, error, request, kind, base_model, timeout=job.timeout, what=what)
     except BaseException:
         if rank() == 0:
             staged.abort()
         raise
 
 
-def capture_rank_state(request: Any) -> dict[str, tuple[bytes, dict[str, torch.Tensor]]]:
+def write_files(job: SaveJob, staged: StagedDir) -> tuple[str, dict[str, Any] | None]:
+    """Write this rank's files of `job` into `staged`; return the manifest kind and base model.
+
+    The writer process (async_save="process") passes a recording stand-in for `staged`."""
+    request, source = job.request, job.source
+    if job.dcp_tensors:
+        sharded.write_dcp(staged, job.dcp_tensors, timeout=job.timeout)  # collective; DCP raises on all ranks
+    source.write_all_ranks(staged, request)  # collective
+    base_model = None
+    if rank() == 0:
+        base_model = source.write_rank0(staged, job)
+        metrics = {"step": request.step, **request.metrics}
+        staged.write_bytes(METRICS_NAME, json.dumps(metrics, indent=1).encode())
+    for relbase, (doc, tensors) in job.blobs.items():
+        train_state.write_blob(staged, relbase, doc, tensors)
+    return source.describe(), base_model
+
+
+def capture_rank_state(request: SaveRequest) -> Blobs:
     """This rank's small state (user code runs here): RNG and stateful objects; on rank 0 also scheduler/extra."""
     many = distributed.world_size() > 1
     blobs = {rng_relbase(rank()): train_state.encode_blob(train_state.rng_state(), "rng")}

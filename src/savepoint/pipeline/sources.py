@@ -4,10 +4,11 @@ every rank:
 
     describe()                   the manifest's kind ("model", "module", "sharded", "adapter")
     check(request)               refusals that need no collective, the same verdict on every rank
-    gather()                     collective: what rank 0 needs to write the weights (FSDP, ZeRO-3 gathers)
+    gather(job)                  the weights into the job, at save() time: rank 0's state dict (FSDP and
+                                 ZeRO-3 gather it there: collective) or the adapters' tensors
     shard_tensors()              this rank's weight shards for the DCP directory ({} when gathered)
     write_all_ranks(staged, rq)  collective writes of every rank (DeepSpeed's own partition files)
-    write_rank0(staged, rq)      rank 0's weight files; returns the manifest's `base_model` (adapters)
+    write_rank0(staged, job)     rank 0's weight files from the job; returns the manifest's `base_model`
 
     ModuleSource        plain module, DDP, FSDP1/FSDP2 gathered to rank 0    "model" or "module"
     ShardedSource       FSDP1/FSDP2 stored as each rank's shards (DCP)       "sharded"
@@ -28,7 +29,7 @@ from savepoint.distributed import is_sharded
 from savepoint.errors import UnsupportedStateError
 from savepoint.formats import hf, sharded
 from savepoint.integrations import deepspeed as ds
-from savepoint.saving import SaveJob, is_peft_model, write_adapter
+from savepoint.pipeline.job import SaveJob, is_peft_model
 from savepoint.storage.local import StagedDir
 
 
@@ -46,7 +47,7 @@ class ModelSource:
     def check(self, request: Any) -> None:
         pass
 
-    def gather(self) -> None:
+    def gather(self, job: SaveJob) -> None:
         pass
 
     def shard_tensors(self) -> dict[str, torch.Tensor]:
@@ -55,7 +56,7 @@ class ModelSource:
     def write_all_ranks(self, staged: StagedDir, request: Any) -> None:
         pass
 
-    def write_rank0(self, staged: StagedDir, request: Any) -> dict[str, Any] | None:
+    def write_rank0(self, staged: StagedDir, job: SaveJob) -> dict[str, Any] | None:
         raise NotImplementedError
 
 
@@ -82,23 +83,36 @@ def is_collective(model: torch.nn.Module) -> bool:
     )
 
 
+def can_write_in_background(model: torch.nn.Module) -> bool:
+    """Whether a save under torchrun may run its write phase on a background thread (async_save): not
+    for a DeepSpeed engine (it writes through its own collectives on the training's process group) nor
+    a sharded model (its DCP tensors are DTensors or ShardedTensors: no host snapshot of them yet)."""
+    return not ds.is_engine(model) and not is_sharded(hf.unwrap_model(model))
+
+
 class ModuleSource(ModelSource):
     """A whole module on rank 0: as it is (plain, DDP), or gathered there from FSDP1/FSDP2 shards."""
-
-    full: dict[str, torch.Tensor] | None = None
 
     def describe(self) -> str:
         return "model" if hf.is_transformers_model(unwrap_fsdp1(self.module)) else "module"
 
-    def gather(self) -> None:
+    def gather(self, job: SaveJob) -> None:
         if is_sharded(self.module):
-            self.full = distributed.full_model_state(self.module)  # collective
+            full = distributed.full_model_state(self.module)  # collective
+            if distributed.rank() == 0:
+                job.model_state = savable(unwrap_fsdp1(self.module), full)
+        elif distributed.rank() == 0:
+            job.model_state = hf.savable_state_dict(self.module)
 
-    def write_rank0(self, staged: StagedDir, request: Any) -> dict[str, Any] | None:
-        inner = unwrap_fsdp1(self.module)
-        full, self.full = self.full, None
-        state = savable(inner, full) if full is not None else hf.savable_state_dict(self.module)
-        hf.write_model_files(inner, staged, tokenizer=request.tokenizer, state=state)
+    def write_rank0(self, staged: StagedDir, job: SaveJob) -> dict[str, Any] | None:
+        request = job.request
+        hf.write_model_files(
+            unwrap_fsdp1(self.module),
+            staged,
+            tokenizer=request.tokenizer,
+            state=job.model_state,
+            max_shard_size=request.max_shard_size,
+        )
         return None
 
 
@@ -112,7 +126,8 @@ class ShardedSource(ModelSource):
     def shard_tensors(self) -> dict[str, torch.Tensor]:
         return sharded.model_tensors(self.module)
 
-    def write_rank0(self, staged: StagedDir, request: Any) -> dict[str, Any] | None:
+    def write_rank0(self, staged: StagedDir, job: SaveJob) -> dict[str, Any] | None:
+        request = job.request
         if hf.is_transformers_model(self.module):
             hf.write_config(self.module, staged, None)
         if request.tokenizer is not None:
@@ -124,8 +139,6 @@ class ShardedSource(ModelSource):
 class AdapterSource(ModelSource):
     """A peft model's adapters (never the base). Sharded (FSDP2): gathered to rank 0, with the full base's
     fingerprint computed collectively."""
-
-    states: dict[str, dict[str, torch.Tensor]] | None = None
 
     def describe(self) -> str:
         return "adapter"
@@ -146,17 +159,19 @@ class AdapterSource(ModelSource):
                 "final=True, then run `savepoint merge-lora CKPT --base BASE_DIR --out OUT` on one machine"
             )
 
-    def gather(self) -> None:
+    def gather(self, job: SaveJob) -> None:
+        job.adapter = self.module
         if is_sharded(self.module):  # collective: the adapter to rank 0, the full base's fingerprint
             from savepoint.lora.sharded import gather_adapter_states, prime_fingerprint
 
             prime_fingerprint(self.module)
-            self.states = gather_adapter_states(self.module)
+            job.adapter_state = gather_adapter_states(self.module)
+        elif distributed.rank() == 0:
+            from savepoint.formats import peft as peft_format
 
-    def write_rank0(self, staged: StagedDir, request: Any) -> dict[str, Any] | None:
-        job = SaveJob(
-            request=request, model_state=None, blobs={}, adapter=self.module, adapter_state=self.states
-        )
+            job.adapter_state = peft_format.adapter_states(self.module)
+
+    def write_rank0(self, staged: StagedDir, job: SaveJob) -> dict[str, Any] | None:
         return write_adapter(job, staged)
 
 
@@ -165,7 +180,6 @@ class EngineSource(ModelSource):
     train_state/deepspeed/, plus the 16-bit weights gathered to rank 0 as a transformers directory."""
 
     owns_optimizer = True
-    full: dict[str, torch.Tensor] | None = None
 
     def __init__(self, engine: Any) -> None:
         super().__init__(engine.module)
@@ -181,17 +195,35 @@ class EngineSource(ModelSource):
                 "saves and restores its own optimizer"
             )
 
-    def gather(self) -> None:
-        self.full = ds.full_state(self.engine)  # collective
+    def gather(self, job: SaveJob) -> None:
+        full = ds.full_state(self.engine)  # collective
+        if distributed.rank() == 0:
+            job.model_state = savable(self.engine.module, full or {})
 
     def write_all_ranks(self, staged: StagedDir, request: Any) -> None:
         ds.save_engine_files(self.engine, staged, request.step)  # collective (DeepSpeed's own barriers)
 
-    def write_rank0(self, staged: StagedDir, request: Any) -> dict[str, Any] | None:
-        full, self.full = self.full or {}, None
-        module = self.engine.module
-        hf.write_model_files(module, staged, tokenizer=request.tokenizer, state=savable(module, full))
+    def write_rank0(self, staged: StagedDir, job: SaveJob) -> dict[str, Any] | None:
+        tokenizer, state = job.request.tokenizer, job.model_state
+        hf.write_model_files(self.engine.module, staged, tokenizer=tokenizer, state=state)
         return None
+
+
+def write_adapter(job: SaveJob, staged: StagedDir) -> dict[str, Any]:
+    """The adapter files (and the merged model with `final`); returns the manifest's `base_model`."""
+    from savepoint.formats import peft as peft_format
+
+    base_model: dict[str, Any] = peft_format.write_adapter_files(
+        job.adapter, staged, states=job.adapter_state
+    )
+    if job.request.tokenizer is not None:
+        job.request.tokenizer.save_pretrained(staged.path)
+        staged.record_unlisted()
+    if job.request.final:
+        from savepoint.lora.merge import merge_into_staged
+
+        merge_into_staged(job.adapter, staged, subdir="merged")
+    return base_model
 
 
 # ---------------------------------------------------------------- helpers (also for export and restore)

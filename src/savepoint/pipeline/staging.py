@@ -3,7 +3,8 @@
 Rank 0 creates it (its name is broadcast), writes a nonce file into it, and every rank reads that file
 back before anyone writes a byte: two nodes with the same root path on separate local disks would
 otherwise each write into their own copy, and rank 0 would commit a manifest listing files that are
-not there. At world size 1 the same steps run, with no peer to ask.
+not there. At world size 1 the same steps run, with no peer to ask, and rank 0's files that equal the
+parent checkpoint's are hard-linked to them (`DedupingStagedDir`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from savepoint.distributed import DistributedSaveError, agree, rank
 from savepoint.errors import SavepointError
 from savepoint.formats.train_state import TRAIN_STATE_DIR
 from savepoint.io.files import read_bytes_inside
-from savepoint.storage.local import StagedDir
+from savepoint.storage.dedupe import DedupingStagedDir
 from savepoint.storage.remote import staged_for
 from savepoint.storage.remote_ranks import RemoteStagedDir, open_remote_staged
 
 ROOT_CHECK_NAME = ".savepoint-root-check"  # rank 0's proof that every rank sees its temp dir; never committed
 
 
-class SharedStagedDir(StagedDir):
-    """The temporary directory every rank writes into: rank 0 creates and commits it, the others join it."""
+class SharedStagedDir(DedupingStagedDir):
+    """The temporary directory every rank writes into: rank 0 creates and commits it, the others join it
+    (and link nothing: `previous` is rank 0's alone)."""
 
     others_files: frozenset[str] = frozenset()  # relpaths other ranks reported (set by commit.take_reports)
 
@@ -36,6 +38,7 @@ class SharedStagedDir(StagedDir):
     def join(cls, parent: str, final_name: str, path: str) -> SharedStagedDir:
         staged = cls.__new__(cls)
         staged.parent, staged.final_name, staged.path, staged.entries = parent, final_name, path, {}
+        staged.previous, staged.linked = None, {}
         return staged
 
     def record_unlisted(self) -> None:
@@ -58,19 +61,23 @@ class SharedStagedDir(StagedDir):
 
 
 def open_staged(
-    parent: str, final_name: str, *, timeout: float | None, what: str
+    parent: str, final_name: str, *, previous: str | None = None, timeout: float | None, what: str
 ) -> SharedStagedDir | RemoteStagedDir:
-    """Rank 0 creates the temp dir; every rank proves it sees it before anyone writes a byte."""
-    remote = staged_for(parent)
-    if remote is not None:  # an object-store root: each rank stages on its own disk and uploads its part
+    """Rank 0 creates the temp dir; every rank proves it sees it before anyone writes a byte. `previous`:
+    the parent checkpoint rank 0's unchanged files are hard-linked to."""
+    # An object-store root under torchrun: each rank stages on its own disk and uploads its part. In a
+    # plain process the manager uploads the committed checkpoint (storage/remote.py).
+    remote = staged_for(parent) if distributed.is_distributed() else None
+    if remote is not None:
         vote = functools.partial(agree, timeout=timeout, what=what)
         return open_remote_staged(remote, parent, final_name, rank=rank(), vote=vote)
-    opened, error = None, None
+    opened, error, staged0 = None, None, None
     if rank() == 0:
         try:
-            staged0 = SharedStagedDir(parent, final_name)
+            staged0 = SharedStagedDir(parent, final_name, previous=previous)
             opened = (os.path.basename(staged0.path), secrets.token_hex(16))
             staged0.write_bytes(ROOT_CHECK_NAME, opened[1].encode())
+            del staged0.entries[ROOT_CHECK_NAME]
         except BaseException as exc:
             error = exc
     try:
@@ -81,7 +88,7 @@ def open_staged(
         raise
     # Each rank joins under its own root string: the temp dir's name is all rank 0 tells it.
     path = os.path.join(parent, name)
-    staged = SharedStagedDir.join(parent, final_name, path)
+    staged = staged0 if staged0 is not None else SharedStagedDir.join(parent, final_name, path)
     error = None
     try:
         _check_sees(parent, path, nonce, timeout)
