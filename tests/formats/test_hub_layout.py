@@ -100,15 +100,21 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) ->
     return float(loss)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
-@pytest.mark.parametrize("async_save", [False, True])
-def test_checkpoint_has_hub_layout_and_resumes_exactly(arch: str, async_save: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "async_save"),
+    [(arch, mode) for arch in ("mixtral", "deepseek_v3") for mode in (False, True)]
+    + [("mixtral", "process")],
+)
+def test_checkpoint_has_hub_layout_and_resumes_exactly(
+    arch: str, async_save: bool | str, tmp_path: Path
+) -> None:
     model = BUILDERS[arch]()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train_step(model, opt, 0)
     mgr = savepoint.CheckpointManager(tmp_path / "run", async_save=async_save)
     path = mgr.save(1, model=model, optimizer=opt)
     mgr.wait()
+    mgr.close()  # the writer process (async_save="process") exits
     model.save_pretrained(tmp_path / "theirs")
     assert_same_weights(path, tmp_path / "theirs")
     expected = [train_step(model, opt, s) for s in (1, 2)]
@@ -222,6 +228,10 @@ def test_fsdp2_checkpoint_of_a_moe_model_has_hub_layout_and_resumes_exactly(tmp_
 
     out = consolidate(tmp_path / "sharded" / "step-00000002", tmp_path / "consolidated")
     assert_same_weights(out, tmp_path / "run" / "step-00000002")
+    # async_save=True under torchrun: a sharded model's save (synchronous) and a DDP model's background
+    # write both come out in the Hub layout, as transformers saves them.
+    assert_same_weights(tmp_path / "async_fsdp2" / "step-00000002", tmp_path / "run" / "step-00000002")
+    assert_same_weights(tmp_path / "async_ddp" / "step-00000001", tmp_path / "ddp_reference")
 
 
 # More architectures transformers converts, from their own configs shrunk to a few KB (GPT-OSS keeps
