@@ -206,3 +206,39 @@ def test_a_final_save_merges_lora_on_fused_experts_into_the_hub_layout(
     peft_model.merge_and_unload().save_pretrained(tmp_path / "peft-merged")
 
     assert_same_model(os.path.join(ckpt, "merged"), tmp_path / "peft-merged", base_dir)
+
+
+# ---------------------------------------------------------------- a vision-language model
+
+
+@pytest.fixture
+def llava_dir(tmp_path: Path) -> Path:
+    from tests.helpers.converted_models import tiny_llava
+
+    tiny_llava().save_pretrained(tmp_path / "base", max_shard_size=SHARD)
+    return tmp_path / "base"
+
+
+def llava_lora(base_dir: Path, adapter_dir: Path) -> Any:
+    """LoRA on attention of both towers; peft names the adapter's tensors after the model in memory
+    (`model.language_model.layers...`), while the base on disk has the Hub's (`language_model.model...`)."""
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(base_dir)
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    perturb(model)
+    model.eval()
+    model.save_pretrained(adapter_dir)
+    return model
+
+
+def test_merge_lora_into_a_vlm_matches_peft_in_the_hub_layout(llava_dir: Path, tmp_path: Path) -> None:
+    peft_model = llava_lora(llava_dir, tmp_path / "adapter")
+    ckpt = adapter_checkpoint(peft_model, str(tmp_path / "run"), final=True)
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft-merged", max_shard_size=SHARD)
+
+    merged = merge_lora(
+        str(tmp_path / "adapter"), base=str(llava_dir), out=str(tmp_path / "ours"), max_shard_size=SHARD
+    )
+    exported = export_checkpoint(ckpt, str(tmp_path / "deploy"), merge_lora=True, base=str(llava_dir))
+    for out in (merged, exported, os.path.join(ckpt, "merged")):
+        assert_same_model(out, tmp_path / "peft-merged", llava_dir)

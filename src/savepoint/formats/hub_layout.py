@@ -135,6 +135,14 @@ def plan_hub_layout(model: Any, state: Mapping[str, torch.Tensor]) -> HubLayout 
     return layout
 
 
+def hub_names(model: Any, state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """In-memory name -> Hub name of the tensors of `state` that transformers' conversions only rename
+    (a vision-language model's prefixes); empty when the model has no renaming. Planned on meta tensors."""
+    meta = {k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in state.items()}
+    layout = plan_hub_layout(model, meta)
+    return {} if layout is None else {memory: hub for hub, memory in layout.renamed.items()}
+
+
 class HubTensors(Mapping[str, torch.Tensor]):
     """The model's tensors under their Hub names, converted group by group when first asked for.
 

@@ -83,6 +83,20 @@ class MergePlan:
     def touched(self) -> set[str]:
         return set(self.weights) | set(self.biases) | set(self.replace)
 
+    def rename(self, names: Mapping[str, str]) -> None:
+        """Key the plan by other tensor names (`names`: old -> new); names not in `names` stay."""
+        for edits in (self.weights, self.biases):
+            renamed = {names.get(k, k): e for k, e in edits.items()}
+            edits.clear()
+            edits.update(renamed)
+        self.replace = {names.get(k, k): t for k, t in self.replace.items()}
+        # A module's weight and bias share one edit: rename its module once.
+        unique = {id(e): e for e in [*self.weights.values(), *self.biases.values()]}
+        for edit in unique.values():
+            weight = names.get(f"{edit.module}.weight")
+            if weight is not None:
+                edit.module = weight.removesuffix(".weight")
+
 
 def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
     """Read `adapter_config.json`; MergeError if it is missing or not a LoRA config."""

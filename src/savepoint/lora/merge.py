@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from savepoint.errors import IncompatibleCheckpointError, MergeError
-from savepoint.formats.hub_layout import meta_model_for_config
+from savepoint.formats.hub_layout import hub_names, meta_model_for_config
 from savepoint.io.memory import BufferPool
 from savepoint.lora import math as lora_math
 from savepoint.lora.adapter import (
@@ -32,7 +32,7 @@ from savepoint.lora.adapter import (
 from savepoint.lora.base import BaseWeights, read_model_config
 from savepoint.lora.blocked import BlockedMerger
 from savepoint.lora.experts import ExpertStream, meta_twin, take_expert_edits
-from savepoint.lora.fingerprint import Fingerprinter, unwrap_peft
+from savepoint.lora.fingerprint import Fingerprinter, base_state_items, unwrap_peft
 from savepoint.lora.output import INDEX_NAME, plan_shards, write_index, write_shard
 from savepoint.lora.validate import check_plan
 from savepoint.manifest import build_manifest, read_manifest
@@ -149,6 +149,7 @@ def merge_into_staged(
     else:
         raise MergeError("merging an adapter directory needs the base model directory (base=...)")
     experts = _expert_stream(plan, base_dir, source, weights)
+    _name_as_the_base(plan, weights, base_dir, source)
     check_plan(plan, weights.infos, model_config)
     fingerprint = _write_weights(
         plan, weights, staged, subdir, parse_dtype(dtype), max_shard_size, progress, experts
@@ -162,6 +163,24 @@ def merge_into_staged(
         )
     name = base_dir or getattr(getattr(source, "config", None), "_name_or_path", None)
     return {"name_or_path": name or adapter.config.get("base_model_name_or_path"), **fingerprint}
+
+
+def _name_as_the_base(
+    plan: MergePlan, weights: BaseWeights, base_dir: str | None, source: str | torch.nn.Module
+) -> None:
+    """peft names adapter tensors after the model in memory; a base in the Hub's layout may name the
+    same weights otherwise (a vision-language model's `model.language_model.` is the Hub's
+    `language_model.model.`). Rename the plan's missing keys as transformers' own conversions do."""
+    if all(k in weights.infos for k in plan.touched):
+        return
+    if base_dir is not None:
+        model = meta_model_for_config(base_dir)
+        state = model.state_dict() if model is not None else {}
+    else:
+        assert isinstance(source, torch.nn.Module)  # merge_into_staged needs a base dir for a directory
+        model, state = unwrap_peft(source), dict(base_state_items(source))
+    names = hub_names(model, state) if model is not None else {}
+    plan.rename({k: names[k] for k in plan.touched if k not in weights.infos and k in names})
 
 
 def rewrite_model_into_staged(
