@@ -86,18 +86,27 @@ def test_export_merges_a_lora_checkpoint_of_a_moe_model(base_dir: Path, tmp_path
     assert rel_err(logits(AutoModelForCausalLM.from_pretrained(out), sample_ids()), expected) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype", [None, "bf16"])
-def test_export_of_a_moe_checkpoint_is_what_transformers_saves(dtype: str | None, tmp_path: Path) -> None:
-    model = BUILDERS["mixtral"]()
+@pytest.mark.parametrize(
+    ("arch", "dtype"), [*((arch, None) for arch in [*sorted(BUILDERS), "llava"]), ("mixtral", "bf16")]
+)
+def test_export_of_a_converted_checkpoint_is_what_transformers_saves(
+    arch: str, dtype: str | None, tmp_path: Path
+) -> None:
+    from tests.helpers.converted_models import tiny_llava
+
+    model = tiny_llava() if arch == "llava" else BUILDERS[arch]()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt = savepoint.CheckpointManager(tmp_path / "run").save(3, model=model, optimizer=opt)
 
     out = export_checkpoint(ckpt, str(tmp_path / "deploy"), dtype=dtype, max_shard_size=SHARD)
 
     reference = model.to(torch.bfloat16) if dtype else model
-    reference.save_pretrained(tmp_path / "theirs")
+    reference.save_pretrained(tmp_path / "theirs", max_shard_size=SHARD)
     assert names_and_shapes(out) == names_and_shapes(tmp_path / "theirs")
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=reference.dtype)
+    ours, theirs = tensors(out), tensors(tmp_path / "theirs")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    model_cls = transformers.LlavaForConditionalGeneration if arch == "llava" else AutoModelForCausalLM
+    loaded = model_cls.from_pretrained(out, dtype=reference.dtype)
     for (name, a), b in zip(loaded.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
