@@ -1,5 +1,6 @@
-"""`savepoint consolidate` of a DeepSpeed ZeRO-3 checkpoint of a Mixtral (experts fused in memory)
-writes the Hub's layout: the files, index and tensors transformers' own `save_pretrained` writes."""
+"""A DeepSpeed ZeRO-3 checkpoint of a Mixtral (experts fused in memory) is in the Hub's layout, and
+`savepoint consolidate` of the engine's own files writes it too: the files, index and tensors
+transformers' own `save_pretrained` writes."""
 
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ def test_consolidated_moe_engine_checkpoint_is_what_save_pretrained_writes(tmp_p
     # fp32 training: the fp32 master weights DeepSpeed keeps are the module's weights
     for name, tensor in expected.items():
         assert got[name].equal(tensor), name
+    # The checkpoint's own weights (ZeRO-3 gathered to rank 0 at save time) are in the same layout.
+    saved = weights(tmp_path / "run" / "step-00000001")
+    assert {n: t.shape for n, t in saved.items()} == {n: t.shape for n, t in expected.items()}
+    assert all(saved[name].equal(tensor) for name, tensor in expected.items())
     reference = logits(AutoModelForCausalLM.from_pretrained(theirs), sample_ids())
     assert logits(AutoModelForCausalLM.from_pretrained(ours), sample_ids()).equal(reference)
     savepoint.verify(ours)
