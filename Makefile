@@ -25,7 +25,8 @@ bench: venv
 	$(PY) -m benchmarks.run
 
 torture: venv
-	SAVEPOINT_TORTURE=full $(PY) -m pytest -q tests/reliability tests/distributed/test_reshard.py tests/distributed/test_two_nodes.py
+	SAVEPOINT_TORTURE=full $(PY) -m pytest -q tests/reliability tests/distributed/test_reshard.py tests/distributed/test_two_nodes.py \
+		tests/async_save/test_process_kill.py tests/core/test_memory_tier.py
 
 lint: venv
 	.venv/bin/ruff check src tests benchmarks

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import bench_restore, bench_save, bench_train, models
+from benchmarks import bench_memory_tier, bench_restore, bench_save, bench_train, models
 from benchmarks.common import Table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,9 +84,18 @@ def run_all(
     sync = stats["state"]["savepoint CheckpointManager.save"]
     async_table, stats["async"] = bench_save.async_stall(model, opt, workdir, reps, sync)
     restore_table, stats["restore"] = bench_restore.restore(model, opt, workdir, reps)
+    tier_table, stats["tier"] = bench_memory_tier.restart(model, opt, workdir, reps)
     loop = models.trainable(sizes["train_loop"])
     train_table, stats["train"] = bench_train.slowdown(loop, model, opt, workdir, max(1, min(reps, 3)))
-    return [model_table, state_table, async_table, restore_table, dedupe_table, train_table], stats
+    return [
+        model_table,
+        state_table,
+        async_table,
+        restore_table,
+        tier_table,
+        dedupe_table,
+        train_table,
+    ], stats
 
 
 def _optional_merge(workdir: str, *, quick: bool) -> list[Table]:
@@ -283,6 +292,12 @@ def _targets(stats: dict[str, Any]) -> Table:
         _target("restore ≤ 1.1× DCP load (warm)", r.get("warm_ratio", float("nan")), 1.1),
         _target("restore ≤ 1.1× DCP load (cold)", r.get("cold_ratio", float("nan")), 1.1),
         _target("async stall ≤ 0.1 of a sync save", a["stall"] / sp_state, 0.1),
+        _target(
+            "restore from the memory tier ≥ 5× a cold disk restore",
+            stats["tier"]["speedup_vs_cold"],
+            5.0,
+            low=True,
+        ),
         _target(
             "sync save ≥ 0.85 of raw write+fsync bandwidth (model)",
             m["raw write+fsync"] / sp_model,

@@ -123,7 +123,12 @@ class _ChunkRecorder:
 
 
 def record_plan(
-    job: SaveJob, arena: SharedArena, retention: RetentionPolicy, *, pause_s: float = 0.0
+    job: SaveJob,
+    arena: SharedArena,
+    retention: RetentionPolicy,
+    *,
+    pause_s: float = 0.0,
+    memory_tier: bool = False,
 ) -> SavePlan:
     """Run the save code for `job` against a RecordingDir: the plan the writer process executes."""
     request = job.request
@@ -143,6 +148,7 @@ def record_plan(
         retention=retention,
         step=request.step,
         pause_s=pause_s,
+        memory_tier=memory_tier,
     )
 
 
@@ -153,6 +159,7 @@ class ProcessWriter:
 
     def __init__(self) -> None:
         self.pause_s = 0.0  # tests only: the writer sleeps after each file
+        self.memory_tier = False  # the writer also copies each commit to shared memory (set by the manager)
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._arena: SharedArena | None = None
@@ -180,7 +187,7 @@ class ProcessWriter:
         if self._proc is None:
             self._start()
         assert self._conn is not None and self._arena is not None
-        plan = record_plan(job, self._arena, retention, pause_s=self.pause_s)
+        plan = record_plan(job, self._arena, retention, pause_s=self.pause_s, memory_tier=self.memory_tier)
         self._conn.send(("save", plan))
         self._in_flight = plan.step
 

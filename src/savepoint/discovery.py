@@ -6,7 +6,7 @@ import os
 import re
 import warnings
 
-from savepoint.errors import CheckpointNotFoundError, SavepointError
+from savepoint.errors import CheckpointNotFoundError, Problem, SavepointError, UnsafeCheckpointError
 from savepoint.io.files import DIRECTORY, list_dir_inside
 from savepoint.manifest import Manifest, read_manifest
 from savepoint.policy import CheckpointInfo
@@ -97,3 +97,25 @@ def is_checkpoint_dir(path: str) -> bool:
     """Whether `path` has a manifest entry. A symlink or FIFO there still counts, so that reading it
     reports the damage by name instead of treating the directory as something else."""
     return os.path.lexists(os.path.join(path, MANIFEST_NAME))
+
+
+def step_path(root: str, step: int, infos: list[CheckpointInfo], *, remote: bool) -> str:
+    """The path of committed checkpoint `step` under `root` (`infos`: its listing); a clear error when
+    there is none, when it is a link, or when its manifest is damaged."""
+    path = os.path.join(root, step_dir_name(step))
+    available = ", ".join(str(i.step) for i in infos) or "none"
+    missing = CheckpointNotFoundError(f"no checkpoint for step {step} under {root} (available: {available})")
+    if remote:
+        if all(i.step != step for i in infos):
+            raise missing
+        return path  # its manifest is read (and a bad one refused) when it is downloaded
+    if os.path.islink(path):
+        raise UnsafeCheckpointError(
+            root,
+            [Problem(os.path.basename(path), "is a symbolic link; savepoint follows none out of a root")],
+            hint="restore a checkpoint of this root, or point a manager at the directory the link names",
+        )
+    if not os.path.isdir(path):
+        raise missing
+    read_manifest(path)  # a damaged or foreign manifest is an error here, not a silent skip
+    return path

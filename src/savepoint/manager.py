@@ -17,14 +17,15 @@ from typing import Any
 import torch
 
 from savepoint import discovery, distributed, policy
-from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, Problem, UnsafeCheckpointError
-from savepoint.manifest import clean_metrics, read_manifest
+from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from savepoint.manifest import clean_metrics
 from savepoint.pipeline.job import SaveRequest
 from savepoint.pipeline.save import capture, write_checkpoint
 from savepoint.pipeline.sources import can_write_in_background, is_collective
 from savepoint.policy import BestMode, CheckpointInfo, RetentionPolicy
 from savepoint.restore_agreement import restore_agreed
-from savepoint.restoring import RestoreResult, prepare_restore, restore_checkpoint
+from savepoint.restoring import RestoreResult, restore_checkpoint
+from savepoint.storage import memory_tier
 from savepoint.storage.local import delete_checkpoint_dir, sweep_stale
 from savepoint.storage.lock import RootLock
 from savepoint.storage.remote import RemoteRoot, is_remote_url
@@ -56,6 +57,10 @@ class CheckpointManager:
         max_shard_size: model weights are split into shards of at most this size, named as
             transformers names them. Smaller shards let unchanged (frozen) parts of a model be
             hardlinked from the previous checkpoint instead of written again.
+        memory_tier: also keep the newest committed checkpoint in shared memory (/dev/shm), so a
+            process restarted on this machine after a crash restores from memory, once the copy's
+            manifest matches the committed one (one process; see storage/memory_tier.py). It costs
+            host memory as large as a checkpoint; `close()` frees it.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class CheckpointManager:
         dist_timeout: float | None = None,
         sharded_model: bool = False,
         max_shard_size: int | str = "5GB",
+        memory_tier: bool = False,
     ) -> None:
         self.root = os.fspath(root)
         if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
@@ -88,6 +94,7 @@ class CheckpointManager:
         self.dist_timeout = dist_timeout
         self.sharded_model = sharded_model
         self.max_shard_size = max_shard_size
+        self.memory_tier = memory_tier
         self._opened = False
         # Object stores (any fsspec URL but file://): saves are committed in a local staging dir, then
         # uploaded with the manifest object last; see storage/remote.py. No root lock there.
@@ -99,12 +106,14 @@ class CheckpointManager:
         self._lock = RootLock(self.root)
         self._writer: Any = None
         self._warned_sync = False
+        self._warned_tier = False
         if async_save == "process":
             if self._remote is not None:
                 raise ValueError('async_save="process" writes local roots only; use async_save=True here')
             from savepoint.async_writer import ProcessWriter
 
             self._writer = ProcessWriter()
+            self._writer.memory_tier = memory_tier
         elif async_save in (True, "thread"):
             from savepoint.snapshot import BackgroundWriter
 
@@ -212,11 +221,13 @@ class CheckpointManager:
         if self._writer is not None:
             self._writer.wait()
 
-    def close(self) -> None:
-        """Finish any save in flight and release the root."""
+    def close(self, *, keep_memory_tier: bool = False) -> None:
+        """Finish any save in flight and release the root (and the memory tier, unless kept)."""
         try:
             self.wait()
         finally:
+            if self.memory_tier and not keep_memory_tier:
+                memory_tier.drop(self.root)
             self._lock.release()
             self._opened = False
             if getattr(self._writer, "out_of_process", False):
@@ -229,8 +240,8 @@ class CheckpointManager:
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(keep_memory_tier=exc_type is not None)  # a crash keeps it for the restart
 
     def _open_for_writing(self) -> None:
         if self._remote is not None:
@@ -268,6 +279,8 @@ class CheckpointManager:
             self._publish_and_prune(path, job.request.step)
 
     def _publish_and_prune(self, path: str, step: int) -> None:
+        if self._uses_memory_tier() and not is_remote_url(path):
+            memory_tier.publish(self.root, path)
         if self._remote is not None and not is_remote_url(path):  # collective saves upload as they commit
             try:
                 self._remote.upload_checkpoint(path)
@@ -311,27 +324,40 @@ class CheckpointManager:
             return self._restore_agreed(targets, step)
         if step == "latest":
             return self._restore_latest(targets)
-        path = self._resolve_step(step)
-        with self._local_copy(path) as local:
+        return self._restore_from(self._resolve_step(step), targets)
+
+    def _restore_from(self, path: str, targets: dict[str, Any]) -> RestoreResult:
+        """Restore checkpoint `path`: from the memory tier's copy when it holds exactly this commit, else
+        from the root (downloaded for remote roots). Damage raises CorruptCheckpointError, nothing changed."""
+        held = memory_tier.held_copy(self.root, path, self._remote) if self._uses_memory_tier() else None
+        if held is not None:
+            try:
+                return dataclasses.replace(restore_checkpoint(held, **targets), path=path)
+            except CorruptCheckpointError as exc:  # the disk's copy is the one that counts
+                warnings.warn(
+                    f"the memory tier's copy is damaged, reading {path} instead: {exc}", stacklevel=4
+                )
+        with self._remote.local_copy(path) if self._remote else contextlib.nullcontext(path) as local:
             return dataclasses.replace(restore_checkpoint(local, **targets), path=path)
 
-    def _local_copy(self, path: str) -> contextlib.AbstractContextManager[str]:
-        """A local directory holding checkpoint `path` (downloaded for remote roots, for the `with` only)."""
-        return self._remote.local_copy(path) if self._remote else contextlib.nullcontext(path)
+    def _uses_memory_tier(self) -> bool:
+        if self.memory_tier and distributed.world_size() > 1 and not self._warned_tier:
+            warnings.warn(
+                "memory_tier serves one process; under torchrun restores read the disk", stacklevel=4
+            )
+            self._warned_tier = True
+        return self.memory_tier and distributed.world_size() == 1
 
     def _restore_latest(self, targets: dict[str, Any]) -> RestoreResult:
         # Each file is checked in the read that loads it; damage surfaces before anything changes.
         for info in reversed(self.checkpoints):
-            with self._local_copy(info.path) as local:
-                try:
-                    apply = prepare_restore(local, **targets)
-                except CorruptCheckpointError as exc:
-                    warnings.warn(
-                        f"{CorruptCheckpointError(info.path, exc.problems, hint='falling back to the previous checkpoint')}",
-                        stacklevel=3,
-                    )
-                    continue
-                return dataclasses.replace(apply(), path=info.path)
+            try:
+                return self._restore_from(info.path, targets)
+            except CorruptCheckpointError as exc:
+                warnings.warn(
+                    f"{CorruptCheckpointError(info.path, exc.problems, hint='falling back to the previous checkpoint')}",
+                    stacklevel=3,
+                )
         return RestoreResult(step=0)
 
     def _restore_agreed(self, targets: dict[str, Any], step: int | str) -> RestoreResult:
@@ -367,24 +393,4 @@ class CheckpointManager:
             step = best
         if not isinstance(step, int) or isinstance(step, bool):
             raise ValueError(f"step must be 'latest', 'best' or an integer, got {step!r}")
-        path = os.path.join(self.root, discovery.step_dir_name(step))
-        if self._remote is not None:
-            if all(i.step != step for i in infos):
-                available = ", ".join(str(i.step) for i in infos) or "none"
-                raise CheckpointNotFoundError(
-                    f"no checkpoint for step {step} under {self.root} (available: {available})"
-                )
-            return path  # its manifest is read (and a bad one refused) when it is downloaded
-        if os.path.islink(path):
-            raise UnsafeCheckpointError(
-                self.root,
-                [Problem(os.path.basename(path), "is a symbolic link; savepoint follows none out of a root")],
-                hint="restore a checkpoint of this root, or point a manager at the directory the link names",
-            )
-        if not os.path.isdir(path):
-            available = ", ".join(str(i.step) for i in infos) or "none"
-            raise CheckpointNotFoundError(
-                f"no checkpoint for step {step} under {self.root} (available: {available})"
-            )
-        read_manifest(path)  # a damaged or foreign manifest is an error here, not a silent skip
-        return path
+        return discovery.step_path(self.root, step, infos, remote=self._remote is not None)

@@ -244,8 +244,13 @@ def read_manifest(ckpt_dir: str) -> Manifest:
     Opened without following symlinks, regular files only (a FIFO is refused, never waited on), and
     size-checked before it is read.
     """
+    return parse_manifest(manifest_bytes(ckpt_dir), ckpt_dir)
+
+
+def manifest_bytes(ckpt_dir: str) -> bytes:
+    """The raw bytes of `ckpt_dir/savepoint.json`, read as `read_manifest` reads them (not parsed)."""
     try:
-        raw = read_bytes_inside(ckpt_dir, MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
+        return read_bytes_inside(ckpt_dir, MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
     except UnsafeCheckpointError:
         raise
     except CorruptCheckpointError as exc:  # larger than MAX_MANIFEST_BYTES
@@ -256,7 +261,6 @@ def read_manifest(ckpt_dir: str) -> Manifest:
         raise _fail(ckpt_dir, "the checkpoint path is a file, not a directory") from exc
     except OSError as exc:
         raise _fail(ckpt_dir, f"unreadable ({exc.strerror or exc})") from exc
-    return parse_manifest(raw, ckpt_dir)
 
 
 def check_relpath(relpath: str, ckpt: str) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 from savepoint import discovery, policy
 from savepoint.io.shared_arena import AttachedSegments, Region
 from savepoint.manifest import build_manifest
+from savepoint.storage import memory_tier
 from savepoint.storage.dedupe import DedupingStagedDir
 from savepoint.storage.local import delete_checkpoint_dir
 
@@ -52,6 +53,7 @@ class SavePlan:
     retention: policy.RetentionPolicy
     step: int
     pause_s: float = 0.0  # tests only: sleep after each file, to kill the trainer mid-write
+    memory_tier: bool = False  # copy the committed checkpoint to shared memory (storage/memory_tier.py)
 
 
 def write_plan(plan: SavePlan, segments: AttachedSegments) -> str:
@@ -71,6 +73,8 @@ def write_plan(plan: SavePlan, segments: AttachedSegments) -> str:
     except BaseException:
         staged.abort()
         raise
+    if plan.memory_tier:
+        memory_tier.publish(plan.root, path)
     apply_retention(plan.root, plan.retention, protect=plan.step)
     return path
 

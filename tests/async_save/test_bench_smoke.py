@@ -25,6 +25,7 @@ def test_quick_benchmark_writes_tables_and_a_plot(tmp_path):
         "Async save",
         "Async saves end to end",
         "Restore",
+        "Restart from memory",
         "Dedupe",
     ):
         assert section in text

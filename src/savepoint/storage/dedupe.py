@@ -113,7 +113,7 @@ class DedupeWriter:
         """Start the real file: the bytes that matched so far come from the parent (a kernel copy)."""
         out = open(self.path, "wb")  # noqa: SIM115 (closed in close())
         self._out = out
-        _copy_range(self._source.fd, out.fileno(), self.size)
+        copy_range(self._source.fd, out.fileno(), self.size)
         out.seek(self.size)
         self._kicked = 0
         self._parent = None
@@ -286,13 +286,13 @@ def _link_or_copy(parent: ParentFile, target: str) -> bool:
         except OSError:
             pass  # EXDEV, EPERM, EMLINK, ENOTSUP...: the content is known equal, so a copy is as good
     with open(target, "wb") as out:
-        _copy_range(parent.fd, out.fileno(), parent.size)
+        copy_range(parent.fd, out.fileno(), parent.size)
         out.flush()
         os.fsync(out.fileno())
     return False
 
 
-def _copy_range(src_fd: int, dst_fd: int, nbytes: int) -> None:
+def copy_range(src_fd: int, dst_fd: int, nbytes: int) -> None:
     """Copy the first `nbytes` of src to dst, in the kernel where it can (copy_file_range)."""
     offset = 0
     while offset < nbytes:
