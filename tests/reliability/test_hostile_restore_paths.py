@@ -362,3 +362,24 @@ def test_writer_process_trusts_nothing_on_disk(tmp_path: Path, hazard: str) -> N
     assert savepoint.verify(step_path(root, 2))
     if before is not None:
         assert outside.read_bytes() == before
+
+
+def test_object_store_manifest_swapped_after_its_size_was_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest object replaced by a huge one between the size check and the read (the store
+    answers the size of the old object): the read stops one byte past the cap."""
+    from savepoint.manifest import MAX_MANIFEST_BYTES
+    from savepoint.storage.remote import RemoteRoot
+
+    monkeypatch.setenv("SAVEPOINT_CACHE", str(tmp_path / "cache"))
+    url = f"memory://hostile-{os.getpid()}-{time.monotonic_ns()}/run"
+    save_steps(url, (1,))
+    remote = RemoteRoot(url)
+    key = f"{remote.path}/step-00000001/savepoint.json"
+    listed = len(remote.fs.cat_file(key))
+    remote.fs.pipe_file(key, remote.fs.cat_file(key) + b" " * MAX_MANIFEST_BYTES)  # still valid JSON
+    monkeypatch.setattr(remote.fs, "size", lambda path, **kw: listed)
+    with pytest.raises(CorruptCheckpointError, match=r"savepoint\.json: grew past"):
+        remote.manifest_bytes("step-00000001")
+    remote.fs.rm(remote.path, recursive=True)
