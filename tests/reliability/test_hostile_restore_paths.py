@@ -383,3 +383,57 @@ def test_object_store_manifest_swapped_after_its_size_was_read(
     with pytest.raises(CorruptCheckpointError, match=r"savepoint\.json: grew past"):
         remote.manifest_bytes("step-00000001")
     remote.fs.rm(remote.path, recursive=True)
+
+
+# ---------------------------------------------------------------- the Accelerate helper's data-loader position
+
+
+def _prepared(seed: int) -> tuple[Any, Any, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    torch.manual_seed(seed)
+    config = DataLoaderConfiguration(use_stateful_dataloader=True, use_seedable_sampler=True)
+    accelerator = Accelerator(cpu=True, dataloader_config=config)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    loader = torch.utils.data.DataLoader(torch.arange(24.0).reshape(12, 2), batch_size=2, shuffle=True)
+    return accelerator.prepare(model, optimizer, loader)
+
+
+LOADER_FORGERIES = {
+    "epoch-string": lambda s: s.update(epoch="x"),
+    "epoch-negative": lambda s: s.update(epoch=-5),
+    "epoch-infinity": lambda s: s.update(epoch={"__float__": "inf"}),
+    "position-missing": lambda s: s.pop("position"),
+    "generator-state-short": lambda s: s["position"].update(generators={"g": [1, 2]}),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(LOADER_FORGERIES))
+def test_accelerate_loader_position_forged(tmp_path: Path, forgery: str) -> None:
+    """`AcceleratorCheckpointer.restore` with a forged data-loader position (manifest recomputed):
+    refused by name before anything changes, never taken as the loader's epoch."""
+    pytest.importorskip("accelerate")
+    pytest.importorskip("torchdata")
+    from savepoint.integrations.accelerate import AcceleratorCheckpointer
+
+    model, optimizer, loader = _prepared(0)
+    batches = iter(loader)
+    next(batches)
+    root = str(tmp_path / "run")
+    AcceleratorCheckpointer(root).save(1, model=model, optimizer=optimizer, dataloader=loader)
+    doc_path = Path(ckpt_of(root), "train_state/stateful/dataloader.json")
+    doc = json.loads(doc_path.read_bytes())
+    LOADER_FORGERIES[forgery](doc["state"])
+    doc_path.write_text(json.dumps(doc))
+    relist(ckpt_of(root))
+    fresh, fresh_opt, fresh_loader = _prepared(1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    epoch, position = fresh_loader.iteration, fresh_loader.state_dict()
+    with pytest.raises(CorruptCheckpointError, match=r"dataloader"):
+        AcceleratorCheckpointer(root).restore(
+            model=fresh, optimizer=fresh_opt, dataloader=fresh_loader, step=1
+        )
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    assert fresh_loader.iteration == epoch and fresh_loader.state_dict() == position
