@@ -373,19 +373,22 @@ def distributed_dcp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", ["bomb", "rank1-rng"])
+@pytest.mark.parametrize("case", ["bomb", "rank1-rng", "rank1-record"])
 def test_dcp_distributed_restore(distributed_dcp_run: Path, case: str) -> None:
     """A genuine FSDP2 checkpoint (2 ranks, weights in DCP), damaged: every rank raises promptly (the
-    ranks vote before any collective read), nothing is unpickled, no rank's shards change. Damage one
-    rank found is damage on every rank (the same error, naming it), so that all fall back together."""
+    ranks vote before any collective read, and after it), nothing is unpickled, no rank's shards
+    change. Damage one rank found is damage on every rank (the same error, naming it), so that all
+    fall back together."""
     expected = {
         "bomb": ["UnsafeCheckpointError", "UnsafeCheckpointError"],
         "rank1-rng": ["CorruptCheckpointError", "CorruptCheckpointError"],
+        "rank1-record": ["CorruptCheckpointError", "CorruptCheckpointError"],
     }[case]
+    named = {"bomb": "", "rank1-rng": "rank-00001.json", "rank1-record": "__1_0.distcp"}[case]
     for rank, kind in enumerate(expected):
         got = json.loads((distributed_dcp_run / f"result-{rank}.json").read_text())[case]
         assert got["error"] and got["error"].startswith(kind), f"rank {rank}: {got}"
-        assert "rank-00001.json" in got["error"] or case == "bomb", got["error"]
+        assert named in got["error"], got["error"]
         assert not got["sentinel"] and got["unchanged"] and got["seconds"] < 30, f"rank {rank}: {got}"
 
 
