@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests.reliability.harness import FULL
 from tests.reliability.hostile_helpers import SECRET, cli_ok, save_steps, step_path
 from tests.reliability.scenarios import train_state
 from tests.reliability.test_hostile_formats import DCP, METADATA, attempt_restore, make_sharded
@@ -126,7 +127,7 @@ def _unknown_file(ckpt: str, files: dict) -> None:
 def _huge_record(ckpt: str, files: dict) -> None:
     _write_record(ckpt, files)
     with open(Path(ckpt, record_name(0)), "r+b") as f:
-        f.truncate(2**30)  # sparse: 1 GiB claimed; the manifest vouches for it (relist)
+        f.truncate(200 * 2**20)  # sparse: 200 MiB claimed, past the cap; the manifest vouches for it
     relist(ckpt)
 
 
@@ -166,6 +167,7 @@ def test_dcp_item_records_forged(run: str, attack: str) -> None:
     assert isinstance(error, CorruptCheckpointError), f"{attack}: {type(error).__name__}: {error}"
     assert changed == [], f"{attack}: a failed restore ({error}) changed {changed}"
     assert "dcp_ranges/rank-00000.json" in str(error) or ".distcp" in str(error), error
+    assert attack != "huge-record" or "more than the" in str(error), error
     assert grew_mib < 256, f"{attack}: memory grew {grew_mib:.0f} MiB"
 
 
@@ -194,19 +196,22 @@ def test_dcp_item_holds_a_pickle_bomb(run: str, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- train-state JSON caps
 
 
-@pytest.mark.parametrize("blob", ["scheduler", "rng/rank-00000", "stateful/loader"])
+@pytest.mark.parametrize(
+    "blob", ["scheduler", "rng/rank-00000", "stateful/loader"] if FULL else ["scheduler"]
+)
 def test_train_state_json_over_its_cap(run: str, blob: str) -> None:
-    """A state document the manifest vouches for at 1 GiB (sparse): refused before any byte is read."""
+    """A state document the manifest vouches for at 300 MiB (sparse), past the 256 MiB a save may write:
+    refused before any byte is read."""
     ckpt = ckpt_of(run)
     with open(Path(ckpt, f"train_state/{blob}.json"), "r+b") as f:
-        f.truncate(2**30)
+        f.truncate(300 * 2**20)
     relist(ckpt)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.monotonic()
     error, changed = attempt_restore(run)
     grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
     assert isinstance(error, CorruptCheckpointError) and changed == [], error
-    assert f"{blob}.json" in str(error) and "bytes" in str(error), error
+    assert f"{blob}.json" in str(error) and "more than the" in str(error), error
     assert grew_mib < 256 and time.monotonic() - start < 20, "memory or time followed the claimed size"
 
 
@@ -329,7 +334,10 @@ def _process_saves(root: str, between) -> tuple[int, int]:  # type: ignore[no-un
     return parent, os.stat(os.path.join(step_path(root, 2), "model.safetensors")).st_ino
 
 
-@pytest.mark.parametrize("hazard", ["none", "world-writable", "symlinked-out", "hostile-manifest-beside"])
+@pytest.mark.parametrize(
+    "hazard",
+    ["none", "world-writable", "symlinked-out", "hostile-manifest-beside"] if FULL else ["symlinked-out"],
+)
 def test_writer_process_trusts_nothing_on_disk(tmp_path: Path, hazard: str) -> None:
     """The writer process dedupes and applies retention as a synchronous save does: it links only to
     a file of its own that no one else can write, follows no planted symlink, and a hostile manifest
