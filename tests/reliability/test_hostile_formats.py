@@ -440,6 +440,35 @@ def test_deepspeed_consolidation_planted_pickles(
     assert not os.path.exists(sentinel) and not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("inside", [True, False], ids=["in-checkpoint", "bare"])
+def test_deepspeed_consolidation_checks_config_before_transformers(
+    deepspeed_run: Path, tmp_path: Path, inside: bool
+) -> None:
+    """The config.json a DeepSpeed consolidation hands to transformers (to lay weights out as the Hub
+    does) claims 1 GiB (sparse): refused unread, before transformers opens it by its path."""
+    import resource
+
+    ckpt = tmp_path / "step-00000001"
+    shutil.copytree(deepspeed_run / "root" / "step-00000001", ckpt)
+    tag = ckpt / "train_state" / "deepspeed" / "global_step1"
+    if inside:
+        config, source = ckpt / "config.json", tag
+    else:
+        config, source = tmp_path / "config.json", tmp_path / "bare"
+        shutil.copytree(tag, source)
+        shutil.copy(ckpt / "config.json", config)
+    with open(config, "r+b") as f:
+        f.truncate(2**30)
+    if inside:
+        relist(str(ckpt))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CorruptCheckpointError, match=r"config\.json.*more than"):
+        consolidate(source, tmp_path / "out")
+    grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    assert grew_mib < 256, f"memory grew {grew_mib:.0f} MiB: the claimed size was read"
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_deepspeed_reads_only_listed_files(deepspeed_run: Path, tmp_path: Path) -> None:
     from savepoint.integrations.deepspeed_files import FileLoader
 
