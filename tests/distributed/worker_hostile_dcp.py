@@ -10,6 +10,9 @@ the model or its optimizer changed.
                rank refuses it through the allow-list
     rank1-rng  rank 1's RNG blob does not decode: rank 1 refuses it, rank 0 learns it from the vote,
                and neither rank enters a collective read or changes anything
+    rank1-record  rank 1's record of item checksums forged (two items' checksums swapped): the rank
+               reading those items refuses them inside the collective read, every rank learns it,
+               and no live shard changes
 """
 
 from __future__ import annotations
@@ -63,6 +66,14 @@ def damage_rng(ckpt: str) -> None:
     save_file(tensors, f"{relbase}.safetensors")
 
 
+def forge_record(ckpt: str) -> None:
+    path = Path(ckpt, "train_state/dcp_ranges/rank-00001.json")
+    doc = json.loads(path.read_bytes())
+    spans = doc["files"][sorted(doc["files"])[0]]
+    spans[0][2], spans[1][2] = spans[1][2], spans[0][2]
+    path.write_text(json.dumps(doc))
+
+
 def plant_bomb(ckpt: str, sentinel: str) -> None:
     Path(ckpt, "train_state/dcp/.metadata").write_bytes(pickle.dumps(Bomb(sentinel)))
 
@@ -77,7 +88,11 @@ def main(out: str) -> None:
     savepoint.CheckpointManager(f"{out}/root", sharded_model=True, dist_timeout=60).save(
         1, model=model, optimizer=opt
     )
-    cases = {"bomb": plant_bomb, "rank1-rng": lambda ckpt, _: damage_rng(ckpt)}
+    cases = {
+        "bomb": plant_bomb,
+        "rank1-rng": lambda ckpt, _: damage_rng(ckpt),
+        "rank1-record": lambda ckpt, _: forge_record(ckpt),
+    }
     results = {}
     for name, damage in cases.items():
         root = f"{out}/{name}"

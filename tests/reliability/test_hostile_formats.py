@@ -373,19 +373,22 @@ def distributed_dcp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", ["bomb", "rank1-rng"])
+@pytest.mark.parametrize("case", ["bomb", "rank1-rng", "rank1-record"])
 def test_dcp_distributed_restore(distributed_dcp_run: Path, case: str) -> None:
     """A genuine FSDP2 checkpoint (2 ranks, weights in DCP), damaged: every rank raises promptly (the
-    ranks vote before any collective read), nothing is unpickled, no rank's shards change. Damage one
-    rank found is damage on every rank (the same error, naming it), so that all fall back together."""
+    ranks vote before any collective read, and after it), nothing is unpickled, no rank's shards
+    change. Damage one rank found is damage on every rank (the same error, naming it), so that all
+    fall back together."""
     expected = {
         "bomb": ["UnsafeCheckpointError", "UnsafeCheckpointError"],
         "rank1-rng": ["CorruptCheckpointError", "CorruptCheckpointError"],
+        "rank1-record": ["CorruptCheckpointError", "CorruptCheckpointError"],
     }[case]
+    named = {"bomb": "", "rank1-rng": "rank-00001.json", "rank1-record": "__1_0.distcp"}[case]
     for rank, kind in enumerate(expected):
         got = json.loads((distributed_dcp_run / f"result-{rank}.json").read_text())[case]
         assert got["error"] and got["error"].startswith(kind), f"rank {rank}: {got}"
-        assert "rank-00001.json" in got["error"] or case == "bomb", got["error"]
+        assert named in got["error"], got["error"]
         assert not got["sentinel"] and got["unchanged"] and got["seconds"] < 30, f"rank {rank}: {got}"
 
 
@@ -435,6 +438,35 @@ def test_deepspeed_consolidation_planted_pickles(
     with pytest.raises(UnsafeCheckpointError, match=r"Unsupported global.*open"):
         consolidate(source, tmp_path / "out")
     assert not os.path.exists(sentinel) and not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["in-checkpoint", "bare"])
+def test_deepspeed_consolidation_checks_config_before_transformers(
+    deepspeed_run: Path, tmp_path: Path, inside: bool
+) -> None:
+    """The config.json a DeepSpeed consolidation hands to transformers (to lay weights out as the Hub
+    does) claims 1 GiB (sparse): refused unread, before transformers opens it by its path."""
+    import resource
+
+    ckpt = tmp_path / "step-00000001"
+    shutil.copytree(deepspeed_run / "root" / "step-00000001", ckpt)
+    tag = ckpt / "train_state" / "deepspeed" / "global_step1"
+    if inside:
+        config, source = ckpt / "config.json", tag
+    else:
+        config, source = tmp_path / "config.json", tmp_path / "bare"
+        shutil.copytree(tag, source)
+        shutil.copy(ckpt / "config.json", config)
+    with open(config, "r+b") as f:
+        f.truncate(2**30)
+    if inside:
+        relist(str(ckpt))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CorruptCheckpointError, match=r"config\.json.*more than"):
+        consolidate(source, tmp_path / "out")
+    grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    assert grew_mib < 256, f"memory grew {grew_mib:.0f} MiB: the claimed size was read"
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_deepspeed_reads_only_listed_files(deepspeed_run: Path, tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from savepoint.verified_read import read_bytes_verified
 RANGES_DIR = "train_state/dcp_ranges"
 _FORMAT = "savepoint-dcp-ranges"
 _CHUNK = 16 * 1024 * 1024
+MAX_RECORD_BYTES = 64 * 1024 * 1024  # ~1M items of one rank; a record past it is refused unread
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
 
 Range = tuple[int, int, str]  # offset, length, hex digest
@@ -146,16 +147,13 @@ class RangeRecords:
 
     def _read(self, rank: int) -> dict[str, list[Range]]:
         rel = record_name(rank)
-        raw = read_bytes_verified(self.ckpt_dir, self.manifest, rel)
+        raw = read_bytes_verified(self.ckpt_dir, self.manifest, rel, max_bytes=MAX_RECORD_BYTES)
         try:
             doc = json.loads(raw)
             files = doc["files"]
-            out = {
-                str(name): sorted((int(o), int(n), str(d)) for o, n, d in spans)
-                for name, spans in files.items()
-            }
-        except (ValueError, KeyError, TypeError) as exc:
-            raise self._fail(rel, f"not a record of item checksums ({exc})") from exc
+            out = {str(name): sorted(_span(span) for span in spans) for name, spans in files.items()}
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise self._fail(rel, f"not a record of item checksums ({exc})"[:300]) from exc
         for name, spans in out.items():
             size = self.manifest.files.get(f"{self.dcp_rel}/{name}")
             end = 0
@@ -164,6 +162,15 @@ class RangeRecords:
                     raise self._fail(rel, f"item ranges of {name} overlap or leave the file")
                 end = offset + length
         return out
+
+
+def _span(span: Any) -> Range:
+    """One recorded item, [offset, length, hex digest], with whole non-negative numbers only (a float,
+    a bool or JSON's Infinity is a forged record, never a rounding to accept)."""
+    offset, length, digest = span
+    if not all(type(v) is int and 0 <= v < 2**63 for v in (offset, length)) or not isinstance(digest, str):
+        raise ValueError(f"an item is not [offset, length, checksum]: {str(span)[:80]}")
+    return offset, length, digest
 
 
 class RangeCheckedStream(io.RawIOBase):
@@ -210,6 +217,8 @@ class RangeCheckedStream(io.RawIOBase):
         if i < 0 or pos >= self._ranges[i][0] + self._ranges[i][1]:
             raise self._fail(f"bytes at offset {pos} lie in no item with a recorded checksum")
         start, length, digest = self._ranges[i]
+        if start + length > self._size:  # before the buffer: memory follows the file, not the record
+            raise self._fail(f"the item at bytes {start}..{start + length} ends past the file's {self._size}")
         buf = bytearray(length)
         view, done = memoryview(buf), 0
         while done < length:

@@ -14,6 +14,7 @@ time, so a save or a restore never holds a second copy of the model.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,9 @@ from huggingface_hub import (
     split_state_dict_into_shards_factory,
 )
 
+from savepoint._json import MAX_JSON_BYTES
 from savepoint.errors import IncompatibleCheckpointError
+from savepoint.io.files import open_fd_inside
 
 Group = tuple[str, ...]
 
@@ -219,6 +222,13 @@ def meta_model_for_config(model_dir: str) -> Any | None:
     transformers' own classes only); None when no transformers class is known for it."""
     import transformers
 
+    # transformers opens config.json by its path: first make sure that path is a regular file inside
+    # `model_dir`, reached through no link, and small (the directory may be someone else's).
+    try:
+        fd, _ = open_fd_inside(model_dir, "config.json", max_bytes=MAX_JSON_BYTES)
+    except FileNotFoundError:
+        return None
+    os.close(fd)
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model_cls = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)

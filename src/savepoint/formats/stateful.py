@@ -59,6 +59,10 @@ def check(obj: Any, state: Any, ckpt_dir: str, relpath: str) -> None:
     """
     from savepoint.errors import CorruptCheckpointError, Problem
 
+    own_check = getattr(obj, "savepoint_check_state", None)  # savepoint's own wrappers (Accelerate's loader)
+    if callable(own_check):
+        own_check(state, ckpt_dir, relpath)
+        return
     if not (_is_stateful_data_loader(obj) and isinstance(state, dict) and _WRAPPED in state):
         return
     generators = state.get("generators", {})

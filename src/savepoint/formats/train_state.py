@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from savepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError, Problem
+from savepoint.errors import (
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    Problem,
+    UnsupportedStateError,
+)
 from savepoint.formats import state as state_codec
 from savepoint.formats.hf import unwrap_model
 from savepoint.formats.safetensors_io import write_safetensors
@@ -25,6 +30,9 @@ from savepoint.storage.local import StagedDir
 from savepoint.verified_read import read_bytes_verified, read_safetensors_verified
 
 TRAIN_STATE_DIR = "train_state"
+# A state document holds structure and small values (tensors go to safetensors). The cap holds on both
+# sides: a save refuses a larger one, so a restore may refuse it unread without losing a checkpoint.
+MAX_STATE_JSON_BYTES = 256 * 1024 * 1024
 
 
 # ---------------------------------------------------------------- blobs
@@ -37,7 +45,13 @@ def blob_files(relbase: str) -> tuple[str, str]:
 def encode_blob(state: Any, where: str) -> tuple[bytes, dict[str, torch.Tensor]]:
     tensors: dict[str, torch.Tensor] = {}
     doc = state_codec.encode(state, tensors, where)
-    return state_codec.dumps({"state": doc}), tensors
+    raw = state_codec.dumps({"state": doc})
+    if len(raw) > MAX_STATE_JSON_BYTES:
+        raise UnsupportedStateError(
+            f"{where}: its JSON document is {len(raw)} bytes, more than the {MAX_STATE_JSON_BYTES} a "
+            "restore reads; keep large sequences as tensors or numpy arrays (stored as safetensors)"
+        )
+    return raw, tensors
 
 
 def write_blob(staged: StagedDir, relbase: str, doc: bytes, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -55,7 +69,7 @@ def has_blob(manifest: Manifest, relbase: str) -> bool:
 def read_blob(ckpt_dir: str, manifest: Manifest, relbase: str) -> Any:
     """Read and decode one blob; each file is checked against the manifest in the same read."""
     json_rel, st_rel = blob_files(relbase)
-    raw = read_bytes_verified(ckpt_dir, manifest, json_rel)
+    raw = read_bytes_verified(ckpt_dir, manifest, json_rel, max_bytes=MAX_STATE_JSON_BYTES)
     doc = state_codec.loads(raw, ckpt=ckpt_dir, relpath=json_rel)
     tensors = {}
     if st_rel in manifest.files:

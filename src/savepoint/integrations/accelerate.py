@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from savepoint import policy
-from savepoint.errors import SavepointError
+from savepoint.errors import CorruptCheckpointError, Problem, SavepointError
 from savepoint.formats import stateful as stateful_format
 from savepoint.manager import CheckpointManager
 from savepoint.restoring import RestoreResult
@@ -53,6 +53,16 @@ class LoaderPosition:
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": stateful_format.capture(self.loader), "epoch": epoch_to_resume(self.loader)}
+
+    def savepoint_check_state(self, state: Any, ckpt_dir: str, relpath: str) -> None:
+        """Refuse a saved position this loader could not take, before restore changes anything."""
+        epoch = state.get("epoch") if isinstance(state, dict) else None
+        if type(epoch) is not int or not 0 <= epoch < 2**31 or "position" not in state:
+            raise CorruptCheckpointError(
+                ckpt_dir,
+                [Problem(relpath, f"not a data-loader position (epoch {epoch!r:.40}, needs 'position')")],
+            )
+        stateful_format.check(self.loader, state["position"], ckpt_dir, relpath)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if hasattr(self.loader, "set_epoch"):

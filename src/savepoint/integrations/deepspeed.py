@@ -42,6 +42,7 @@ from savepoint.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     Problem,
+    UnsafeCheckpointError,
     UnsupportedStateError,
 )
 from savepoint.formats import train_state
@@ -52,6 +53,7 @@ from savepoint.integrations.deepspeed_files import (
     module_reads_through,
     refuse_unsafe_options,
 )
+from savepoint.io.files import read_bytes_inside
 from savepoint.manifest import Manifest, verify_files
 
 DS_DIR = f"{train_state.TRAIN_STATE_DIR}/deepspeed"
@@ -181,23 +183,31 @@ def restore(
 def find_checkpoint(source: str) -> str | None:
     """The `global_stepN` directory of a DeepSpeed checkpoint at `source` (itself, via `latest`, or its only
     `global_step*` subdirectory); None when `source` is no DeepSpeed checkpoint."""
-
-    def is_tag_dir(d: str) -> bool:
-        return os.path.isdir(d) and any(n.endswith("_optim_states.pt") for n in os.listdir(d))
-
-    if is_tag_dir(source):
+    if _is_tag_dir(source):
         return source
-    latest = os.path.join(source, "latest")
-    if os.path.isfile(latest):
-        with open(latest, encoding="utf-8") as f:
-            tag = os.path.basename(f.read().strip())  # a tag names a subdirectory, never a path
-        return os.path.join(source, tag) if is_tag_dir(os.path.join(source, tag)) else None
+    if os.path.isfile(os.path.join(source, "latest")):
+        # Opened as every file below a foreign directory is: no symlink, regular, small.
+        raw = read_bytes_inside(source, "latest", max_bytes=_MAX_LATEST_BYTES)
+        tag = os.path.basename(raw.decode("utf-8", "replace").strip())  # a subdirectory, never a path
+        return _tag_below(source, tag) if tag not in ("", ".", "..") else None
     tags = [n for n in os.listdir(source) if n.startswith("global_step")] if os.path.isdir(source) else []
-    return (
-        os.path.join(source, tags[0])
-        if len(tags) == 1 and is_tag_dir(os.path.join(source, tags[0]))
-        else None
-    )
+    return _tag_below(source, tags[0]) if len(tags) == 1 else None
+
+
+_MAX_LATEST_BYTES = 4096
+
+
+def _tag_below(source: str, tag: str) -> str | None:
+    """`source/tag` when it is a DeepSpeed tag directory there: a link to a directory elsewhere is
+    refused, since every read of the consolidation is confined to the tag directory it returns."""
+    tag_dir = os.path.join(source, tag)
+    if os.path.islink(tag_dir):
+        raise UnsafeCheckpointError(source, [Problem(tag, "the tag directory is a symbolic link")])
+    return tag_dir if _is_tag_dir(tag_dir) else None
+
+
+def _is_tag_dir(directory: str) -> bool:
+    return os.path.isdir(directory) and any(n.endswith("_optim_states.pt") for n in os.listdir(directory))
 
 
 def fp32_state(

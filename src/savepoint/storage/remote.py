@@ -128,11 +128,18 @@ class RemoteRoot:
                 raise CorruptCheckpointError(
                     self.step_url(name), [Problem(MANIFEST_NAME, f"is {size} bytes")]
                 )
-            return bytes(self.fs.cat_file(key))
+            # One byte past the cap at most, whatever the object became since its size was listed.
+            raw = bytes(self.fs.cat_file(key, start=0, end=MAX_MANIFEST_BYTES + 1))
         except FileNotFoundError as exc:
             raise CorruptCheckpointError(
                 self.step_url(name), [Problem(MANIFEST_NAME, "missing: not a committed checkpoint")]
             ) from exc
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                self.step_url(name),
+                [Problem(MANIFEST_NAME, f"grew past {MAX_MANIFEST_BYTES} bytes while read")],
+            )
+        return raw
 
     def list_checkpoints(self, *, warn: bool = True) -> list[CheckpointInfo]:
         """Committed checkpoints (prefixes holding a manifest that parses), oldest step first."""
