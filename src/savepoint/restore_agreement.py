@@ -90,9 +90,7 @@ def _prepare(
             part = rank_copy(
                 remote, path, rank=distributed.rank(), model=targets["model"], optimizer=targets["optimizer"]
             )
-            local, problems = stack.enter_context(part)
-            if problems:
-                raise CorruptCheckpointError(path, problems)
+            local = stack.enter_context(part)
         elif not os.path.isdir(path):
             raise CheckpointNotFoundError(
                 f"rank {distributed.rank()} sees no checkpoint for step {number} under {root}, "
@@ -104,7 +102,13 @@ def _prepare(
     except BaseException as exc:
         error = exc
     vote(error, path=path, what=what, timeout=timeout)
-    return prepare_restore(local, **targets, manifest=manifest, timeout=timeout)
+    try:
+        return prepare_restore(local, **targets, manifest=manifest, timeout=timeout)
+    except CorruptCheckpointError as exc:
+        if local == path:
+            raise
+        # Name the checkpoint in the store, not this rank's temporary download of it.
+        raise type(exc)(path, exc.problems, exc.hint) from exc
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ saves to and restores from an `s3://` root on a moto server (s3fs is pointed at 
     worker_s3.py save ROOT OUT      train 2 steps, save step 2, record the reference, train 2 more
     worker_s3.py restore ROOT OUT   restore into other weights, check them, train 2 more
     worker_s3.py fail ROOT OUT      save step 3 while rank 1's upload fails part-way through
+    worker_s3.py damaged ROOT OUT   restore step 2, whose objects were damaged: refused, nothing changed
     ... save ROOT OUT async         the save with `async_save=True`: it is committed once wait() returns
 
 Each rank writes OUT/<mode>-rank<r>.json: what it staged, uploaded and downloaded (its own RemoteRoot's
@@ -62,6 +63,16 @@ def main(mode: str, root: str, out: str, how: str = "sync") -> None:
         if rank == 0:
             assert_same(load_file(f"{out}/ref.safetensors"), restored, where="restored from s3")
         report["losses"] = train(model, opt, sched, iter(loader), 2)
+    elif mode == "damaged":
+        model, opt, sched, loader = build(seed=1)
+        before = gathered(model, opt)
+        try:
+            mgr.restore(model=model, optimizer=opt, scheduler=sched, stateful={"data": loader}, step=2)
+            report["error"] = None
+        except savepoint.SavepointError as exc:
+            report["error"] = f"{type(exc).__name__}: {exc}"
+        after = gathered(model, opt)
+        report["unchanged"] = all(torch.equal(before[k], after[k]) for k in before) if rank == 0 else None
     elif mode == "fail":
         model, opt, sched, loader = build(seed=0)
         train(model, opt, sched, iter(loader), 1)

@@ -159,6 +159,21 @@ def test_two_ranks_upload_their_own_files_and_restore_their_own_part(s3_root: st
     assert objects(s3_root, "step-00000003") == {}
     assert savepoint.verify(s3_root) == [f"{s3_root}/{STEP}"]
 
+    # Damaged objects: each rank checks what it downloaded in the read that decodes it, and the ranks
+    # vote before anything changes. Rank 1's DCP shard is read by rank 1 alone.
+    fs, path = fsspec.core.url_to_fs(s3_root)
+    shard = f"{path}/{STEP}/train_state/dcp/__1_0.distcp"
+    raw = bytearray(fs.cat_file(shard))
+    raw[len(raw) // 2] ^= 0xFF
+    fs.pipe_file(shard, bytes(raw))
+    run_one_node("damaged", s3_root, tmp_path, cache)
+    damaged = reports(tmp_path, "damaged")
+    assert "__1_0.distcp" in damaged[1]["error"], damaged[1]["error"]
+    assert all(
+        f"CorruptCheckpointError: checkpoint {s3_root}/{STEP} is damaged" in r["error"] for r in damaged
+    )
+    assert damaged[0]["unchanged"] is True
+
 
 def test_two_nodes_without_a_shared_disk_save_and_resume_through_s3(s3_root: str, tmp_path: Path) -> None:
     caches = [tmp_path / "node0-disk", tmp_path / "node1-disk"]

@@ -7,9 +7,10 @@
                  planner computes them from `.metadata` and this rank's DTensors
     left out     the other ranks' RNG and stateful files and the `.distcp` files it reads nothing from
 
-The downloaded files are verified against the manifest before the ranks vote, as a full copy is;
-the files left in the store are marked on the local copy (`storage.remote.partial_copy`), so the DCP
-reader does not look for them. Where the plan cannot be computed (a model whose parameters are not
+The downloaded files are checked against the manifest in the restore's own reads, which decode and
+hash each byte once, before the ranks vote (`restore_collective`); hashing them here as well would read
+every byte twice. The files left in the store are marked on the local copy
+(`storage.remote.partial_copy`), so the DCP reader does not look for them. Where the plan cannot be computed (a model whose parameters are not
 DTensors named as DCP names them, FSDP1's flat parameters) a rank downloads every `.distcp` file:
 more bytes, never a missing one.
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from savepoint.errors import Problem, SavepointError
+from savepoint.errors import SavepointError
 from savepoint.formats import dcp_ranges, sharded
 from savepoint.manifest import Manifest, check_file, parse_manifest
 from savepoint.storage.local import MANIFEST_NAME
@@ -38,9 +39,9 @@ _STATEFUL_FILE = re.compile(r"train_state/stateful/rank-(\d+)/(.+)\.(json|safete
 @contextlib.contextmanager
 def rank_copy(
     remote: RemoteRoot, step_url: str, *, rank: int, model: Any, optimizer: Any
-) -> Iterator[tuple[str, list[Problem]]]:
-    """Download this rank's part of a checkpoint into a temporary directory; yield (its path, the
-    problems found in the downloaded files), then remove it."""
+) -> Iterator[str]:
+    """Download this rank's part of a checkpoint into a temporary directory; yield its path, then
+    remove it. The restore checks each file as it reads it."""
     os.makedirs(cache_dir(), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="savepoint-fetch-", dir=cache_dir()) as tmp:
         name = remote.name_of(step_url)
@@ -53,9 +54,8 @@ def rank_copy(
             wanted += dcp_files_read(remote, name, manifest, local, model=model, optimizer=optimizer)
         with open(os.path.join(local, MANIFEST_NAME), "wb") as f:
             f.write(raw)
-        problems = [p for rel in wanted if (p := check_file(local, rel, manifest.files[rel]))]
         with partial_copy(local, frozenset(manifest.files) - set(wanted)):
-            yield local, problems
+            yield local
 
 
 def reads_outside_dcp(manifest: Manifest, relpath: str, rank: int) -> bool:
