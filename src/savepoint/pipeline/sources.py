@@ -83,11 +83,25 @@ def is_collective(model: torch.nn.Module) -> bool:
     )
 
 
-def can_write_in_background(model: torch.nn.Module) -> bool:
-    """Whether a save under torchrun may run its write phase on a background thread (async_save): not
-    for a DeepSpeed engine (it writes through its own collectives on the training's process group) nor
-    a sharded model (its DCP tensors are DTensors or ShardedTensors: no host snapshot of them yet)."""
-    return not ds.is_engine(model) and not is_sharded(hf.unwrap_model(model))
+def why_not_in_background(model: torch.nn.Module) -> str | None:
+    """Why a save of `model` under torchrun cannot run its write phase on a background thread
+    (async_save), or None when it can. FSDP2's DTensors are copied with their layout (snapshot_dcp.py)."""
+    if ds.is_engine(model):
+        return (
+            "a DeepSpeed engine writes through its own save_checkpoint, which runs collectives on the "
+            "training's process group and reads the live engine state (partitions, optimizer) as it writes"
+        )
+    module = hf.unwrap_model(model)
+    if is_sharded(module) and has_fsdp1(module):
+        return "an FSDP1 model's sharded state (ShardedTensor) is not snapshotted; FSDP2 (fully_shard) is"
+    return None
+
+
+def has_fsdp1(model: torch.nn.Module) -> bool:
+    """True when `model` holds an FSDP1 (`FullyShardedDataParallel`) wrapper anywhere."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
 class ModuleSource(ModelSource):
