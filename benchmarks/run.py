@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     loop_table, stats["loop"] = _async_loop(workdir, reps=args.reps, quick=args.quick)
     tables.append(loop_table)
     tables += _optional_merge(workdir, quick=args.quick)
-    if not args.quick:
+    if not args.quick:  # torchrun jobs of a minute or more each: not in the --quick smoke of `make test`
         tables.append(_distributed(workdir))
-    tables.append(_stall_ranks(workdir, quick=args.quick))
+        tables.append(_stall_ranks(workdir, quick=args.quick))
     tables.append(_commit_scale(quick=args.quick))
     tables.append(_commit_read_bytes(workdir))
     tables.append(_restore_read_bytes(workdir))

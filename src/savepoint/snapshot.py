@@ -115,6 +115,8 @@ def snapshot_job(job: Any) -> None:
             _copy_into(pool, f"adapter/{adapter_name}", tensors)
         for name, tensor in job.dcp_tensors.items():  # FSDP2's DTensors keep their layout for DCP
             job.dcp_tensors[name] = host_copy(pool, f"dcp:{name}", tensor)
+        for name, tensor in (job.model_shards or {}).items():  # gathered to rank 0 by the write phase
+            job.model_shards[name] = host_copy(pool, f"shard:{name}", tensor)
     finally:
         pool.end()
 

@@ -22,3 +22,6 @@ def test_async_fsdp2_saves_the_save_time_state_in_both_modes_and_reuses_its_buff
         assert result["reuse"]["saves"] == 24, rank
         assert result["reuse"]["pool_bytes"] > 0, rank
     assert per_rank[0]["gathered"]["tensors_compared"] > 10  # rank 0 compared the full gathered state
+    # sharded_model=False: save() copied each rank's weight shards; the write phase gathered them to rank 0
+    assert [r["gathered"]["deferred_gather"] for r in per_rank] == [True, True]
+    assert [r["sharded"]["deferred_gather"] for r in per_rank] == [False, False]

@@ -9,7 +9,8 @@ save-time state bit-exactly into a fresh FSDP2 model (checked against torch's ow
 warning. Then a failure injected into rank 1's background write is raised on both ranks by wait() and
 by the next save(), and nothing is committed for it (the failure is raised inside DCP's write, so DCP
 reports it to every rank). Finally many saves in a row reuse the same host
-buffers (same pointers, same pool size). Rank 0 writes OUT/result.json.
+buffers (same pointers, same pool size). First, the background weight gather (shard_gather.py) is
+checked against torch's own `full_tensor()` on uneven shards. Rank 0 writes OUT/result.json.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import savepoint
 from savepoint.demo import tiny
 from savepoint.distributed import DistributedSaveError
 from savepoint.formats.dcp_ranges import RangeRecordingWriter
 from savepoint.pipeline import save as pipeline_save
+from savepoint.shard_gather import gather_rows
 from savepoint.snapshot import pool_for
 
 REPEATS = 24  # saves in a row for the buffer-reuse check
@@ -83,12 +86,14 @@ class Hooks:
         self.fail: set[int] = set()
         self.step = 0
         self.pointers: list[frozenset[int]] = []
+        self.deferred: list[bool] = []  # whether the weight gather was left to the write phase
         real = pipeline_save.write_files
 
         def write_files(job, staged):
             if self.hold and not self.release.wait(timeout=60):
                 raise AssertionError("the write was never released: save() did not return before it")
             self.step = job.request.step
+            self.deferred.append(job.model_shards is not None)
             dtensors = [t for t in job.dcp_tensors.values() if isinstance(t, DTensor)]
             assert dtensors, "the job has no DTensor shards"
             self.pointers.append(frozenset(t.to_local().data_ptr() for t in dtensors))
@@ -122,6 +127,7 @@ def check_mode(out: str, hooks: Hooks, sharded_model: bool) -> dict:
     ref = gathered(model, opt, sched)
 
     hooks.hold, hooks.release = True, threading.Event()
+    hooks.deferred.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "this save is synchronous" warning
         mgr.save(2, model=model, optimizer=opt, scheduler=sched)
@@ -151,7 +157,7 @@ def check_mode(out: str, hooks: Hooks, sharded_model: bool) -> dict:
     assert restored_mgr.restore(model=fresh, optimizer=fresh_opt, scheduler=fresh_sched).step == 2
     restored = gathered(fresh, fresh_opt, fresh_sched)
     assert_same(ref, restored, where=f"rank {dist.get_rank()}, sharded_model={sharded_model}")
-    return {"restored_step": 2, "tensors_compared": len(ref)}
+    return {"restored_step": 2, "tensors_compared": len(ref), "deferred_gather": hooks.deferred[0]}
 
 
 def check_reuse(out: str, hooks: Hooks) -> dict:
@@ -171,9 +177,30 @@ def check_reuse(out: str, hooks: Hooks) -> dict:
     return {"saves": len(hooks.pointers), "pool_bytes": sizes[-1]}
 
 
+def check_uneven_rows() -> None:
+    """The background gather puts uneven shards back in place: 5 rows over 2 ranks (3 + 2), 1 row (1 + 0)
+    and bf16, as torch's own `full_tensor()` does."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    whole = {
+        "odd": torch.arange(15.0).reshape(5, 3),
+        "one": torch.arange(4.0).reshape(1, 4),
+        "bf16": torch.randn(7, 2, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16),
+    }
+    shards = {name: distribute_tensor(t, mesh, [Shard(0)]) for name, t in whole.items()}
+    got = gather_rows(shards, timeout=60, what="test")
+    if dist.get_rank() == 0:
+        for name, t in whole.items():
+            assert torch.equal(got[name], t) and torch.equal(got[name], shards[name].full_tensor()), name
+    else:
+        assert got == {}, got
+        for t in shards.values():
+            t.full_tensor()  # rank 0's comparison is collective
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(100 + dist.get_rank())
+    check_uneven_rows()
     hooks = Hooks()
     result = {
         "gathered": check_mode(out, hooks, sharded_model=False),

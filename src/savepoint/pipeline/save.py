@@ -63,7 +63,7 @@ def capture(
     what = f"save of step {request.step} under {request.root}"
     source = source_for(request.model, sharded_model=sharded_model)
     source.check(request)  # the same verdict on every rank, before anything collective
-    job = SaveJob(request=request, source=source, timeout=timeout)
+    job = SaveJob(request=request, source=source, timeout=timeout, snapshot=snapshot)
     with distributed.peer_failures(what, "gathering the weights to rank 0"):
         source.gather(job)  # collective
     optimizer = None if source.owns_optimizer else request.optimizer
@@ -115,6 +115,7 @@ def write_files(job: SaveJob, staged: StagedDir) -> tuple[str, dict[str, Any] | 
     request, source = job.request, job.source
     if job.dcp_tensors:
         sharded.write_dcp(staged, job.dcp_tensors, timeout=job.timeout)  # collective; DCP raises on all ranks
+    source.finish_gather(job)  # collective: an async FSDP2 save's weights to rank 0, on savepoint's group
     source.write_all_ranks(staged, request)  # collective
     base_model = None
     if rank() == 0:
