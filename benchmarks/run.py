@@ -195,8 +195,9 @@ def _stall_ranks(workdir: str, *, quick: bool) -> Table:
         "`async_save`), the slowest rank's per save, median of 3 saves after one warm-up save per method; "
         "one AdamW step between saves, every save finished before the next; methods interleaved",
         "a ~25M-parameter Llama (fp32 weights + AdamW moments); DDP replicates that state on every rank, "
-        "FSDP2 (`fully_shard` per layer) splits it. `savepoint async` on FSDP2 gathers the weights to "
-        "rank 0 inside save() (an HF directory); `sharded_model` keeps them as DCP shards, as DCP does",
+        "FSDP2 (`fully_shard` per layer) splits it. `savepoint async` on FSDP2 copies each rank's shards "
+        "and gathers the weights to rank 0 in the background write (an HF directory); `sharded_model` "
+        "keeps them as DCP shards, as DCP does; `savepoint sync` gathers and writes inside save()",
         "command: OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=N -m benchmarks.bench_stall_ranks OUT",
     ]
     return Table(title, rows, notes)

@@ -1,7 +1,8 @@
 """Every save, at every world size: one process is the case W = 1 of the same code. Two phases:
 
     capture (save() time, on the training thread)                               `capture`
-      gather             the model source's weights into the job (FSDP / ZeRO-3 gather to rank 0: collective)
+      gather             the model source's weights into the job (FSDP / ZeRO-3 gather to rank 0: collective;
+                         an async FSDP2 save keeps each rank's shards, gathered by the write phase)
       small state        this rank's RNG and stateful objects (user code runs), the optimizer's parts
                          (DCP tensors when sharded; on rank 0 its name-keyed JSON), scheduler and extra;
                          with `snapshot`, host copies of every tensor (async saves); then a vote, so
