@@ -50,8 +50,10 @@ def _as_dtensor(local: torch.Tensor, like: Any) -> torch.Tensor:
         return DTensor.from_local(
             local, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
         )
-    # A device mesh (CUDA): `from_local` would move the host copy back to the device. torch's own
-    # async staging (DCP's `_create_cpu_state_dict`) keeps the mesh and swaps in a host local tensor;
-    # the DTensor constructor with the live tensor's spec does the same without a copy. Private API,
-    # isolated here: the spec carries mesh, placements and global shape/stride unchanged.
+    # A device mesh (CUDA): `from_local` would move the host copy back to the device, and the public
+    # `DTensor.to("cpu")` allocates fresh, unpinned memory on every save. torch's own async staging
+    # (DCP's `_create_cpu_state_dict`) keeps the mesh and swaps in a host local tensor; the DTensor
+    # constructor with the live tensor's spec does the same over our pooled (pinned) buffer. Private
+    # API, isolated here: the spec carries mesh, placements and global shape/stride unchanged.
+    # Not run in our tests (no GPU): the CPU branch above is.
     return DTensor(local, like._spec, requires_grad=False)
