@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     loop_table, stats["loop"] = _async_loop(workdir, reps=args.reps, quick=args.quick)
     tables.append(loop_table)
     tables += _optional_merge(workdir, quick=args.quick)
-    if not args.quick:
+    if not args.quick:  # torchrun jobs of a minute or more each: not in the --quick smoke of `make test`
         tables.append(_distributed(workdir))
+        tables.append(_stall_ranks(workdir, quick=args.quick))
     tables.append(_commit_scale(quick=args.quick))
     tables.append(_commit_read_bytes(workdir))
     tables.append(_restore_read_bytes(workdir))
@@ -153,6 +154,62 @@ def _async_loop(workdir: str, *, reps: int, quick: bool) -> tuple[Table, dict[st
     os.makedirs(loop_dir, exist_ok=True)
     rows, notes = bench_async_loop.run(loop_dir, quick=quick, reps=reps)
     return Table(bench_async_loop.TITLE, rows, notes), {str(r["method"]): r for r in rows}
+
+
+STALL_METHODS = (
+    "savepoint sync",
+    "savepoint async",
+    "savepoint async sharded_model",
+    "DCP async_save process",
+)
+
+
+def _stall_ranks(workdir: str, *, quick: bool) -> Table:
+    """benchmarks/bench_stall_ranks.py under torchrun at 1 and 2 ranks: how long save() blocks, against
+    DCP's async_save (thread mode), for DDP and FSDP2."""
+    title = "Stall of save() at 1 and 2 ranks against DCP async_save (CPU, gloo)"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    rows: list[dict[str, object]] = []
+    for ranks in (1, 2):
+        out = os.path.join(workdir, f"stall-{ranks}")
+        cmd = [
+            torchrun,
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "benchmarks.bench_stall_ranks",
+            out,
+        ]
+        cmd += ["--quick", "--reps", "1"] if quick else []
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        measured = [json.loads(li) for li in done.stdout.splitlines() if li.startswith("{")]
+        if done.returncode or not measured:
+            return Table(
+                title,
+                notes=[f"failed at {ranks} rank(s) (exit {done.returncode}): {done.stderr.strip()[-300:]}"],
+            )
+        for model in dict.fromkeys(m["model"] for m in measured):
+            stall = {m["method"]: m["stall_s"] for m in measured if m["model"] == model}
+            anchor = stall["DCP async_save thread"]
+            row: dict[str, object] = {"ranks": ranks, "model": model}
+            row["state MB (all ranks)"] = next(m["state_MB"] for m in measured if m["model"] == model)
+            row["DCP async_save thread (s)"] = round(anchor, 3)
+            for method in STALL_METHODS:  # one column order for every row; "-" where a method does not apply
+                seconds = stall.get(method)
+                row[f"{method} / DCP thread"] = "-" if seconds is None else round(seconds / anchor, 2)
+            rows.append(row)
+    notes = [
+        "the stall is the time until the call returns (savepoint: `save()`; DCP: `get_state_dict` + "
+        "`async_save`), the slowest rank's per save, median of 3 saves after one warm-up save per method; "
+        "one AdamW step between saves, every save finished before the next; methods interleaved",
+        "a ~25M-parameter Llama (fp32 weights + AdamW moments); DDP replicates that state on every rank, "
+        "FSDP2 (`fully_shard` per layer) splits it. `savepoint async` on FSDP2 copies each rank's shards "
+        "and gathers the weights to rank 0 in the background write (an HF directory); `sharded_model` "
+        "keeps them as DCP shards, as DCP does; `savepoint sync` gathers and writes inside save()",
+        "command: OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=N -m benchmarks.bench_stall_ranks OUT",
+    ]
+    return Table(title, rows, notes)
 
 
 def _commit_scale(*, quick: bool) -> Table:

@@ -21,7 +21,7 @@ from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from savepoint.manifest import clean_metrics
 from savepoint.pipeline.job import SaveRequest
 from savepoint.pipeline.save import capture, write_checkpoint
-from savepoint.pipeline.sources import can_write_in_background, is_collective
+from savepoint.pipeline.sources import is_collective, why_not_in_background
 from savepoint.policy import BestMode, CheckpointInfo, RetentionPolicy
 from savepoint.restore_agreement import restore_agreed
 from savepoint.restoring import RestoreResult, restore_checkpoint
@@ -207,8 +207,8 @@ class CheckpointManager:
             return self._writer
         if getattr(self._writer, "out_of_process", False):
             why = 'async_save="process" serves one process; under torchrun use async_save=True'
-        elif not can_write_in_background(model):
-            why = "a sharded model or a DeepSpeed engine is written synchronously"
+        elif (reason := why_not_in_background(model)) is not None:
+            why = reason
         else:
             return self._writer  # every rank writes, reports and commits on its background thread
         if not self._warned_sync:

@@ -27,6 +27,7 @@ import torch
 
 from savepoint import distributed
 from savepoint.errors import SavepointError
+from savepoint.snapshot_dcp import host_copy
 
 BufferKey = tuple[str, tuple[int, ...], torch.dtype]
 
@@ -93,7 +94,8 @@ def release_buffers(root: str | None = None) -> None:
 
 
 def snapshot_job(job: Any) -> None:
-    """Replace every tensor of `job` (model state, blob tensors, adapter state) by a host copy, in place.
+    """Replace every tensor of `job` (model state, blob tensors, adapter state, DCP shards) by a host
+    copy, in place.
 
     When this returns the copies are complete: training may change the live tensors at once.
     """
@@ -101,10 +103,6 @@ def snapshot_job(job: Any) -> None:
         raise SavepointError(
             "async_save cannot snapshot this LoRA adapter: the save job carries no `adapter_state` to copy, "
             "so the background writer would read weights that training is changing. Use async_save=False."
-        )
-    if job.dcp_tensors:  # the manager writes sharded models synchronously (`can_write_in_background`)
-        raise SavepointError(
-            "async_save cannot snapshot a sharded model's DCP tensors; save it with async_save=False."
         )
     pool = pool_for(job.request.root)
     pool.begin()
@@ -115,6 +113,10 @@ def snapshot_job(job: Any) -> None:
             _copy_into(pool, relbase, tensors)
         for adapter_name, tensors in (job.adapter_state or {}).items():
             _copy_into(pool, f"adapter/{adapter_name}", tensors)
+        for name, tensor in job.dcp_tensors.items():  # FSDP2's DTensors keep their layout for DCP
+            job.dcp_tensors[name] = host_copy(pool, f"dcp:{name}", tensor)
+        for name, tensor in (job.model_shards or {}).items():  # gathered to rank 0 by the write phase
+            job.model_shards[name] = host_copy(pool, f"shard:{name}", tensor)
     finally:
         pool.end()
 

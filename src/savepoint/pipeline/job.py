@@ -46,6 +46,8 @@ class SaveJob:
     adapter: Any = None  # a PeftModel: its adapters are written (config, base fingerprint)
     adapter_state: dict[str, dict[str, torch.Tensor]] | None = None  # rank 0: adapter name -> tensors
     dcp_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # this rank's shards for DCP
+    snapshot: bool = False  # async: tensors are copied to host memory and written in the background
+    model_shards: dict[str, torch.Tensor] | None = None  # async FSDP2: gathered to rank 0 by the write phase
     timeout: float | None = None  # seconds each collective step may wait for the other ranks
 
 

@@ -1,7 +1,8 @@
 """Every save, at every world size: one process is the case W = 1 of the same code. Two phases:
 
     capture (save() time, on the training thread)                               `capture`
-      gather             the model source's weights into the job (FSDP / ZeRO-3 gather to rank 0: collective)
+      gather             the model source's weights into the job (FSDP / ZeRO-3 gather to rank 0: collective;
+                         an async FSDP2 save keeps each rank's shards, gathered by the write phase)
       small state        this rank's RNG and stateful objects (user code runs), the optimizer's parts
                          (DCP tensors when sharded; on rank 0 its name-keyed JSON), scheduler and extra;
                          with `snapshot`, host copies of every tensor (async saves); then a vote, so
@@ -63,7 +64,7 @@ def capture(
     what = f"save of step {request.step} under {request.root}"
     source = source_for(request.model, sharded_model=sharded_model)
     source.check(request)  # the same verdict on every rank, before anything collective
-    job = SaveJob(request=request, source=source, timeout=timeout)
+    job = SaveJob(request=request, source=source, timeout=timeout, snapshot=snapshot)
     with distributed.peer_failures(what, "gathering the weights to rank 0"):
         source.gather(job)  # collective
     optimizer = None if source.owns_optimizer else request.optimizer
@@ -115,6 +116,7 @@ def write_files(job: SaveJob, staged: StagedDir) -> tuple[str, dict[str, Any] | 
     request, source = job.request, job.source
     if job.dcp_tensors:
         sharded.write_dcp(staged, job.dcp_tensors, timeout=job.timeout)  # collective; DCP raises on all ranks
+    source.finish_gather(job)  # collective: an async FSDP2 save's weights to rank 0, on savepoint's group
     source.write_all_ranks(staged, request)  # collective
     base_model = None
     if rank() == 0:

@@ -5,7 +5,9 @@ every rank:
     describe()                   the manifest's kind ("model", "module", "sharded", "adapter")
     check(request)               refusals that need no collective, the same verdict on every rank
     gather(job)                  the weights into the job, at save() time: rank 0's state dict (FSDP and
-                                 ZeRO-3 gather it there: collective) or the adapters' tensors
+                                 ZeRO-3 gather it there: collective) or the adapters' tensors; an async
+                                 FSDP2 save keeps each rank's shards instead (`job.model_shards`)
+    finish_gather(job)           write phase: those shards gathered to rank 0 on savepoint's group
     shard_tensors()              this rank's weight shards for the DCP directory ({} when gathered)
     write_all_ranks(staged, rq)  collective writes of every rank (DeepSpeed's own partition files)
     write_rank0(staged, job)     rank 0's weight files from the job; returns the manifest's `base_model`
@@ -30,6 +32,7 @@ from savepoint.errors import UnsupportedStateError
 from savepoint.formats import hf, sharded
 from savepoint.integrations import deepspeed as ds
 from savepoint.pipeline.job import SaveJob, is_peft_model
+from savepoint.shard_gather import deferrable, gather_rows
 from savepoint.storage.local import StagedDir
 
 
@@ -52,6 +55,9 @@ class ModelSource:
 
     def shard_tensors(self) -> dict[str, torch.Tensor]:
         return {}
+
+    def finish_gather(self, job: SaveJob) -> None:
+        pass
 
     def write_all_ranks(self, staged: StagedDir, request: Any) -> None:
         pass
@@ -83,11 +89,25 @@ def is_collective(model: torch.nn.Module) -> bool:
     )
 
 
-def can_write_in_background(model: torch.nn.Module) -> bool:
-    """Whether a save under torchrun may run its write phase on a background thread (async_save): not
-    for a DeepSpeed engine (it writes through its own collectives on the training's process group) nor
-    a sharded model (its DCP tensors are DTensors or ShardedTensors: no host snapshot of them yet)."""
-    return not ds.is_engine(model) and not is_sharded(hf.unwrap_model(model))
+def why_not_in_background(model: torch.nn.Module) -> str | None:
+    """Why a save of `model` under torchrun cannot run its write phase on a background thread
+    (async_save), or None when it can. FSDP2's DTensors are copied with their layout (snapshot_dcp.py)."""
+    if ds.is_engine(model):
+        return (
+            "a DeepSpeed engine writes through its own save_checkpoint, which runs collectives on the "
+            "training's process group and reads the live engine state (partitions, optimizer) as it writes"
+        )
+    module = hf.unwrap_model(model)
+    if is_sharded(module) and has_fsdp1(module):
+        return "an FSDP1 model's sharded state (ShardedTensor) is not snapshotted; FSDP2 (fully_shard) is"
+    return None
+
+
+def has_fsdp1(model: torch.nn.Module) -> bool:
+    """True when `model` holds an FSDP1 (`FullyShardedDataParallel`) wrapper anywhere."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
 class ModuleSource(ModelSource):
@@ -98,11 +118,28 @@ class ModuleSource(ModelSource):
 
     def gather(self, job: SaveJob) -> None:
         if is_sharded(self.module):
+            if job.snapshot and not has_fsdp1(self.module):
+                # Async FSDP2: save() copies each rank's shards; the write phase gathers them to rank 0
+                # on savepoint's own group (`finish_gather`), off the training loop's time.
+                job.model_shards = deferrable(self.module)
+                if job.model_shards is not None:
+                    return
             full = distributed.full_model_state(self.module)  # collective
             if distributed.rank() == 0:
                 job.model_state = savable(unwrap_fsdp1(self.module), full)
         elif distributed.rank() == 0:
             job.model_state = hf.savable_state_dict(self.module)
+
+    def finish_gather(self, job: SaveJob) -> None:
+        if job.model_shards is None:
+            return
+        what = f"save of step {job.request.step} under {job.request.root}"
+        full = gather_rows(job.model_shards, timeout=job.timeout, what=what)  # collective
+        job.model_shards = None
+        if distributed.rank() == 0:  # tied weights alias one tensor again, as `full_model_state` returns them
+            aliases = distributed.alias_names(self.module)
+            full.update({name: full[target] for name, target in aliases.items() if target in full})
+            job.model_state = savable(self.module, full)
 
     def write_rank0(self, staged: StagedDir, job: SaveJob) -> dict[str, Any] | None:
         request = job.request

@@ -1,0 +1,199 @@
+"""How long `save()` blocks the training loop at 1 and 2 ranks, against DCP's `async_save`.
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m benchmarks.bench_stall_ranks OUT [--quick] [--reps N]
+
+For a replicated model (DDP) and a sharded one (FSDP2, `fully_shard` per layer), each with AdamW state,
+every method saves once to warm up (writer threads and processes, host buffers, DCP's staging cache),
+then `--reps` times. The stall is the time until the call returns, taken on every rank; the slowest
+rank's stall counts for each save (a collective save holds every rank that long) and the median over
+the timed saves is reported. Between saves each method finishes its save in flight and the ranks meet
+at a barrier, so the write of one save never overlaps the next stall. Methods, interleaved per repetition:
+
+    savepoint sync                      CheckpointManager(...).save()
+    savepoint async                     async_save=True (FSDP2: weights gathered to rank 0 at save() time)
+    savepoint async sharded_model       FSDP2 only: async_save=True, sharded_model=True (no gather)
+    DCP async_save thread / process     dcp.async_save(get_state_dict(model, opt)), torch's recommended call
+
+Rank 0 prints one JSON line per (model, method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+import savepoint
+from benchmarks.common import remove
+from savepoint.demo import tiny
+
+# ~25M parameters: fp32 weights + AdamW moments ~ 0.3 GB of state (replicated: on every rank).
+FULL = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=6)
+QUICK = dict(vocab_size=1024, hidden_size=64, intermediate_size=176, num_hidden_layers=2)
+
+
+def build(
+    kind: str, size: dict[str, int]
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[], None]]:
+    inner = tiny.tiny_llama(seed=0, num_attention_heads=8, num_key_value_heads=4, **size).train()
+    if kind == "fsdp2":
+        for layer in inner.model.layers:
+            fully_shard(layer)
+        fully_shard(inner)
+        model: torch.nn.Module = inner
+    else:
+        model = DistributedDataParallel(inner)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        ids = torch.randint(0, size["vocab_size"], (1, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    train_step()  # AdamW state exists
+    return model, opt, train_step
+
+
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """This rank's bytes of weights and AdamW moments (its shards under FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    tensors = [local(p) for p in model.parameters()]
+    tensors += [local(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Method:
+    """One way to save: `save(step)` is what is timed; `finish()` completes it (not timed)."""
+
+    def __init__(self, save: Callable[[int], None], finish: Callable[[], None], close: Callable[[], None]):
+        self.save, self.finish, self.close = save, finish, close
+
+
+def savepoint_method(root: str, model: torch.nn.Module, opt: Any, **options: Any) -> Method:
+    mgr = savepoint.CheckpointManager(root, keep_last=1, dist_timeout=600, **options)
+    return Method(lambda step: mgr.save(step, model=model, optimizer=opt), mgr.wait, mgr.close)
+
+
+def dcp_method(root: str, model: torch.nn.Module, opt: Any, kind: AsyncCheckpointerType) -> Method:
+    pending: list[Any] = []
+
+    def save(step: int) -> None:
+        model_state, optim_state = get_state_dict(model, opt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pending.append(
+                dcp.async_save(
+                    {"model": model_state, "optim": optim_state},
+                    checkpoint_id=os.path.join(root, f"step-{step}"),
+                    async_checkpointer_type=kind,
+                )
+            )
+
+    def finish() -> None:
+        while pending:
+            future = pending.pop()
+            getattr(future, "upload_completion", future).result()
+        dist.barrier()
+        if dist.get_rank() == 0:  # keep one checkpoint on disk, as the savepoint methods do
+            for name in sorted(os.listdir(root))[:-1] if os.path.isdir(root) else []:
+                remove(os.path.join(root, name))
+
+    return Method(save, finish, lambda: None)
+
+
+def methods_for(kind: str, out: str, model: torch.nn.Module, opt: Any, process: bool) -> dict[str, Method]:
+    root = os.path.join(out, kind)
+    methods = {
+        "savepoint sync": savepoint_method(f"{root}/sp-sync", model, opt),
+        "savepoint async": savepoint_method(f"{root}/sp-async", model, opt, async_save=True),
+    }
+    if kind == "fsdp2":
+        methods["savepoint async sharded_model"] = savepoint_method(
+            f"{root}/sp-async-sharded", model, opt, async_save=True, sharded_model=True
+        )
+    methods["DCP async_save thread"] = dcp_method(
+        f"{root}/dcp-thread", model, opt, AsyncCheckpointerType.THREAD
+    )
+    if process:
+        methods["DCP async_save process"] = dcp_method(
+            f"{root}/dcp-process", model, opt, AsyncCheckpointerType.PROCESS
+        )
+    return methods
+
+
+def measure(methods: dict[str, Method], train_step: Callable[[], None], reps: int) -> dict[str, list[float]]:
+    """Every rank's stall per timed save and method; repetition 0 is the warm-up. A training step
+    before each save changes the state (no save finds its bytes unchanged)."""
+    stalls: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
+    for rep in range(reps + 1):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            method = methods[name]
+            train_step()
+            dist.barrier()
+            started = time.perf_counter()
+            method.save(rep + 1)
+            stall = time.perf_counter() - started
+            method.finish()
+            dist.barrier()
+            if rep:
+                stalls[name].append(stall)
+            print(
+                f"[bench_stall_ranks] rank {dist.get_rank()} rep {rep} {name}: {stall:.3f} s", file=sys.stderr
+            )
+    for method in methods.values():
+        method.close()
+    return stalls
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-process", action="store_true", help="skip DCP's process mode")
+    args = parser.parse_args(argv)
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    size = QUICK if args.quick else FULL
+    for kind in ("ddp", "fsdp2"):
+        model, opt, train_step = build(kind, size)
+        nbytes = state_bytes(model, opt)
+        stalls = measure(methods_for(kind, args.out, model, opt, not args.no_process), train_step, args.reps)
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, (nbytes, stalls))
+        if dist.get_rank() == 0:
+            total_mb = sum(b for b, _ in everyone) / 1e6
+            for name in stalls:
+                per_save = [max(s[name][i] for _, s in everyone) for i in range(args.reps)]
+                row = {"ranks": world, "model": kind, "state_MB": round(total_mb), "method": name}
+                row |= {"stall_s": statistics.median(per_save), "stalls_s": [round(s, 3) for s in per_save]}
+                print(json.dumps(row), flush=True)
+        del model, opt, train_step
+        remove(os.path.join(args.out, kind))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
