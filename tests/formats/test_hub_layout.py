@@ -228,7 +228,7 @@ def test_fsdp2_checkpoint_of_a_moe_model_has_hub_layout_and_resumes_exactly(tmp_
 
     out = consolidate(tmp_path / "sharded" / "step-00000002", tmp_path / "consolidated")
     assert_same_weights(out, tmp_path / "run" / "step-00000002")
-    # async_save=True under torchrun: a sharded model's save (synchronous) and a DDP model's background
+    # async_save=True under torchrun: a sharded model's and a DDP model's background
     # write both come out in the Hub layout, as transformers saves them.
     assert_same_weights(tmp_path / "async_fsdp2" / "step-00000002", tmp_path / "run" / "step-00000002")
     assert_same_weights(tmp_path / "async_ddp" / "step-00000001", tmp_path / "ddp_reference")
