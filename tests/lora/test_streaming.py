@@ -30,9 +30,9 @@ class _Spy:
         self.live = self.max_live = 0
         self.reads: list[str] = []
 
-    def __call__(self, root, relpath):
+    def __call__(self, root, relpath, **kwargs):
         spy = self
-        inner = real_open_safetensors(root, relpath)
+        inner = real_open_safetensors(root, relpath, **kwargs)
         spy.open_now += 1
         spy.max_open = max(spy.max_open, spy.open_now)
         real_read, real_close = inner.read, inner.close
