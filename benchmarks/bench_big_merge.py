@@ -315,16 +315,18 @@ def run(
 
 NOTES = [
     "target: extra peak RSS ≤ 0.1× the base; merge throughput ≥ 0.8× `cp` of the same file (both until durable)",
-    "safe_open column: what `safetensors.safe_open` (the reader transformers and peft use) does with this file. "
-    "It maps the whole file privately and writable (copy-on-write); with vm.overcommit_memory=0 the kernel's "
-    "heuristic refuses a private writable mapping larger than RAM + swap, so on this 24 GiB machine a 26 GB "
-    "file cannot be opened at all. savepoint's reader parses the header itself and reads each tensor with "
-    "positional reads into its own buffer: it never maps the file",
-    "cpu_s: CPU seconds (user + system) of the merge process and of one cp, with the load average at the start "
-    "of the run: on a shared 2-core machine the merge, which must copy each byte through its own memory "
-    "twice (read, then write) and compute, gets a share of the CPU; cp copies inside the kernel",
+    "pairs: cp then merge, merge then cp, ... back to back in one run, each started with the base dropped from "
+    "the page cache; medians of the pairs, with each pair's ratio",
+    'safe_open column: what `safetensors.safe_open(..., framework="pt")` (the reader transformers and peft use) '
+    "does with this file. Its torch binding maps the whole file a second time through torch's "
+    "`UntypedStorage.from_file(shared=False)`: a private, writable (copy-on-write) mapping, which the kernel "
+    "charges against its commit limit. With vm.overcommit_memory=0 the heuristic refuses a single mapping larger "
+    "than RAM + swap, so on this 24 GiB machine without swap a 26 GB file cannot be opened at all (the error is "
+    "torch's). savepoint's reader parses the header itself and reads each tensor with positional reads into its "
+    "own buffer: it never maps the file",
+    "cpu_s: CPU seconds (user + system) of the merge process and of one cp",
     "max_abs_err: merged tensors read back with safe_open against W + 2·B@A computed in fp32 here (bf16 rounding)",
-    "command: python -m benchmarks.bench_big_merge /tmp/big   (or `make bench`, which runs it last)",
+    "command: python -m benchmarks.bench_big_merge /tmp/big --repeats 3   (or `make bench`, which runs it last)",
 ]
 
 
