@@ -127,3 +127,35 @@ def test_merge_through_direct_reads_equals_the_plain_merge(tmp_path, monkeypatch
     for name in sorted(os.listdir(tmp_path / "plain")):
         if name.endswith(".safetensors"):
             assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+
+
+@pytest.mark.parametrize("how", ["refused at open", "refused at read"])
+def test_direct_reads_fall_back_to_plain_reads(tmp_path, monkeypatch, how: str) -> None:
+    """A file system that refuses O_DIRECT (at open, or with EINVAL at the first read) still reads right."""
+    import errno
+
+    path = str(tmp_path / "model.safetensors")
+    save_file(_odd_dtypes(), path)
+    reference = load_file(path)
+    monkeypatch.setattr(direct, "MIN_DIRECT_BYTES", 1)
+    if how == "refused at open":
+        monkeypatch.setattr(direct, "reopen_direct", lambda fd, flags: None)
+    else:
+        real_preadv, direct_fds = os.preadv, set()
+
+        def reopen(fd: int, flags: int) -> int:
+            got = os.open(f"/proc/self/fd/{fd}", flags)  # a plain twin standing in for the O_DIRECT one
+            direct_fds.add(got)
+            return got
+
+        def preadv(fd, buffers, offset, *args):  # type: ignore[no-untyped-def]
+            if fd in direct_fds:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_preadv(fd, buffers, offset, *args)
+
+        monkeypatch.setattr(direct, "reopen_direct", reopen)
+        monkeypatch.setattr(os, "preadv", preadv)
+    with open_safetensors(str(tmp_path), "model.safetensors", direct=True) as f:
+        ours = dict(iter(f))
+    for name, t in reference.items():
+        assert _same_bytes(ours[name], t), name
