@@ -97,7 +97,7 @@ def test_staged_direct_create_records_the_checksum_of_what_it_wrote(
 ) -> None:
     if refused:
         monkeypatch.setattr(direct, "reopen_direct", lambda fd, flags: None)  # plain writes instead
-    data = os.urandom((9 << 20) + 123)  # more than one bounce buffer, and a partial block at the end
+    data = os.urandom((9 << 20) + 123)  # a partial block at the end
     staged = StagedDir(str(tmp_path), "out")
     with staged.create("w.bin", direct=True) as out:
         out.write(data[:100])

@@ -55,7 +55,9 @@ class DirectFile:
     be empty and not written through while this is in use.
     """
 
-    def __init__(self, f: BinaryIO, buffer_bytes: int = 8 << 20) -> None:
+    def __init__(self, f: BinaryIO, buffer_bytes: int = 64 << 20) -> None:
+        """`buffer_bytes`: each O_DIRECT write is one whole buffer, and the writer waits for it; 64 MiB
+        keeps the disk's queue deep (8 MiB wrote 3.2 GB in 3.8 to 4.8 s, 64 MiB in 2.6 to 2.7 s)."""
         self._f = f
         self._direct = reopen_direct(f.fileno(), os.O_WRONLY)
         self._view: memoryview | None = None
