@@ -5,11 +5,13 @@ generated on the fly tensor by tensor with savepoint's streaming writer, plus an
 every linear layer. The layer count shrinks when the disk cannot hold the base twice (the base plus
 either the `cp` copy or the merged output; the copy is deleted before the merge). Reported: the
 merge's wall time and extra peak RSS (VmHWM minus the RSS after imports, in a fresh process), and its
-throughput against `cp` of the same file, measured before and after the merge in the same run (both
-timed until durable, each started with the base dropped from the page cache). A few merged tensors are
-checked against W + scale * B @ A computed here, read back through `safetensors.safe_open`.
+throughput against `cp` of the same file, in pairs (cp then merge, merge then cp, ...) run back to back
+in the same run, both timed until durable, each started with the base dropped from the page cache:
+the medians of the pairs are reported, with each pair's ratio. A few merged tensors are checked
+against W + scale * B @ A computed here, read back through `safetensors.safe_open`.
 
-    python -m benchmarks.bench_big_merge /tmp/big            # full size, ~80 GB of disk, ~15 minutes
+    python -m benchmarks.bench_big_merge /tmp/big            # full size, ~60 GB of disk, ~10 minutes
+    python -m benchmarks.bench_big_merge /tmp/big --layers 4 --repeats 5   # a 3.2 GB base
     python -m benchmarks.bench_big_merge /tmp/big --quick    # tiny smoke run
 """
 
@@ -19,6 +21,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -231,15 +234,31 @@ def _log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} bench_big_merge: {message}", file=sys.stderr, flush=True)
 
 
-def run(workdir: str, *, quick: bool = False) -> list[dict[str, Any]]:
-    """Generate, copy, merge, copy again; one row of results (the inputs are deleted afterwards)."""
+def _merge_once(base_dir: str, adapter_dir: str, out: str) -> dict[str, Any]:
+    """One merge in a fresh process, the base dropped from the page cache first."""
+    drop_from_cache(os.path.join(base_dir, "model.safetensors"))
+    child = _python([os.path.abspath(__file__), "--child", base_dir, adapter_dir, out])
+    if child.returncode != 0:
+        raise RuntimeError(f"merge failed:\n{child.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run(
+    workdir: str, *, quick: bool = False, repeats: int = 3, layers: int | None = None
+) -> list[dict[str, Any]]:
+    """Generate the inputs, then `repeats` pairs of (cp, merge), the order alternating from pair to pair
+    so that neither always runs first on a freshly emptied page cache; one row of results (medians of
+    the pairs; the inputs are deleted afterwards). `layers` caps the size (default: what fits the disk)."""
     dims = dict(QUICK if quick else LLAMA_13B)
     os.makedirs(workdir, exist_ok=True)
-    dims["layers"] = layers_that_fit(dims, shutil.disk_usage(workdir).free)
+    dims["layers"] = min(layers or dims["layers"], layers_that_fit(dims, shutil.disk_usage(workdir).free))
     base_dir, adapter_dir = os.path.join(workdir, "base"), os.path.join(workdir, "adapter")
     out, copy = os.path.join(workdir, "merged"), os.path.join(workdir, "copy.safetensors")
     base_file = os.path.join(base_dir, "model.safetensors")
     load = os.getloadavg()[0]
+    pairs: list[tuple[float, dict[str, Any]]] = []
+    error = None
     try:
         _log(f"generating the base: {dims}")
         start = time.perf_counter()
@@ -249,38 +268,44 @@ def run(workdir: str, *, quick: bool = False) -> list[dict[str, Any]]:
         write_adapter(adapter_dir, base_dir, dims)
         opened = safe_open_outcome(base_file)
         _log(f"safe_open: {opened}")
-        cp_before = timed_cp(base_file, copy)
-        _log(f"cp: {cp_before:.1f} s; merging")
-        drop_from_cache(base_file)
-        child = _python([os.path.abspath(__file__), "--child", base_dir, adapter_dir, out])
-        if child.returncode != 0:
-            raise RuntimeError(f"merge failed:\n{child.stderr[-4000:]}")
-        merged = json.loads(child.stdout.strip().splitlines()[-1])
-        _log(f"merge: {merged}; checking")
-        error = spot_check(base_dir, adapter_dir, out, dims)
-        shutil.rmtree(out)
-        os.sync()
-        cp_after = timed_cp(base_file, copy)
-        _log(f"cp again: {cp_after:.1f} s")
+        for i in range(repeats):
+            if i % 2 == 0:
+                cp_s = timed_cp(base_file, copy)
+                merged = _merge_once(base_dir, adapter_dir, out)
+            else:
+                merged = _merge_once(base_dir, adapter_dir, out)
+            if error is None:
+                error = spot_check(base_dir, adapter_dir, out, dims)
+            shutil.rmtree(out)
+            os.sync()
+            if i % 2 == 1:
+                cp_s = timed_cp(base_file, copy)
+            pairs.append((cp_s, merged))
+            _log(f"pair {i + 1}: cp {cp_s:.1f} s, merge {merged}")
     finally:
         for path in (base_dir, adapter_dir, out, copy):
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else None
         if os.path.exists(copy):
             os.unlink(copy)
-    cp_s = (cp_before + cp_after) / 2
-    rss = merged["extra_peak_rss_kib"] * 1024
+    merge_s = [m["wall_s"] for _, m in pairs]
+    ratios = [cp / m["wall_s"] for cp, m in pairs]
+    rss = max(m["extra_peak_rss_kib"] for _, m in pairs) * 1024
     return [
         {
             "base": f"{dims['layers']} layers, hidden {dims['hidden']}, one file",
             "base_GB": round(size / 1e9, 2),
             "safe_open": opened,
             "generate_s": round(generate_s, 1),
-            "merge_s": round(merged["wall_s"], 1),
-            "merge_GB/s": round(size / merged["wall_s"] / 1e9, 3),
-            "cp_s (before, after)": f"{cp_before:.1f}, {cp_after:.1f}",
-            "throughput_vs_cp": round(cp_s / merged["wall_s"], 3),
-            "cpu_s merge, cp": f"{merged['cpu_s']:.0f}, {sum(_CP_CPU[-2:]) / 2:.0f}",
-            "extra_peak_rss_GB": round(rss / 1e9, 2),
+            "pairs": len(pairs),
+            "merge_s (median; each)": f"{statistics.median(merge_s):.1f}; "
+            + ", ".join(f"{s:.1f}" for s in merge_s),
+            "cp_s (each)": ", ".join(f"{cp:.1f}" for cp, _ in pairs),
+            "merge_GB/s (median)": round(size / statistics.median(merge_s) / 1e9, 3),
+            "throughput_vs_cp (median; each pair)": f"{statistics.median(ratios):.2f}; "
+            + ", ".join(f"{r:.2f}" for r in ratios),
+            "cpu_s merge, cp (median)": f"{statistics.median(m['cpu_s'] for _, m in pairs):.0f}, "
+            f"{statistics.median(_CP_CPU[-len(pairs) :]):.0f}",
+            "extra_peak_rss_GB (max)": round(rss / 1e9, 2),
             "rss_vs_base": round(rss / size, 3),
             "max_abs_err": error,
             "load_avg_start": round(load, 1),
@@ -290,16 +315,18 @@ def run(workdir: str, *, quick: bool = False) -> list[dict[str, Any]]:
 
 NOTES = [
     "target: extra peak RSS ≤ 0.1× the base; merge throughput ≥ 0.8× `cp` of the same file (both until durable)",
-    "safe_open column: what `safetensors.safe_open` (the reader transformers and peft use) does with this file. "
-    "It maps the whole file privately and writable (copy-on-write); with vm.overcommit_memory=0 the kernel's "
-    "heuristic refuses a private writable mapping larger than RAM + swap, so on this 24 GiB machine a 26 GB "
-    "file cannot be opened at all. savepoint's reader parses the header itself and reads each tensor with "
-    "positional reads into its own buffer: it never maps the file",
-    "cpu_s: CPU seconds (user + system) of the merge process and of one cp, with the load average at the start "
-    "of the run: on a shared 2-core machine the merge, which must copy each byte through its own memory "
-    "twice (read, then write) and compute, gets a share of the CPU; cp copies inside the kernel",
+    "pairs: cp then merge, merge then cp, ... back to back in one run, each started with the base dropped from "
+    "the page cache; medians of the pairs, with each pair's ratio",
+    'safe_open column: what `safetensors.safe_open(..., framework="pt")` (the reader transformers and peft use) '
+    "does with this file. Its torch binding maps the whole file a second time through torch's "
+    "`UntypedStorage.from_file(shared=False)`: a private, writable (copy-on-write) mapping, which the kernel "
+    "charges against its commit limit. With vm.overcommit_memory=0 the heuristic refuses a single mapping larger "
+    "than RAM + swap, so on this 24 GiB machine without swap a 26 GB file cannot be opened at all (the error is "
+    "torch's). savepoint's reader parses the header itself and reads each tensor with positional reads into its "
+    "own buffer: it never maps the file",
+    "cpu_s: CPU seconds (user + system) of the merge process and of one cp",
     "max_abs_err: merged tensors read back with safe_open against W + 2·B@A computed in fp32 here (bf16 rounding)",
-    "command: python -m benchmarks.bench_big_merge /tmp/big   (or `make bench`, which runs it last)",
+    "command: python -m benchmarks.bench_big_merge /tmp/big --repeats 3   (or `make bench`, which runs it last)",
 ]
 
 
@@ -307,8 +334,14 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(_child(*sys.argv[2:5])))
     else:
-        rows = run(
-            sys.argv[1] if len(sys.argv) > 1 else "/tmp/savepoint-bench-big", quick="--quick" in sys.argv
-        )
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_big_merge")
+        parser.add_argument("workdir", nargs="?", default="/tmp/savepoint-bench-big")
+        parser.add_argument("--quick", action="store_true")
+        parser.add_argument("--repeats", type=int, default=3, help="pairs of (cp, merge)")
+        parser.add_argument("--layers", type=int, default=None, help="fewer layers: a smaller base")
+        args = parser.parse_args()
+        rows = run(args.workdir, quick=args.quick, repeats=args.repeats, layers=args.layers)
         for row in rows:
             print(json.dumps(row))

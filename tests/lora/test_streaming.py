@@ -30,9 +30,9 @@ class _Spy:
         self.live = self.max_live = 0
         self.reads: list[str] = []
 
-    def __call__(self, root, relpath):
+    def __call__(self, root, relpath, **kwargs):
         spy = self
-        inner = real_open_safetensors(root, relpath)
+        inner = real_open_safetensors(root, relpath, **kwargs)
         spy.open_now += 1
         spy.max_open = max(spy.max_open, spy.open_now)
         real_read, real_close = inner.read, inner.close
@@ -131,3 +131,38 @@ def test_dtype_cast_and_config(tmp_path, bases):
     with torch.no_grad():
         a, b = merged(input_ids=ids).logits, reference(input_ids=ids).logits
     assert float((a - b).norm() / b.norm()) < 2e-2  # bf16 rounding only
+
+
+def test_export_dtype_streams_like_the_merge(tmp_path, monkeypatch):
+    """`savepoint export --dtype` re-shards a full-model checkpoint through the same streaming path:
+    one file open, each tensor read once, at most three in flight, and the bytes are the cast ones."""
+    from tests.helpers.lora_models import model_checkpoint, tiny_llama
+
+    from savepoint.lora.export import export_checkpoint
+
+    ckpt = model_checkpoint(tiny_llama(), str(tmp_path / "run"))  # float32 shards of 30 KB
+    spy = _Spy()
+    monkeypatch.setattr(base_module, "open_safetensors", spy)
+
+    out = export_checkpoint(ckpt, str(tmp_path / "out"), dtype="bf16", max_shard_size="30KB")
+
+    source = {
+        k: t
+        for f in os.listdir(ckpt)
+        if f.endswith(".safetensors")
+        for k, t in load_file(os.path.join(ckpt, f)).items()
+    }
+    assert spy.max_open == 1 and spy.open_now == 0
+    assert sorted(spy.reads) == sorted(source), "each tensor is read exactly once"
+    largest = max(t.numel() * t.element_size() for t in source.values())
+    assert spy.max_live <= 3 * largest, "held more source tensors than the three in flight"
+    written = {
+        k: t
+        for f in os.listdir(out)
+        if f.endswith(".safetensors")
+        for k, t in load_file(os.path.join(out, f)).items()
+    }
+    assert sorted(written) == sorted(source)
+    for k, t in source.items():
+        assert torch.equal(written[k], t.to(torch.bfloat16)), k
+    assert find_problems(out) == []

@@ -77,7 +77,9 @@ class BufferPool:
                 self._idle.pop(best) if best is not None else None
             )  # by position: == on tensors compares values
         if buf is None:
-            buf = empty_buffer((nbytes,), torch.uint8)
+            # Room to spare, so that a buffer made for one tensor also serves a read of its aligned
+            # window (savepoint.io.direct: up to a few KiB more) when it comes back.
+            buf = empty_buffer((-(-nbytes // _HUGE_PAGE) * _HUGE_PAGE + _HUGE_PAGE,), torch.uint8)
         with self._lock:
             self._issued[buf.data_ptr()] = buf
         return buf[:nbytes].view(dtype).view(shape)

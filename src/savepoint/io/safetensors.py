@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from savepoint.errors import CorruptCheckpointError, Problem
+from savepoint.io import direct
 from savepoint.io.files import open_fd_inside
 from savepoint.io.memory import Allocate, empty_buffer
 
@@ -148,10 +149,16 @@ class SafetensorsFile(AbstractContextManager["SafetensorsFile"]):
         root: str,
         relpath: str,
         on_read: Callable[[memoryview], object] | None = None,
+        *,
+        direct: bool = False,
     ) -> None:
         """`on_read` sees every byte read, in the order read (a checksum while reading: the header, then
-        the tensors in file order, tile the whole file)."""
+        the tensors in file order, tile the whole file). `direct=True` reads large tensors with O_DIRECT
+        (`savepoint.io.direct`): for one pass over a file too big to stay cached, such as a merge's base;
+        a file read again soon (a restore right after a save) is better served from the page cache."""
         self._fd: int | None = fd
+        self._direct_fd: int | None = None  # O_DIRECT twin of `_fd`, opened at the first large read
+        self._direct_refused = not direct
         self.root, self.relpath = root, relpath
         self._on_read = on_read
         try:
@@ -212,13 +219,47 @@ class SafetensorsFile(AbstractContextManager["SafetensorsFile"]):
         The tensor after it in the file is then announced to the kernel (POSIX_FADV_WILLNEED), so a
         pass in file order reads the next tensor from disk while the caller works on this one."""
         e = self.entries[name]
+        if not e.nbytes:
+            return torch.empty(e.shape, dtype=e.dtype)
+        if e.nbytes >= direct.MIN_DIRECT_BYTES and e.start % e.dtype.itemsize == 0:
+            data = self._read_direct(e, allocate)
+            if data is not None:
+                return data.view(e.dtype).reshape(e.shape)
         buf = allocate((e.nbytes,), torch.uint8)
-        if e.nbytes:
-            array: Any = buf.numpy()  # shares buf's memory: the read lands in the tensor
-            self._pread_into(memoryview(array), e.start)
-            if self._fd is not None and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self._fd, e.end, _READ_AHEAD, os.POSIX_FADV_WILLNEED)
-        return buf.view(e.dtype).reshape(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype)
+        array: Any = buf.numpy()  # shares buf's memory: the read lands in the tensor
+        self._pread_into(memoryview(array), e.start)
+        if self._fd is not None and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, e.end, _READ_AHEAD, os.POSIX_FADV_WILLNEED)
+        return buf.view(e.dtype).reshape(e.shape)
+
+    def _read_direct(self, e: TensorEntry, allocate: Allocate) -> torch.Tensor | None:
+        """`e`'s bytes (uint8) read with O_DIRECT: the aligned window around the tensor lands in one
+        buffer and the tensor is the part of it at its offset. None where the file refuses O_DIRECT."""
+        if self._fd is None:
+            raise ValueError("read from a closed safetensors file")
+        if self._direct_fd is None and not self._direct_refused:
+            self._direct_fd = direct.reopen_direct(self._fd, os.O_RDONLY)
+            self._direct_refused = self._direct_fd is None
+        if self._direct_fd is None:
+            return None
+        lo, hi = direct.aligned_window(e.start, e.end)
+        window = direct.aligned_part(allocate((hi - lo + direct.ALIGN,), torch.uint8), hi - lo)
+        array: Any = window.numpy()
+        view, done = memoryview(array), 0
+        try:
+            while lo + done < e.end:  # the window may run past the end of the file: stop at the tensor's
+                n = os.preadv(self._direct_fd, [view[done:]], lo + done)
+                if n == 0:
+                    raise self._fail(f"the file ends at byte {lo + done}, inside a tensor it declares")
+                done += n
+        except OSError:  # EINVAL: this file system wants another alignment after all
+            os.close(self._direct_fd)
+            self._direct_fd, self._direct_refused = None, True
+            return None
+        data = window[e.start - lo : e.end - lo]
+        if self._on_read is not None:
+            self._on_read(view[e.start - lo : e.end - lo])
+        return data
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in file order, one read at a time."""
@@ -226,6 +267,9 @@ class SafetensorsFile(AbstractContextManager["SafetensorsFile"]):
             yield e.name, self.read(e.name)
 
     def close(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -236,14 +280,15 @@ class SafetensorsFile(AbstractContextManager["SafetensorsFile"]):
         self.close()
 
 
-def open_safetensors(root: str, relpath: str) -> SafetensorsFile:
-    """Open `root/relpath` (no symlink followed below `root`, regular file only) and check its header.
+def open_safetensors(root: str, relpath: str, *, direct: bool = False) -> SafetensorsFile:
+    """Open `root/relpath` (no symlink followed below `root`, regular file only) and check its header;
+    `direct`: see SafetensorsFile.
 
     Raises CorruptCheckpointError naming the file for a malformed header, UnsafeCheckpointError for a
     symlink or special file, and the plain OSError (FileNotFoundError, ...) when it cannot be opened.
     """
     fd, size = open_fd_inside(root, relpath)
-    return SafetensorsFile(fd, size, root, relpath)
+    return SafetensorsFile(fd, size, root, relpath, direct=direct)
 
 
 def open_path(path: str, *, root: str, relpath: str) -> SafetensorsFile:

@@ -160,7 +160,8 @@ def _open_weight_file(base_dir: str, rel: str) -> SafetensorsFile:
     refuses those leaving it), the file itself is opened without following one and must be regular."""
     path = resolve_inside(base_dir, rel)
     try:
-        return open_safetensors(os.path.dirname(path), os.path.basename(path))
+        # One pass over weights that may not fit the page cache: read around it (savepoint.io.direct).
+        return open_safetensors(os.path.dirname(path), os.path.basename(path), direct=True)
     except FileNotFoundError as exc:
         raise MergeError(f"{base_dir}/{rel} is listed in the index but missing") from exc
     except OSError as exc:

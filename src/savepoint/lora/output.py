@@ -48,7 +48,7 @@ def write_shard(
 ) -> None:
     """Write one shard holding `layout`'s keys in order; `produce(key)` makes each tensor when needed
     (`on_written(tensor)` hears when one is out: see write_streamed)."""
-    with staged.create(relpath) as out:
+    with staged.create(relpath, direct=True) as out:  # around the page cache: see savepoint.io.direct
         try:
             write_streamed(out, layout, produce, {"format": "pt"}, on_tensor=on_tensor, on_written=on_written)
         except ValueError as exc:

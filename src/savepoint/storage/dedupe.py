@@ -167,13 +167,13 @@ class DedupingStagedDir(StagedDir):
         return ParentFile(os.path.join(self.previous, relpath), fd, size, may_link)
 
     @contextmanager
-    def create(self, relpath: str) -> Iterator[DedupeWriter]:  # type: ignore[override]
+    def create(self, relpath: str, *, direct: bool = False) -> Iterator[DedupeWriter]:  # type: ignore[override]
         parent_file = self.parent_file(relpath)
         if parent_file is not None and not parent_file.may_link:
             parent_file.close()
             parent_file = None
         if parent_file is None:
-            with super().create(relpath) as plain:
+            with super().create(relpath, direct=direct) as plain:
                 yield plain  # type: ignore[misc]
             return
         full = self.abspath(relpath)

@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from savepoint._hashing import hash_file, new_hasher
 from savepoint.errors import SavepointError, StorageError
+from savepoint.io.direct import DirectFile
 
 MANIFEST_NAME = "savepoint.json"
 TMP_PREFIX = ".tmp-"
@@ -141,14 +142,23 @@ class StagedDir:
         return os.path.join(self.path, relpath)
 
     @contextmanager
-    def create(self, relpath: str) -> Iterator[HashingWriter]:
-        """Open `relpath` for writing; on exit it is fsynced and its size and checksum recorded."""
+    def create(self, relpath: str, *, direct: bool = False) -> Iterator[HashingWriter]:
+        """Open `relpath` for writing; on exit it is fsynced and its size and checksum recorded.
+
+        `direct=True` writes around the page cache (`savepoint.io.direct`): for large streamed files."""
         full = self.abspath(relpath)
         try:
             os.makedirs(os.path.dirname(full), exist_ok=True)
             with open(full, "wb") as f:
-                writer = HashingWriter(f)
-                yield writer
+                target = DirectFile(f) if direct else f
+                try:
+                    writer = HashingWriter(target)  # type: ignore[arg-type]  # file-like enough
+                    yield writer
+                    if isinstance(target, DirectFile):
+                        target.finish()
+                finally:
+                    if isinstance(target, DirectFile):
+                        target.close()
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
