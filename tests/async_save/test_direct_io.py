@@ -16,6 +16,7 @@ import savepoint
 from savepoint.io.direct import ALIGN, DirectFile, direct_writes, open_for_write
 from savepoint.io.shared_arena import SharedArena
 from savepoint.manifest import build_manifest
+from savepoint.storage import dedupe
 from savepoint.storage.dedupe import DedupingStagedDir
 
 
@@ -145,3 +146,26 @@ def test_a_dedupe_writer_diverging_mid_file_under_direct_writes(tmp_path):
     with open(os.path.join(root, "step-00000002", "a.bin"), "rb") as f:
         assert f.read() == same + b"new" * 1000
     assert savepoint.verify(os.path.join(root, "step-00000002"))
+
+
+def test_the_thread_writer_writes_a_changed_file_direct_even_from_the_safetensors_helper_thread(
+    tmp_path, monkeypatch
+):
+    made = []
+
+    class Counted(DirectFile):
+        def __init__(self, fd: int, *, start: int = 0) -> None:
+            made.append(threading.current_thread().name)
+            super().__init__(fd, start=start)
+
+    monkeypatch.setattr(dedupe, "DirectFile", Counted)
+    model = torch.nn.Linear(200, 300)
+    with savepoint.CheckpointManager(str(tmp_path), async_save=True) as mgr:
+        mgr.save(1, model=model)
+        mgr.wait()
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        mgr.save(2, model=model)  # diverges from step 1 on the safetensors writer's helper thread
+        mgr.wait()
+    assert made, "the changed file was written through the page cache"
+    assert savepoint.verify(str(tmp_path / "step-00000002"))

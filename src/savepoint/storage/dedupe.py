@@ -82,6 +82,8 @@ class DedupeWriter:
         self._offset = 0
         self._out: BinaryIO | DirectFile | None = None
         self._kicked = 0
+        # Decided here: the writes (and the divergence) may come from a helper thread of the caller's.
+        self._direct = direct_enabled()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
@@ -114,7 +116,7 @@ class DedupeWriter:
     def _diverge(self) -> None:
         """Start the real file: the bytes that matched so far come from the parent (a kernel copy)."""
         self._kicked = 0
-        if not direct_enabled():
+        if not self._direct:
             out = open(self.path, "wb")  # noqa: SIM115 (closed in close())
             self._out = out
             _copy_range(self._source.fd, out.fileno(), self.size)
