@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 import savepoint
-import savepoint.async_writer as async_writer
 import savepoint.pipeline.save as pipeline_save
 import savepoint.storage.dedupe as dedupe
 import savepoint.storage.local as local
@@ -108,8 +107,6 @@ def instrument(phases: Phases) -> None:
     savepoint.CheckpointManager._apply_retention = phases.wrap(  # type: ignore[method-assign]
         "retention", savepoint.CheckpointManager._apply_retention
     )
-    async_writer.record_plan = phases.wrap("snapshot", async_writer.record_plan)  # type: ignore[assignment]
-    pipeline_save.snapshot_job = phases.wrap("snapshot", pipeline_save.snapshot_job)  # type: ignore[assignment]
 
 
 def make_state(width: int, layers: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[], None]]:
@@ -164,7 +161,7 @@ def measure(mode: Any, root: str, reps: int, phases: Phases, width: int, layers:
             child0 = _proc_cpu(pid) if pid else 0.0
             cpu0, main0, wall0 = _self_cpu(), time.thread_time(), time.perf_counter()
             mgr.save(1000 + i, model=model, optimizer=opt)
-            main_save = time.thread_time() - main0
+            trainer_save = _self_cpu() - cpu0  # the safetensors helper thread's copies too
             mgr.wait()
             wall = time.perf_counter() - wall0
             main_all = time.thread_time() - main0
@@ -172,8 +169,7 @@ def measure(mode: Any, root: str, reps: int, phases: Phases, width: int, layers:
             got = phases.take()
             if i == 0:
                 continue
-            row = {"wall": wall, "snapshot": got.pop("snapshot", 0.0), "trainer save()": main_save}
-            row["writer"] = writer
+            row = {"wall": wall, "trainer save()": trainer_save, "writer": writer}
             if pid is None:
                 for name in PHASES:
                     row[name] = got.get(name, 0.0)
@@ -197,7 +193,7 @@ def run(workdir: str, *, width: int, layers: int, reps: int) -> tuple[list[dict[
         results[label] = measure(mode, root, reps, phases, width, layers)
         remove(root)
     rows: list[dict[str, object]] = []
-    for key in ("snapshot", "trainer save()", "writer", *PHASES, "other", "wall"):
+    for key in ("trainer save()", "writer", *PHASES, "other", "wall"):
         row: dict[str, object] = {"CPU s per save": key}
         for label, result in results.items():
             if key in result:
@@ -209,8 +205,8 @@ def run(workdir: str, *, width: int, layers: int, reps: int) -> tuple[list[dict[
         f"to copy it into buffers allocated once) = {floor * 1e3:.1f} ms",
         f"medians of {reps} saves, each with a parent checkpoint (dedupe compares, nothing links); "
         "torch.set_num_threads(1); nothing trains while the writer runs",
-        "snapshot: the trainer's copy (thread: snapshot_job; process: record_plan into shared memory); "
-        "trainer save(): the main thread's CPU in save(); writer: the writer thread's (process's) CPU; "
+        "trainer save(): the training process's CPU in save() (thread: the copy into host buffers; "
+        "process: the copy into shared memory); writer: the writer thread's (process's) CPU; "
         "wall: save() to durable. Phases: writer thread only (the writer process's total is measured, "
         "not split)",
         "kernel flusher threads' CPU (buffered writes) is not in any row",
