@@ -87,26 +87,36 @@ class _TimedHasher:
         return str(self._inner.hexdigest())
 
 
-def instrument(phases: Phases) -> None:
-    """Wrap the write path's functions (this process only) so each phase's CPU is summed."""
+def instrument(phases: Phases) -> Callable[[], None]:
+    """Wrap the write path's functions (this process only) so each phase's CPU is summed; returns
+    the function that puts the originals back."""
+    saved: list[tuple[Any, str, Any]] = []
+
+    def wrap(owner: Any, attr: str, name: str) -> None:
+        original = getattr(owner, attr)
+        saved.append((owner, attr, original))
+        setattr(owner, attr, phases.wrap(name, original))
+
     for module in (local, dedupe):
         inner_new = module.new_hasher
+        saved.append((module, "new_hasher", inner_new))
         module.new_hasher = lambda inner_new=inner_new: _TimedHasher(inner_new(), phases)  # type: ignore[assignment]
-        if hasattr(module, "start_writeback"):
-            module.start_writeback = phases.wrap("writeback", module.start_writeback)  # type: ignore[assignment]
+        wrap(module, "start_writeback", "writeback")
     # Everything a writer's write() does besides hashing and the writeback kick is the file write.
     for cls in (local.HashingWriter, dedupe.DedupeWriter):
-        cls.write = phases.wrap("write", cls.write)  # type: ignore[method-assign]
-    dedupe.DedupeWriter._matches = phases.wrap("dedupe", dedupe.DedupeWriter._matches)  # type: ignore[method-assign]
-    dedupe.DedupeWriter._diverge = phases.wrap("dedupe", dedupe.DedupeWriter._diverge)  # type: ignore[method-assign]
-    dedupe.DedupeWriter.finish = phases.wrap("dedupe", dedupe.DedupeWriter.finish)  # type: ignore[method-assign]
-    os.fsync = phases.wrap("fsync", os.fsync)  # type: ignore[assignment]
-    if hasattr(os, "fdatasync"):
-        os.fdatasync = phases.wrap("fsync", os.fdatasync)  # type: ignore[assignment]
-    pipeline_save.commit = phases.wrap("commit", pipeline_save.commit)  # type: ignore[assignment]
-    savepoint.CheckpointManager._apply_retention = phases.wrap(  # type: ignore[method-assign]
-        "retention", savepoint.CheckpointManager._apply_retention
-    )
+        wrap(cls, "write", "write")
+    for attr in ("_matches", "_diverge", "finish"):
+        wrap(dedupe.DedupeWriter, attr, "dedupe")
+    wrap(os, "fsync", "fsync")
+    wrap(os, "fdatasync", "fsync")
+    wrap(pipeline_save, "commit", "commit")
+    wrap(savepoint.CheckpointManager, "_apply_retention", "retention")
+
+    def undo() -> None:
+        for owner, attr, original in reversed(saved):
+            setattr(owner, attr, original)
+
+    return undo
 
 
 def make_state(width: int, layers: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[], None]]:
@@ -181,17 +191,22 @@ def measure(mode: Any, root: str, reps: int, phases: Phases, width: int, layers:
 
 
 def run(workdir: str, *, width: int, layers: int, reps: int) -> tuple[list[dict[str, object]], list[str]]:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     phases = Phases()
-    instrument(phases)
-    model, opt, _ = make_state(width, layers)
-    floor, nbytes = memcpy_cpu(model, opt, reps=5)
-    del model, opt
-    results = {}
-    for label, mode in (("thread", True), ("process", "process")):
-        root = os.path.join(workdir, label)
-        results[label] = measure(mode, root, reps, phases, width, layers)
-        remove(root)
+    undo = instrument(phases)
+    try:
+        model, opt, _ = make_state(width, layers)
+        floor, nbytes = memcpy_cpu(model, opt, reps=5)
+        del model, opt
+        results = {}
+        for label, mode in (("thread", True), ("process", "process")):
+            root = os.path.join(workdir, label)
+            results[label] = measure(mode, root, reps, phases, width, layers)
+            remove(root)
+    finally:
+        undo()
+        torch.set_num_threads(threads)
     rows: list[dict[str, object]] = []
     for key in ("trainer save()", "writer", *PHASES, "other", "wall"):
         row: dict[str, object] = {"CPU s per save": key}
@@ -229,8 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         remove(workdir)
     notes.append(f"load average: {load:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print(Table("Writer CPU per save, by phase", rows, notes).markdown())
+    print(Table(TITLE, rows, notes).markdown())
     return 0
+
+
+TITLE = "Async writers: CPU per save, by phase"
 
 
 if __name__ == "__main__":
