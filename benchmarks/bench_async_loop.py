@@ -42,6 +42,7 @@ QUICK = {"width": 256, "layers": 2, "batch": 8, "steps": 10, "every": 5}
 class Run:
     wall: float = 0.0
     cpu: float = 0.0  # CPU seconds of the training process (all its threads; not a writer process)
+    writer_cpu: float = 0.0  # CPU seconds of savepoint's writer process (async_save="process")
     saves: int = 0
     save_calls: list[float] = field(default_factory=list)  # how long each save() blocked
     busy_steps: list[float] = field(default_factory=list)  # durations of steps taken with a save in flight
@@ -65,6 +66,9 @@ class Method:
         """Between runs, untimed: drop what the run wrote."""
 
     def snapshot_bytes(self) -> int | None:
+        return None
+
+    def writer_pid(self) -> int | None:
         return None
 
     def close(self) -> None: ...
@@ -91,6 +95,9 @@ class Savepoint(Method):
     def reset(self) -> None:
         for info in self.mgr.checkpoints:
             remove(info.path)
+
+    def writer_pid(self) -> int | None:
+        return int(self.mgr._writer.pid) if self.mode == "process" else None
 
     def snapshot_bytes(self) -> int | None:
         if self.mode == "process":
@@ -156,6 +163,8 @@ def make_model(size: dict[str, int]) -> tuple[torch.nn.Module, torch.optim.Optim
 
 def one_run(method: Method | None, step_fn: Callable[[], None], size: dict[str, int], first: int) -> Run:
     run = Run()
+    pid = method.writer_pid() if method is not None else None
+    writer_cpu = _proc_cpu(pid) if pid else 0.0
     cpu = _cpu()
     start = time.perf_counter()
     for i in range(1, size["steps"] + 1):
@@ -172,7 +181,15 @@ def one_run(method: Method | None, step_fn: Callable[[], None], size: dict[str, 
         method.wait()
     run.wall = time.perf_counter() - start
     run.cpu = _cpu() - cpu
+    run.writer_cpu = _proc_cpu(pid) - writer_cpu if pid else 0.0
     return run
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds of another process (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu() -> float:
@@ -180,24 +197,32 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def memcpy_floor(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int = 5) -> tuple[float, int]:
-    """Seconds to copy the whole training state into buffers allocated once (the floor of any snapshot)."""
+def memcpy_floor(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int = 5
+) -> tuple[float, int, float]:
+    """(seconds, bytes, CPU seconds of this process) to copy the whole training state into buffers
+    allocated once: the floor of any snapshot."""
     tensors = list(model.state_dict().values()) + [
         t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0
     ]
     buffers = [torch.empty_like(t) for t in tensors]
-    times = []
+    times, cpus = [], []
     for _ in range(reps + 1):  # the first one faults the buffers in
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu()
         for b, t in zip(buffers, tensors, strict=True):
             b.copy_(t)
         times.append(time.perf_counter() - start)
-    return median(times[1:] or times), sum(t.numel() * t.element_size() for t in tensors)
+        cpus.append(_cpu() - cpu)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    return median(times[1:] or times), nbytes, median(cpus[1:] or cpus)
 
 
-def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[str, object]], list[str]]:
-    size = QUICK if quick else FULL
+def run(
+    workdir: str, *, quick: bool = False, reps: int = 0, size: dict[str, int] | None = None
+) -> tuple[list[dict[str, object]], list[str]]:
+    size = size or (QUICK if quick else FULL)
     reps = reps or (1 if quick else 5)
+    load_before = os.getloadavg()[0]
     model, opt, step_fn = make_model(size)
     own_group = not dist.is_initialized()
     if own_group:  # DCP's async_save wants a process group: one rank, gloo
@@ -219,6 +244,7 @@ def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[
         names = list(methods)
         first = 0
         floors: list[float] = []
+        cpu_floors: list[float] = []
         state_bytes = memcpy_floor(model, opt, reps=0)[1]
         for rep in range(reps + 1):  # rep 0 warms every method up (writer start, imports, buffers)
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
@@ -233,8 +259,10 @@ def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[
                 if method is not None:
                     method.reset()
                 os.sync()
-            floors.append(memcpy_floor(model, opt)[0])  # under the same load as this repetition
-        rows = _rows(runs, methods, median(floors))
+            floor, _, cpu_floor = memcpy_floor(model, opt)  # under the same load as this repetition
+            floors.append(floor)
+            cpu_floors.append(cpu_floor)
+        rows = _rows(runs, methods, median(floors), median(cpu_floors))
     finally:
         for method in methods.values():
             if method is not None:
@@ -253,19 +281,25 @@ def run(workdir: str, *, quick: bool = False, reps: int = 0) -> tuple[list[dict[
         f"{median(floors) * 1e3:.0f} ms to copy the state into buffers allocated once (what any snapshot must pay), "
         "measured once per round",
         "save() blocks: median time one save() call kept the loop waiting; trainer CPU added: CPU time of the "
-        "training process (all its threads, a writer process's not) over the run, minus 'no checkpoint'",
+        "training process (all its threads, a writer process's not) over the run, minus 'no checkpoint'; "
+        "save CPU per save: that plus savepoint's writer process's CPU, per save, against the CPU of the "
+        f"memcpy ({median(cpu_floors) * 1e3:.0f} ms; DCP's process-mode writer is not counted): the "
+        "measure least moved by other jobs on a shared machine",
         "steps/s in flight: steps started while that method's save was still being written, against the "
         "steps/s of 'no checkpoint'",
         "snapshot memory: host buffers savepoint keeps for snapshots (shared memory for the process "
         "writer), reused from save to save; DCP's staging copies are not counted here",
         "CUDA (pinned snapshot, non-blocking copies): unmeasured, no GPU in this run",
-        "command: python -m benchmarks.bench_async_loop" + (" --quick" if quick else ""),
+        f"load average (1 min): {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after",
+        "command: python -m benchmarks.bench_async_loop"
+        + (" --quick" if quick else "")
+        + "".join(f" --{k} {v}" for k, v in size.items() if v != FULL[k] and not quick),
     ]
     return rows, notes
 
 
 def _rows(
-    runs: dict[str, list[Run]], methods: dict[str, Method | None], floor: float
+    runs: dict[str, list[Run]], methods: dict[str, Method | None], floor: float, cpu_floor: float
 ) -> list[dict[str, object]]:
     """Added time is paired by repetition (each run minus the 'no checkpoint' run of the same round),
     which cancels most of a shared machine's drift from round to round; then the median is taken."""
@@ -295,6 +329,11 @@ def _rows(
                 "save() blocks s": median(calls),
                 "save() / memcpy": median(calls) / floor,
                 "trainer CPU added s": added(results, "cpu"),
+                "save CPU per save / memcpy CPU": (
+                    added(results, "cpu") + median([r.writer_cpu for r in results])
+                )
+                / saves
+                / cpu_floor,
                 "steps/s in flight / none": (1 / median(busy)) / base_rate if busy else "",
                 "snapshot GB": snap / GB if snap else "",
             }
@@ -313,10 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=0)
     parser.add_argument("--workdir", default=tempfile.gettempdir())
+    for key, value in FULL.items():  # the issue's own loop: --width 4096 --layers 6 (100M parameters)
+        parser.add_argument(f"--{key}", type=int, default=value)
     args = parser.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="savepoint-bench-loop-", dir=args.workdir)
+    size = None if args.quick else {key: getattr(args, key) for key in FULL}
     try:
-        rows, notes = run(workdir, quick=args.quick, reps=args.reps)
+        rows, notes = run(workdir, quick=args.quick, reps=args.reps, size=size)
     finally:
         remove(workdir)
     print(Table(TITLE, rows, notes).markdown())

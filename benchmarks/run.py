@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     tables, stats = run_all(sizes, workdir, reps=reps, quick=args.quick)
     loop_table, stats["loop"] = _async_loop(workdir, reps=args.reps, quick=args.quick)
     tables.append(loop_table)
+    tables.append(_writer_cpu(workdir, quick=args.quick))
     tables += _optional_merge(workdir, quick=args.quick)
     if not args.quick:  # torchrun jobs of a minute or more each: not in the --quick smoke of `make test`
         tables.append(_distributed(workdir))
@@ -210,6 +211,15 @@ def _stall_ranks(workdir: str, *, quick: bool) -> Table:
         "command: OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=N -m benchmarks.bench_stall_ranks OUT",
     ]
     return Table(title, rows, notes)
+
+
+def _writer_cpu(workdir: str, *, quick: bool) -> Table:
+    """benchmarks/bench_writer_cpu.py: the async writers' CPU per save, by phase, against a memcpy."""
+    from benchmarks import bench_writer_cpu
+
+    size = {"width": 256, "layers": 2, "reps": 1} if quick else {"width": 1536, "layers": 4, "reps": 5}
+    rows, notes = bench_writer_cpu.run(os.path.join(workdir, "writer-cpu"), **size)
+    return Table(bench_writer_cpu.TITLE, rows, notes)
 
 
 def _commit_scale(*, quick: bool) -> Table:

@@ -101,6 +101,7 @@ class _ChunkRecorder:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
         nbytes = view.nbytes
+        at = self.size  # where these bytes go in the file
         self.size += nbytes
         last = self.chunks[-1] if self.chunks else None
         if nbytes < _INLINE_BELOW:
@@ -109,7 +110,7 @@ class _ChunkRecorder:
             else:
                 self.chunks.append(view.tobytes())
             return nbytes
-        segment, offset, size = self._arena.put(view)
+        segment, offset, size = self._arena.put(view, file_offset=at)
         if (
             not isinstance(last, bytes)
             and last is not None

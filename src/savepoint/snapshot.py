@@ -27,6 +27,8 @@ import torch
 
 from savepoint import distributed
 from savepoint.errors import SavepointError
+from savepoint.io.direct import direct_writes
+from savepoint.io.priority import lower_priority
 from savepoint.snapshot_dcp import host_copy
 
 BufferKey = tuple[str, tuple[int, ...], torch.dtype]
@@ -164,8 +166,12 @@ class BackgroundWriter:
             raise error
 
     def _run(self, fn: Callable[[], object]) -> None:
+        # The loop's threads go first (this thread and the helpers it starts run niced), and files are
+        # written with O_DIRECT: no copy into the page cache on the training process's cores.
+        lower_priority(threading.get_native_id())
         try:
-            fn()
+            with direct_writes():
+                fn()
         except BaseException as exc:  # kept for wait(): an error in a thread must not vanish
             self._error = exc
 

@@ -19,7 +19,6 @@ loop only reads the next message after the current one is done; then the process
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -31,6 +30,8 @@ from multiprocessing.reduction import recv_handle
 from typing import Any
 
 from savepoint import discovery, policy
+from savepoint.io.direct import direct_writes
+from savepoint.io.priority import lower_priority
 from savepoint.io.shared_arena import AttachedSegments, Region
 from savepoint.manifest import build_manifest
 from savepoint.storage import memory_tier
@@ -94,17 +95,6 @@ def apply_retention(root: str, rules: policy.RetentionPolicy, *, protect: int) -
             )
 
 
-def lower_priority() -> None:
-    """Let the trainer's threads and I/O go first (best effort: each refusal only costs fairness)."""
-    with contextlib.suppress(OSError):
-        os.nice(10)
-    ioprio_set = {"x86_64": 251, "aarch64": 30}.get(os.uname().machine)
-    if ioprio_set is not None:
-        best_effort_lowest = (2 << 13) | 7  # IOPRIO_CLASS_BE, level 7
-        with contextlib.suppress(OSError, AttributeError):  # who = 1: IOPRIO_WHO_PROCESS, 0: this one
-            ctypes.CDLL(None, use_errno=True).syscall(ioprio_set, 1, 0, best_effort_lowest)
-
-
 def serve(conn: Connection) -> int:
     segments = AttachedSegments()
     while True:
@@ -134,7 +124,8 @@ def _send(conn: Connection, reply: tuple[Any, ...]) -> None:
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when we stop, by closing the socket
     lower_priority()
-    return serve(Connection(int(argv[1])))
+    with direct_writes():  # tensor bytes go from the shared arena to the disk, not via the page cache
+        return serve(Connection(int(argv[1])))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def test_quick_benchmark_writes_tables_and_a_plot(tmp_path):
         "Save model + AdamW state",
         "Async save",
         "Async saves end to end",
+        "Async writers: CPU per save",
         "Restore",
         "Restart from memory",
         "Dedupe",

@@ -15,7 +15,7 @@ from tests.io.test_safetensors_reader import _odd_dtypes, _same_bytes
 import savepoint.io.direct as direct
 from savepoint.errors import CorruptCheckpointError
 from savepoint.formats.safetensors_io import read_safetensors
-from savepoint.io.direct import DirectFile
+from savepoint.io.direct import DirectFile, OverlappedWriter, open_for_write
 from savepoint.io.safetensors import open_safetensors
 from savepoint.storage.local import StagedDir
 
@@ -79,16 +79,18 @@ def test_a_direct_read_past_the_end_of_a_shrunk_file_is_refused(tmp_path, monkey
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 8192 + 5])
-def test_direct_file_writes_the_bytes_it_is_given(tmp_path, opened_direct, size: int) -> None:
+def test_overlapped_direct_writes_write_the_bytes_they_are_given(tmp_path, opened_direct, size: int) -> None:
     data = os.urandom(size)
-    with open(tmp_path / "out.bin", "wb") as f:
-        out = DirectFile(f, buffer_bytes=8192)
+    with open_for_write(str(tmp_path / "out.bin"), direct=True) as f:
+        assert isinstance(f, DirectFile) and f.direct
+        out = OverlappedWriter(f, buffer_bytes=8192)
+        assert out.direct
         for start in range(0, size, 3000):  # writes that straddle the buffer's end
             out.write(memoryview(data)[start : start + 3000])
         out.finish()
         out.close()
+        f.flush()
     assert (tmp_path / "out.bin").read_bytes() == data
-    assert opened_direct == [os.O_WRONLY]
 
 
 @pytest.mark.parametrize("refused", [False, True])
@@ -96,7 +98,7 @@ def test_staged_direct_create_records_the_checksum_of_what_it_wrote(
     tmp_path, monkeypatch, refused: bool
 ) -> None:
     if refused:
-        monkeypatch.setattr(direct, "reopen_direct", lambda fd, flags: None)  # plain writes instead
+        monkeypatch.setattr(direct, "_O_DIRECT", 0)  # plain writes instead
     data = os.urandom((9 << 20) + 123)  # a partial block at the end
     staged = StagedDir(str(tmp_path), "out")
     with staged.create("w.bin", direct=True) as out:
@@ -119,11 +121,20 @@ def test_merge_through_direct_reads_equals_the_plain_merge(tmp_path, monkeypatch
         make_adapter("llama", base, str(tmp_path / "adapter"), target_modules="all-linear")
     with monkeypatch.context() as plain_io:
         plain_io.setattr(direct, "reopen_direct", lambda fd, flags: None)
+        plain_io.setattr(direct, "_O_DIRECT", 0)
         merge_lora(str(tmp_path / "adapter"), base=base, out=str(tmp_path / "plain"))
+    written_direct: list[bool] = []
+
+    class SpyFile(direct.DirectFile):
+        def __init__(self, fd: int, **kwargs: int) -> None:
+            super().__init__(fd, **kwargs)
+            written_direct.append(self.direct)
+
+    monkeypatch.setattr(direct, "DirectFile", SpyFile)
     monkeypatch.setattr(direct, "MIN_DIRECT_BYTES", 1)
     merge_lora(str(tmp_path / "adapter"), base=base, out=str(tmp_path / "direct"))
 
-    assert os.O_RDONLY in opened_direct and os.O_WRONLY in opened_direct
+    assert os.O_RDONLY in opened_direct and written_direct and all(written_direct)
     for name in sorted(os.listdir(tmp_path / "plain")):
         if name.endswith(".safetensors"):
             assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()

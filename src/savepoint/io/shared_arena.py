@@ -20,6 +20,8 @@ import mmap
 import os
 from collections.abc import Callable
 
+from savepoint.io.direct import ALIGN
+
 Region = tuple[int, int, int]  # (segment index, offset, nbytes)
 _MIN_SEGMENT = 64 << 20
 
@@ -50,14 +52,22 @@ class SharedArena:
         """Start filling from the beginning again (the previous save's bytes are no longer needed)."""
         self._segment = self._offset = 0
 
-    def put(self, data: memoryview) -> Region:
-        """Copy `data` (bytes-like, contiguous) into the arena; return where it lies."""
+    def put(self, data: memoryview, *, file_offset: int = 0) -> Region:
+        """Copy `data` (bytes-like, contiguous) into the arena; return where it lies.
+
+        The copy starts at an arena offset congruent to `file_offset` modulo ALIGN (segments are
+        page-aligned), so the writer process can hand the block-aligned part of it to an O_DIRECT
+        write of the file straight from the shared memory (io/direct.py)."""
         src = data if data.format == "B" and data.ndim == 1 else data.cast("B")
         nbytes = src.nbytes
-        while self._segment < len(self._maps) and self._offset + nbytes > len(self._maps[self._segment]):
+        while self._segment < len(self._maps):
+            self._offset += (file_offset - self._offset) % ALIGN
+            if self._offset + nbytes <= len(self._maps[self._segment]):
+                break
             self._segment, self._offset = self._segment + 1, 0
         if self._segment == len(self._maps):
-            self._grow(nbytes)
+            self._grow(nbytes + ALIGN)
+            self._offset = file_offset % ALIGN
         region = (self._segment, self._offset, nbytes)
         self._views[self._segment][self._offset : self._offset + nbytes] = src
         self._offset += nbytes

@@ -31,10 +31,12 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from io import BufferedWriter
+from typing import BinaryIO
 
 from savepoint._hashing import hash_file, new_hasher
 from savepoint.errors import SavepointError
+from savepoint.io.direct import ALIGN, DirectFile
+from savepoint.io.direct import enabled as direct_enabled
 from savepoint.io.files import open_fd_inside
 from savepoint.storage.local import (
     DELETE_PREFIX,
@@ -78,8 +80,10 @@ class DedupeWriter:
         self._source = parent
         self._parent: ParentFile | None = parent
         self._offset = 0
-        self._out: BufferedWriter | None = None
+        self._out: BinaryIO | DirectFile | None = None
         self._kicked = 0
+        # Decided here: the writes (and the divergence) may come from a helper thread of the caller's.
+        self._direct = direct_enabled()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
@@ -89,7 +93,7 @@ class DedupeWriter:
         self.size += view.nbytes
         if self._out is not None:
             self._out.write(view)
-            if self.size - self._kicked >= _WRITEBACK_EVERY:
+            if not isinstance(self._out, DirectFile) and self.size - self._kicked >= _WRITEBACK_EVERY:
                 self._out.flush()
                 start_writeback(self._out.fileno(), self._kicked, self.size - self._kicked)
                 self._kicked = self.size
@@ -111,11 +115,26 @@ class DedupeWriter:
 
     def _diverge(self) -> None:
         """Start the real file: the bytes that matched so far come from the parent (a kernel copy)."""
-        out = open(self.path, "wb")  # noqa: SIM115 (closed in close())
-        self._out = out
-        copy_range(self._source.fd, out.fileno(), self.size)
-        out.seek(self.size)
         self._kicked = 0
+        if not self._direct:
+            out = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+            self._out = out
+            copy_range(self._source.fd, out.fileno(), self.size)
+            out.seek(self.size)
+            self._parent = None
+            return
+        # O_DIRECT (async writers): the kernel copies the block-aligned prefix, the rest goes through
+        # the DirectFile's buffer so that its writes start on a block boundary.
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        aligned = self.size - self.size % ALIGN
+        try:
+            copy_range(self._source.fd, fd, aligned)
+            direct = DirectFile(fd, start=aligned)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._out = direct
+        direct.write(_pread_exact(self._source.fd, self.size - aligned, aligned))
         self._parent = None
 
     def finish(self) -> None:
@@ -290,6 +309,13 @@ def _link_or_copy(parent: ParentFile, target: str) -> bool:
         out.flush()
         os.fsync(out.fileno())
     return False
+
+
+def _pread_exact(fd: int, nbytes: int, offset: int) -> bytes:
+    got = os.pread(fd, nbytes, offset)
+    if len(got) != nbytes:
+        raise OSError(f"the parent file ended after {offset + len(got)} of {offset + nbytes} bytes")
+    return got
 
 
 def copy_range(src_fd: int, dst_fd: int, nbytes: int) -> None:

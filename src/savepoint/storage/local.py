@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from savepoint._hashing import hash_file, new_hasher
 from savepoint.errors import SavepointError, StorageError
-from savepoint.io.direct import DirectFile
+from savepoint.io.direct import DirectFile, OverlappedWriter, open_for_write
 
 MANIFEST_NAME = "savepoint.json"
 TMP_PREFIX = ".tmp-"
@@ -99,8 +99,9 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 class HashingWriter:
     """A binary file that hashes and counts every byte written, and fsyncs on close."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO | DirectFile | OverlappedWriter) -> None:
         self._f = f
+        self._kick = not getattr(f, "direct", False)  # O_DIRECT leaves no dirty pages to start on
         self._hasher = new_hasher()
         self.size = 0
         self._kicked = 0  # bytes already handed to start_writeback
@@ -110,7 +111,7 @@ class HashingWriter:
         self._f.write(data)
         nbytes = memoryview(data).nbytes
         self.size += nbytes
-        if self.size - self._kicked >= _WRITEBACK_EVERY:
+        if self._kick and self.size - self._kicked >= _WRITEBACK_EVERY:
             self._f.flush()
             start_writeback(self._f.fileno(), self._kicked, self.size - self._kicked)
             self._kicked = self.size
@@ -149,15 +150,16 @@ class StagedDir:
         full = self.abspath(relpath)
         try:
             os.makedirs(os.path.dirname(full), exist_ok=True)
-            with open(full, "wb") as f:
-                target = DirectFile(f) if direct else f
+            # O_DIRECT for the async writers (inside `direct_writes()`) and for large streamed outputs.
+            with open_for_write(full, direct=direct) as f:
+                target = OverlappedWriter(f) if direct else f
                 try:
-                    writer = HashingWriter(target)  # type: ignore[arg-type]  # file-like enough
+                    writer = HashingWriter(target)
                     yield writer
-                    if isinstance(target, DirectFile):
+                    if isinstance(target, OverlappedWriter):
                         target.finish()
                 finally:
-                    if isinstance(target, DirectFile):
+                    if isinstance(target, OverlappedWriter):
                         target.close()
                 f.flush()
                 os.fsync(f.fileno())

@@ -37,9 +37,7 @@ _STATEFUL_FILE = re.compile(r"train_state/stateful/rank-(\d+)/(.+)\.(json|safete
 
 
 @contextlib.contextmanager
-def rank_copy(
-    remote: RemoteRoot, step_url: str, *, rank: int, model: Any, optimizer: Any
-) -> Iterator[str]:
+def rank_copy(remote: RemoteRoot, step_url: str, *, rank: int, model: Any, optimizer: Any) -> Iterator[str]:
     """Download this rank's part of a checkpoint into a temporary directory; yield its path, then
     remove it. The restore checks each file as it reads it."""
     os.makedirs(cache_dir(), exist_ok=True)
