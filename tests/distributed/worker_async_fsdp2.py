@@ -22,6 +22,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from tests.distributed.common import assert_same, flat_reference, write_json
+from tests.distributed.worker_reshard import build
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -29,11 +30,9 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import savepoint
-from savepoint.demo import tiny
 from savepoint.distributed import DistributedSaveError
 from savepoint.formats.dcp_ranges import RangeRecordingWriter
 from savepoint.pipeline import save as pipeline_save
@@ -45,16 +44,6 @@ REPEATS = 24  # saves in a row for the buffer-reuse check
 
 class InjectedWriteError(RuntimeError):
     pass
-
-
-def build(seed: int):
-    model = tiny.tiny_llama(seed=seed).train()
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    return model, opt, sched
 
 
 def train(model, opt, sched, n: int = 1) -> None:

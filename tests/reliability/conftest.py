@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 from tests.reliability.harness import FULL, Tally, Zygote
 from tests.reliability.hostile_helpers import plant_secret
+from tests.reliability.scenarios import train_state
+
+import savepoint
 
 _TALLIES: list[Tally] = []
 
@@ -36,6 +39,16 @@ def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
     z = Zygote(str(tmp_path_factory.mktemp("zygote")))
     yield z
     z.close()
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> str:
+    """A root with one committed train-state checkpoint (step 1)."""
+    root = str(tmp_path / "run")
+    state = train_state(1)
+    with savepoint.CheckpointManager(root) as mgr:
+        mgr.save(1, model=state.model, **state.kwargs)
+    return root
 
 
 @pytest.fixture

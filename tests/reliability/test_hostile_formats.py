@@ -40,16 +40,6 @@ DCP = "train_state/dcp"
 METADATA = f"{DCP}/.metadata"
 
 
-@pytest.fixture
-def run(tmp_path: Path) -> str:
-    """A root with one committed train-state checkpoint (step 1)."""
-    root = str(tmp_path / "run")
-    state = train_state(1)
-    with savepoint.CheckpointManager(root) as mgr:
-        mgr.save(1, model=state.model, **state.kwargs)
-    return root
-
-
 def make_sharded(root: str, extra: dict[str, Any] | None = None) -> str:
     """Turn step 1 of `root` into a "sharded" checkpoint, laid out as savepoint lays out one written by
     FSDP ranks: model weights and optimizer moments in a DCP directory, the rest as JSON."""

@@ -32,17 +32,6 @@ from savepoint._hashing import new_hasher
 from savepoint.errors import CorruptCheckpointError, SavepointError, UnsafeCheckpointError
 from savepoint.formats.dcp_ranges import record_name
 
-
-@pytest.fixture
-def run(tmp_path: Path) -> str:
-    """A root with one committed train-state checkpoint (step 1)."""
-    root = str(tmp_path / "run")
-    state = train_state(1)
-    with savepoint.CheckpointManager(root) as mgr:
-        mgr.save(1, model=state.model, **state.kwargs)
-    return root
-
-
 # ---------------------------------------------------------------- DCP item records
 
 
