@@ -33,7 +33,7 @@ from savepoint.io.shared_arena import SharedArena
 from savepoint.pipeline.job import SaveJob, manifest_fields
 from savepoint.pipeline.save import write_files
 from savepoint.policy import RetentionPolicy
-from savepoint.snapshot import register_writer
+from savepoint.snapshot import announce_finish, register_writer
 from savepoint.storage.local import TMP_PREFIX
 from savepoint.writer_process import Chunk, SavePlan
 
@@ -216,12 +216,7 @@ class ProcessWriter:
 
     def finish(self, reason: str) -> None:
         """Exit paths: wait for the save in flight without raising, report its error, stop."""
-        if self.busy:
-            print(
-                f"savepoint: finishing the checkpoint being written before {reason}",
-                file=sys.stderr,
-                flush=True,
-            )
+        announce_finish(self.busy, reason)
         try:
             self.close()
         except SavepointError as exc:

@@ -184,12 +184,7 @@ class BackgroundWriter:
 
     def finish(self, reason: str) -> None:
         """Finish the save in flight without raising (exit paths); report an uncollected error."""
-        if self.busy:
-            print(
-                f"savepoint: finishing the checkpoint being written before {reason}",
-                file=sys.stderr,
-                flush=True,
-            )
+        announce_finish(self.busy, reason)
         self._join()
         error, self._error = self._error, None
         if error is not None:
@@ -206,6 +201,14 @@ class Finishable(Protocol):
 
 _LIVE_WRITERS: weakref.WeakSet[Finishable] = weakref.WeakSet()
 _HOOKS_INSTALLED = False
+
+
+def announce_finish(busy: bool, reason: str) -> None:
+    """Tell the user why the process does not end at once: a save in flight is being finished."""
+    if busy:
+        print(
+            f"savepoint: finishing the checkpoint being written before {reason}", file=sys.stderr, flush=True
+        )
 
 
 def register_writer(writer: Finishable) -> None:

@@ -89,12 +89,18 @@ class SharedArena:
 
     def close(self) -> None:
         """Unmap every segment (the memory is freed once the other process unmaps it too)."""
-        for view in self._views:
-            view.release()
-        for mapped in self._maps:
-            mapped.close()
-        self._maps, self._views = [], []
+        unmap(self._maps, self._views)
         self.reset()
+
+
+def unmap(maps: list[mmap.mmap], views: list[memoryview]) -> None:
+    """Release the views first (a mapping with a live view cannot close), then the mappings; empty both."""
+    for view in views:
+        view.release()
+    for mapped in maps:
+        mapped.close()
+    maps.clear()
+    views.clear()
 
 
 class AttachedSegments:
@@ -114,8 +120,4 @@ class AttachedSegments:
         return self._views[segment][offset : offset + nbytes]
 
     def close(self) -> None:
-        for view in self._views:
-            view.release()
-        for mapped in self._maps:
-            mapped.close()
-        self._maps, self._views = [], []
+        unmap(self._maps, self._views)
