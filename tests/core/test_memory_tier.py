@@ -11,8 +11,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 
@@ -69,7 +71,7 @@ def _all_equal(model: torch.nn.Module, value: float) -> bool:
     return all(bool((p == value).all()) for p in model.parameters())
 
 
-def _save(root: Path, step: int, **manager_args: object) -> savepoint.CheckpointManager:
+def _save(root: Path | str, step: int, **manager_args: object) -> savepoint.CheckpointManager:
     mgr = savepoint.CheckpointManager(root, memory_tier=True, **manager_args)  # type: ignore[arg-type]
     mgr.save(step, model=_filled(step))
     mgr.wait()
@@ -171,3 +173,20 @@ def test_the_default_tier_is_in_dev_shm(tmp_path: Path, monkeypatch: pytest.Monk
     finally:
         mgr.close()
     assert not os.path.exists(memory_tier.tier_dir(str(root)))
+
+
+def test_an_object_store_root_restores_from_the_tier_without_downloading() -> None:
+    root = f"memory:///savepoint-tier-{uuid.uuid4().hex}"
+    try:
+        _save(root, 1)  # no close(), as after a crash: the tier stays
+        control = savepoint.CheckpointManager(root)
+        control.restore(model=_model())
+        assert control._remote is not None and control._remote.transfers["downloaded"] > 0
+
+        restorer = savepoint.CheckpointManager(root, memory_tier=True)
+        model = _model()
+        assert restorer.restore(model=model).step == 1 and _all_equal(model, 1.0)
+        assert restorer._remote is not None and restorer._remote.transfers["downloaded"] == 0
+        restorer.close()
+    finally:
+        fsspec.filesystem("memory").rm(root[len("memory://") :], recursive=True)
