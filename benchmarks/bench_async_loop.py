@@ -14,6 +14,7 @@ Every method keeps its writer (thread pool, process) across runs; one warm-up ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import socket
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from benchmarks.common import GB, Table, median, remove, spread
 from savepoint.snapshot import pool_for
 
 FULL = {"width": 1536, "layers": 4, "batch": 64, "steps": 20, "every": 10}  # 9.4M params, 0.11 GB state
+PRIORITY_ENV = "SAVEPOINT_WRITER_PRIORITY"
 QUICK = {"width": 256, "layers": 2, "batch": 8, "steps": 10, "every": 5}
 
 
@@ -76,14 +78,36 @@ class Method:
 
 class Savepoint(Method):
     def __init__(
-        self, name: str, root: str, model: torch.nn.Module, opt: torch.optim.Optimizer, mode: Any
+        self,
+        name: str,
+        root: str,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        mode: Any,
+        priority: str | None = None,
     ) -> None:
         super().__init__(name)
         self.root, self.model, self.opt, self.mode = root, model, opt, mode
-        self.mgr = savepoint.CheckpointManager(root, async_save=mode)
+        self.priority = priority  # the writer's SAVEPOINT_WRITER_PRIORITY (None: the default)
+        with self._priority():  # the writer process takes its policy when it starts
+            self.mgr = savepoint.CheckpointManager(root, async_save=mode)
 
     def save(self, step: int) -> None:
-        self.mgr.save(step, model=self.model, optimizer=self.opt)
+        with self._priority():  # a thread writer takes its policy when its thread starts
+            self.mgr.save(step, model=self.model, optimizer=self.opt)
+
+    @contextlib.contextmanager
+    def _priority(self) -> Iterator[None]:
+        before = os.environ.get(PRIORITY_ENV)
+        if self.priority is not None:
+            os.environ[PRIORITY_ENV] = self.priority
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(PRIORITY_ENV, None)
+            else:
+                os.environ[PRIORITY_ENV] = before
 
     def busy(self) -> bool:
         writer = self.mgr._writer
@@ -218,8 +242,17 @@ def memcpy_floor(
 
 
 def run(
-    workdir: str, *, quick: bool = False, reps: int = 0, size: dict[str, int] | None = None
+    workdir: str,
+    *,
+    quick: bool = False,
+    reps: int = 0,
+    size: dict[str, int] | None = None,
+    only: tuple[str, ...] = (),
+    priorities: tuple[str, ...] = (),
 ) -> tuple[list[dict[str, object]], list[str]]:
+    """`only`: run just the methods whose names contain one of these (plus 'no checkpoint' and the
+    sync save, the references); `priorities`: one async method per writer priority policy
+    (io/priority.py), side by side; empty means the default policy only."""
     size = size or (QUICK if quick else FULL)
     reps = reps or (1 if quick else 5)
     load_before = os.getloadavg()[0]
@@ -230,16 +263,18 @@ def run(
     methods: dict[str, Method | None] = {"no checkpoint": None}
     try:
         methods["savepoint sync"] = Savepoint("sync", os.path.join(workdir, "sync"), model, opt, False)
-        methods["savepoint async thread"] = Savepoint(
-            "thread", os.path.join(workdir, "thread"), model, opt, True
-        )
-        methods["savepoint async process"] = Savepoint(
-            "process", os.path.join(workdir, "proc"), model, opt, "process"
-        )
+        for mode, label in ((True, "thread"), ("process", "process")):
+            for priority in priorities or (None,):
+                name = f"savepoint async {label}" + (f" ({priority})" if priority else "")
+                if _wanted(name, only):
+                    root = os.path.join(workdir, f"{label}-{priority or 'default'}")
+                    methods[name] = Savepoint(label, root, model, opt, mode, priority)
         for kind in AsyncCheckpointerType:
-            methods[f"DCP async_save {kind.value}"] = DCPAsync(
-                kind.value, os.path.join(workdir, f"dcp-{kind.value}"), model, opt, kind
-            )
+            name = f"DCP async_save {kind.value}"
+            if _wanted(name, only):
+                methods[name] = DCPAsync(
+                    kind.value, os.path.join(workdir, f"dcp-{kind.value}"), model, opt, kind
+                )
         runs: dict[str, list[Run]] = {name: [] for name in methods}
         names = list(methods)
         first = 0
@@ -293,7 +328,9 @@ def run(
         f"load average (1 min): {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after",
         "command: python -m benchmarks.bench_async_loop"
         + (" --quick" if quick else "")
-        + "".join(f" --{k} {v}" for k, v in size.items() if v != FULL[k] and not quick),
+        + "".join(f" --{k} {v}" for k, v in size.items() if v != FULL[k] and not quick)
+        + (f" --only {','.join(only)}" if only else "")
+        + (f" --priorities {','.join(priorities)}" if priorities else ""),
     ]
     return rows, notes
 
@@ -341,6 +378,10 @@ def _rows(
     return rows
 
 
+def _wanted(name: str, only: tuple[str, ...]) -> bool:
+    return not only or any(part in name for part in only)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -352,13 +393,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=0)
     parser.add_argument("--workdir", default=tempfile.gettempdir())
+    parser.add_argument("--only", default="", help="comma-separated parts of method names to run")
+    parser.add_argument(
+        "--priorities",
+        default="",
+        help="comma-separated writer priority policies to compare: idle,nice,normal",
+    )
     for key, value in FULL.items():  # the issue's own loop: --width 4096 --layers 6 (100M parameters)
         parser.add_argument(f"--{key}", type=int, default=value)
     args = parser.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="savepoint-bench-loop-", dir=args.workdir)
     size = None if args.quick else {key: getattr(args, key) for key in FULL}
     try:
-        rows, notes = run(workdir, quick=args.quick, reps=args.reps, size=size)
+        rows, notes = run(
+            workdir,
+            quick=args.quick,
+            reps=args.reps,
+            size=size,
+            only=tuple(p for p in args.only.split(",") if p),
+            priorities=tuple(p for p in args.priorities.split(",") if p),
+        )
     finally:
         remove(workdir)
     print(Table(TITLE, rows, notes).markdown())

@@ -18,6 +18,7 @@ import torch
 
 from savepoint import discovery, distributed, policy
 from savepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from savepoint.io.priority import writer_policy
 from savepoint.manifest import clean_metrics
 from savepoint.pipeline.job import SaveRequest
 from savepoint.pipeline.save import capture, write_checkpoint
@@ -47,7 +48,9 @@ class CheckpointManager:
             every rank snapshot and return; each rank's thread writes, reports and commits on
             savepoint's own process group, one save in flight, and `wait()` or the next `save()`
             raises a failure on every rank (sharded models and DeepSpeed engines: synchronous).
-            Call `wait()` before `save_pretrained` while a save is in flight.
+            Call `wait()` before `save_pretrained` while a save is in flight. The writer runs at
+            a lower priority (SCHED_IDLE in one process, nice under torchrun; the
+            SAVEPOINT_WRITER_PRIORITY environment variable overrides it, see io/priority.py).
         dist_timeout: under torchrun, seconds a rank waits for the others at each step of a save
             before it raises instead of hanging (a rank died or stalled); it must exceed the longest
             time one rank spends writing its part. Default: $SAVEPOINT_DIST_TIMEOUT or 600.
@@ -107,6 +110,8 @@ class CheckpointManager:
         self._writer: Any = None
         self._warned_sync = False
         self._warned_tier = False
+        if async_save not in (False, None):
+            writer_policy()  # a bad SAVEPOINT_WRITER_PRIORITY is refused here, not in the writer
         if async_save == "process":
             if self._remote is not None:
                 raise ValueError('async_save="process" writes local roots only; use async_save=True here')
