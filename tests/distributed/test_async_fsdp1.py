@@ -25,5 +25,8 @@ def test_async_fsdp1_saves_the_save_time_state_and_resumes_exactly(tmp_path):
         for case in ("gathered", "sharded", "sharded-mesh"):
             assert len(result[case]["losses"]) == 3, (rank, case)
             assert result[case]["resumed"] == result[case]["losses"], (rank, case)
+        assert result["uneven"]["sharded_tensors"] == 12, rank  # 4 weights and biases, 8 AdamW moments
         assert result["reuse"]["saves"] == 4 and result["reuse"]["pool_bytes"] > 0, rank
+    # the second layer has one output row: rank 1 holds no shard of its weight, bias or their 2 moments each
+    assert [r["uneven"]["without_local"] for r in per_rank] == [0, 6]
     assert per_rank[0]["sharded"]["compared"] > 10  # rank 0 compared the full gathered state

@@ -9,8 +9,10 @@ save() returned, and fails if it never comes), with no "this save is synchronous
 changes the weights, AdamW moments and scheduler before the write starts and while it runs; after
 wait() the async checkpoint's files are byte-identical to the synchronous one's, the checkpoint restores
 the save-time state bit-exactly into a fresh FSDP1 model (checked against torch's own full gather at
-save time), and training on from it gives the same losses as the uninterrupted run. Finally a few saves
-in a row reuse the same host buffers for the ShardedTensors' shards. Rank 0 writes OUT/result.json.
+save time), and training on from it gives the same losses as the uninterrupted run. Then uneven shards
+(5 rows over 2 ranks, 1 row: rank 1 holds none) are copied with torch's own layout and saved as a
+synchronous save does, and a few saves in a row reuse the same host buffers for the ShardedTensors'
+shards. Rank 0 writes OUT/result.json.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 import savepoint
 from savepoint.demo import tiny
+from savepoint.formats import sharded
 from savepoint.manifest import read_manifest
 from savepoint.pipeline import save as pipeline_save
-from savepoint.snapshot import pool_for
+from savepoint.snapshot import HostBufferPool, pool_for
+from savepoint.snapshot_dcp import host_copy
 
 REUSE_SAVES = 4
 
@@ -152,6 +156,54 @@ def check_case(out: str, hooks: Hooks, name: str, *, sharded_model: bool, mesh: 
     return {"kinds": kinds, "losses": first, "resumed": again, "compared": len(ref)}
 
 
+def layout(tensor: ShardedTensor) -> list[tuple[list[int], list[int], int]]:
+    return [(m.shard_offsets, m.shard_sizes, m.placement.rank()) for m in tensor.metadata().shards_metadata]
+
+
+def check_uneven(out: str) -> dict:
+    """Odd row counts: each rank's copy has the live tensor's global size, every rank's offsets and
+    sizes, and its values; an async save of them is byte-identical to a synchronous one."""
+    torch.manual_seed(0)
+    inner = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 1))
+    model = FullyShardedDataParallel(inner, use_orig_params=True, device_id=torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    live = {
+        **sharded.model_tensors(model),
+        **sharded.split_optimizer_state(sharded.optimizer_state(model, opt))[0],
+    }
+    pool = HostBufferPool()
+    pool.begin()
+    copies = {name: host_copy(pool, name, t) for name, t in live.items()}
+    pool.end()
+    empty = 0
+    for name, t in live.items():
+        if not isinstance(t, ShardedTensor):
+            assert torch.equal(copies[name], t), name
+            continue
+        copy = copies[name]
+        assert isinstance(copy, ShardedTensor) and copy.size() == t.size(), name
+        assert layout(copy) == layout(t), (name, layout(copy), layout(t))
+        assert len(copy.local_shards()) == len(t.local_shards()), name
+        empty += not t.local_shards()
+        for a, b in zip(copy.local_shards(), t.local_shards(), strict=True):
+            assert torch.equal(a.tensor, b.tensor) and a.tensor.data_ptr() != b.tensor.data_ptr(), name
+    ckpts = []
+    for mode, options in (("sync", {}), ("async", {"async_save": True})):
+        mgr = savepoint.CheckpointManager(
+            f"{out}/uneven-{mode}", sharded_model=True, dist_timeout=60, **options
+        )
+        ckpts.append(mgr.save(1, model=model, optimizer=opt))
+        mgr.close()
+    if dist.get_rank() == 0:
+        assert file_checksums(ckpts[0]) == file_checksums(ckpts[1])
+    return {
+        "sharded_tensors": sum(isinstance(t, ShardedTensor) for t in live.values()),
+        "without_local": empty,
+    }
+
+
 def check_reuse(out: str, hooks: Hooks) -> dict:
     model, opt, sched = build(0, mesh=False)
     train(model, opt, sched, range(1, 2))
@@ -178,6 +230,7 @@ def main(out: str) -> None:
         "gathered": check_case(out, hooks, "gathered", sharded_model=False, mesh=False),
         "sharded": check_case(out, hooks, "sharded", sharded_model=True, mesh=False),
         "sharded-mesh": check_case(out, hooks, "sharded-mesh", sharded_model=True, mesh=True),
+        "uneven": check_uneven(out),
         "reuse": check_reuse(out, hooks),
     }
     results: list = [None, None]
