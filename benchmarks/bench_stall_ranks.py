@@ -1,6 +1,7 @@
 """How long `save()` blocks the training loop at 1 and 2 ranks, against DCP's `async_save`.
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m benchmarks.bench_stall_ranks OUT [--quick] [--reps N]
+        [--kinds ddp,fsdp2,fsdp1]
 
 For a replicated model (DDP) and a sharded one (FSDP2, `fully_shard` per layer), each with AdamW state,
 every method saves once to warm up (writer threads and processes, host buffers, DCP's staging cache),
@@ -12,7 +13,9 @@ at a barrier, so the write of one save never overlaps the next stall. Methods, i
     savepoint sync                      CheckpointManager(...).save()
     savepoint async                     async_save=True (FSDP2: weights gathered to rank 0 at save() time)
     savepoint async sharded_model       FSDP2 only: async_save=True, sharded_model=True (no gather)
+                                        (FSDP1, `--kinds fsdp1`: both, plus `savepoint sync sharded_model`)
     DCP async_save thread / process     dcp.async_save(get_state_dict(model, opt)), torch's recommended call
+                                        (not for FSDP1: torch 2.13's stager cannot copy its ShardedTensors)
 
 Rank 0 prints one JSON line per (model, method).
 """
@@ -55,6 +58,8 @@ def build(
             fully_shard(layer)
         fully_shard(inner)
         model: torch.nn.Module = inner
+    elif kind == "fsdp1":
+        model = fsdp1_wrap(inner)
     else:
         model = DistributedDataParallel(inner)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -67,6 +72,18 @@ def build(
 
     train_step()  # AdamW state exists
     return model, opt, train_step
+
+
+def fsdp1_wrap(inner: torch.nn.Module) -> torch.nn.Module:
+    """FSDP1 (`FullyShardedDataParallel`), one unit per decoder layer, on the CPU."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    layer_class = type(inner.model.layers[0])
+    policy = ModuleWrapPolicy({layer_class})
+    return FullyShardedDataParallel(
+        inner, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu")
+    )
 
 
 def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -126,10 +143,16 @@ def methods_for(kind: str, out: str, model: torch.nn.Module, opt: Any, process: 
         "savepoint sync": savepoint_method(f"{root}/sp-sync", model, opt),
         "savepoint async": savepoint_method(f"{root}/sp-async", model, opt, async_save=True),
     }
-    if kind == "fsdp2":
+    if kind == "fsdp1":
+        methods["savepoint sync sharded_model"] = savepoint_method(
+            f"{root}/sp-sync-sharded", model, opt, sharded_model=True
+        )
+    if kind in ("fsdp2", "fsdp1"):
         methods["savepoint async sharded_model"] = savepoint_method(
             f"{root}/sp-async-sharded", model, opt, async_save=True, sharded_model=True
         )
+    if kind == "fsdp1":  # DCP's stager asks a ShardedTensor for its data_ptr(), which it refuses
+        return methods
     methods["DCP async_save thread"] = dcp_method(
         f"{root}/dcp-thread", model, opt, AsyncCheckpointerType.THREAD
     )
@@ -171,11 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-process", action="store_true", help="skip DCP's process mode")
+    parser.add_argument("--kinds", default="ddp,fsdp2", help="models, comma-separated: ddp, fsdp2, fsdp1")
     args = parser.parse_args(argv)
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     size = QUICK if args.quick else FULL
-    for kind in ("ddp", "fsdp2"):
+    for kind in args.kinds.split(","):
         model, opt, train_step = build(kind, size)
         nbytes = state_bytes(model, opt)
         stalls = measure(methods_for(kind, args.out, model, opt, not args.no_process), train_step, args.reps)

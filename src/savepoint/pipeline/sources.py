@@ -91,15 +91,13 @@ def is_collective(model: torch.nn.Module) -> bool:
 
 def why_not_in_background(model: torch.nn.Module) -> str | None:
     """Why a save of `model` under torchrun cannot run its write phase on a background thread
-    (async_save), or None when it can. FSDP2's DTensors are copied with their layout (snapshot_dcp.py)."""
+    (async_save), or None when it can. FSDP2's DTensors and FSDP1's ShardedTensors are copied with
+    their layout (snapshot_dcp.py)."""
     if ds.is_engine(model):
         return (
             "a DeepSpeed engine writes through its own save_checkpoint, which runs collectives on the "
             "training's process group and reads the live engine state (partitions, optimizer) as it writes"
         )
-    module = hf.unwrap_model(model)
-    if is_sharded(module) and has_fsdp1(module):
-        return "an FSDP1 model's sharded state (ShardedTensor) is not snapshotted; FSDP2 (fully_shard) is"
     return None
 
 
@@ -120,7 +118,9 @@ class ModuleSource(ModelSource):
         if is_sharded(self.module):
             if job.snapshot and not has_fsdp1(self.module):
                 # Async FSDP2: save() copies each rank's shards; the write phase gathers them to rank 0
-                # on savepoint's own group (`finish_gather`), off the training loop's time.
+                # on savepoint's own group (`finish_gather`), off the training loop's time. Async FSDP1
+                # gathers here, as a synchronous save does (its state_dict() is that collective), and
+                # the snapshot copies rank 0's gathered state.
                 job.model_shards = deferrable(self.module)
                 if job.model_shards is not None:
                     return
