@@ -46,7 +46,7 @@ class CheckpointManager:
             handed over even if this process is killed (local roots). Under torchrun, True makes
             every rank snapshot and return; each rank's thread writes, reports and commits on
             savepoint's own process group, one save in flight, and `wait()` or the next `save()`
-            raises a failure on every rank (sharded models and DeepSpeed engines: synchronous).
+            raises a failure on every rank (FSDP1 models: synchronous, with a warning).
             Call `wait()` before `save_pretrained` while a save is in flight.
         dist_timeout: under torchrun, seconds a rank waits for the others at each step of a save
             before it raises instead of hanging (a rank died or stalled); it must exceed the longest
