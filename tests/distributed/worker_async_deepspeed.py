@@ -1,15 +1,17 @@
 """Run under `torchrun --nproc_per_node=2` (gloo, CPU): `async_save=True` with DeepSpeed ZeRO engines.
 
-For each stage given: save() of step 2 returns while the write is held back (the write waits for a
-signal the training thread sends only after save() returned, and fails if it never comes), with no
-warning; at once, DeepSpeed's own `engine.save_checkpoint` of the same state goes to a plain directory.
-Training then changes the weights, the optimizer and the schedule before the write starts and while it
-runs. The checkpoint's engine files must be byte for byte DeepSpeed's own; a fresh engine restored from
-it must hold the save-time state (weights, every optimizer tensor, schedule: compared with a copy taken
-at save time, as must its model.safetensors and with a fresh engine that DeepSpeed's own `load_checkpoint` loaded from its directory),
-and both must train on identically. Then a failure injected into rank 1's background write (a full
-disk) is raised on both ranks by wait() and by the next save(), and nothing is committed for it; a few
-saves in a row reuse the same host buffers. Rank 0 writes OUT/result.json.
+For each stage given: a synchronous savepoint save of step 2 (the same code, written at once from
+the live state); then the async save() of the same state returns while its write is held back (the
+write waits for a signal the training thread sends only after save() returned, and fails if it never
+comes), with no warning; then DeepSpeed's own `engine.save_checkpoint` of that state goes to a plain
+directory. Training changes the weights, the optimizer and the schedule before the write starts and
+while it runs. The engine files of both savepoint checkpoints must be byte for byte DeepSpeed's own,
+and the async one's model.safetensors the save-time weights. A fresh engine restored from it must hold
+the save-time state (weights, every optimizer tensor, schedule), as must a fresh engine that
+DeepSpeed's own `load_checkpoint` loaded from its directory, and both must train on identically. Then
+a failure injected into rank 1's background write (a full disk) is raised on both ranks by wait() and
+by the next save(), and nothing is committed for it; a few saves in a row reuse the same host buffers.
+Rank 0 writes OUT/result.json.
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ def check_stage(stage: int, out: str, hooks: Hooks) -> dict:
     engine = build(stage, seed=0)
     train(engine, batches[:2])
     mgr = savepoint.CheckpointManager(root, async_save=True, dist_timeout=60)
+    # A synchronous save of the same state first: the same code, written at once from the live tensors.
+    savepoint.CheckpointManager(f"{root}-sync", dist_timeout=60).save(2, model=engine)
 
     hooks.hold, hooks.release = True, threading.Event()
     with warnings.catch_warnings(record=True) as caught:
@@ -138,11 +142,12 @@ def check_stage(stage: int, out: str, hooks: Hooks) -> dict:
     assert any(not torch.equal(changed[k], ref[k]) for k in ref if k.startswith("optimizer/")), "no change"
 
     # The engine files are the bytes DeepSpeed itself wrote for that state.
-    ours = f"{root}/step-00000002/train_state/deepspeed/global_step2"
     names = sorted(n for n in os.listdir(f"{theirs}/global_step2") if not n.endswith(".py"))
-    assert sorted(os.listdir(ours)) == names, (os.listdir(ours), names)
-    for name in names:
-        assert filecmp.cmp(f"{ours}/{name}", f"{theirs}/global_step2/{name}", shallow=False), name
+    for ours in (root, f"{root}-sync"):
+        ours = f"{ours}/step-00000002/train_state/deepspeed/global_step2"
+        assert sorted(os.listdir(ours)) == names, (os.listdir(ours), names)
+        for name in names:
+            assert filecmp.cmp(f"{ours}/{name}", f"{theirs}/global_step2/{name}", shallow=False), ours
 
     if rank == 0:  # the 16-bit weights of the transformers directory (ZeRO-2: the live parameters)
         weights = load_file(f"{root}/step-00000002/model.safetensors")
