@@ -238,10 +238,12 @@ class EngineSource(ModelSource):
         full = ds.full_state(self.engine)  # collective
         if distributed.rank() == 0:
             job.model_state = savable(self.engine.module, full or {})
-        request = job.request  # collective (DeepSpeed's own barriers); writes nothing
-        self.engine_files = ds.capture_engine_checkpoint(
-            self.engine, request.step, root=request.root, snapshot=job.snapshot
-        )
+        request = job.request
+        what = f"save of step {request.step} under {request.root}"
+        with distributed.peer_failures(what, "in the engine's save_checkpoint"):  # its own barriers
+            self.engine_files = ds.capture_engine_checkpoint(  # writes nothing
+                self.engine, request.step, root=request.root, snapshot=job.snapshot
+            )
 
     def write_all_ranks(self, staged: StagedDir, request: Any) -> None:
         ds.write_engine_checkpoint(self.engine_files, staged)  # this rank's files only: no collective
