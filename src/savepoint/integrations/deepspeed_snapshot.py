@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
-from savepoint.errors import UnsupportedStateError
+from savepoint.errors import StorageError, UnsupportedStateError
 from savepoint.snapshot import HostBufferPool, pool_for
+from savepoint.storage.local import storage_error
 
 # DeepSpeed copies these next to the checkpoint (not through the checkpoint engine); savepoint keeps
 # checkpoints free of code (`savepoint consolidate` does their job).
@@ -135,9 +136,18 @@ def write_engine_files(files: EngineFiles, staged: Any, base: str) -> None:
     for relpath, state in sorted(files.states.items()):
         target = f"{base}/{relpath}"
         full = staged.abspath(target)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        # By path, as DeepSpeed does: torch names the archive inside the file after it.
-        torch.save(state, full, _use_new_zipfile_serialization=files.zipfile_serialization)
+        try:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            # By path, as DeepSpeed does: torch names the archive inside the file after it.
+            torch.save(state, full, _use_new_zipfile_serialization=files.zipfile_serialization)
+        except OSError as exc:
+            raise storage_error(exc, full, "writing") from exc
+        except RuntimeError as exc:  # torch's file writer reports a failed open or write this way
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StorageError(
+                f"writing {full} failed: {reason}; check the storage (space, permissions) and try again. "
+                "Earlier checkpoints are intact."
+            ) from exc
         staged.record(target)
 
 
