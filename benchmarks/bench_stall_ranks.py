@@ -1,7 +1,7 @@
 """How long `save()` blocks the training loop at 1 and 2 ranks, against DCP's `async_save`.
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m benchmarks.bench_stall_ranks OUT [--quick] [--reps N]
-        [--kinds ddp,fsdp2,fsdp1]
+        [--kinds ddp,fsdp2,fsdp1,deepspeed]
 
 For a replicated model (DDP) and a sharded one (FSDP2, `fully_shard` per layer), each with AdamW state,
 every method saves once to warm up (writer threads and processes, host buffers, DCP's staging cache),
@@ -17,6 +17,9 @@ at a barrier, so the write of one save never overlaps the next stall. Methods, i
     DCP async_save thread / process     dcp.async_save(get_state_dict(model, opt)), torch's recommended call
                                         (not for FSDP1: torch 2.13's stager cannot copy its ShardedTensors)
 
+`--kinds deepspeed` (not in the default set: DeepSpeed is an optional extra) times a DeepSpeed ZeRO-2
+engine (fp32, AdamW, DS_ACCELERATOR=cpu) with savepoint sync and async (`model=engine`) against the
+engine's own synchronous `engine.save_checkpoint`; DCP does not save an engine.
 Rank 0 prints one JSON line per (model, method).
 """
 
@@ -53,6 +56,8 @@ def build(
     kind: str, size: dict[str, int]
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[], None]]:
     inner = tiny.tiny_llama(seed=0, num_attention_heads=8, num_key_value_heads=4, **size).train()
+    if kind == "deepspeed":
+        return build_engine(inner, size["vocab_size"])
     if kind == "fsdp2":
         for layer in inner.model.layers:
             fully_shard(layer)
@@ -86,9 +91,36 @@ def fsdp1_wrap(inner: torch.nn.Module) -> torch.nn.Module:
     )
 
 
-def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
-    """This rank's bytes of weights and AdamW moments (its shards under FSDP2)."""
+def build_engine(inner: torch.nn.Module, vocab: int) -> tuple[Any, Any, Callable[[], None]]:
+    """A DeepSpeed ZeRO-2 engine over `inner`: (engine, its optimizer, one training step)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "zero_optimization": {"stage": 2},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=inner, model_parameters=inner.parameters(), config=config)
+
+    def train_step() -> None:
+        ids = torch.randint(0, vocab, (1, 16))
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+
+    train_step()  # AdamW state exists
+    return engine, engine.optimizer, train_step
+
+
+def state_bytes(model: torch.nn.Module, opt: Any) -> int:
+    """This rank's bytes of weights and AdamW moments (its shards under FSDP2; a DeepSpeed engine's
+    weights and its optimizer partition, fp32 master weights included)."""
     from torch.distributed.tensor import DTensor
+
+    if hasattr(model, "save_checkpoint"):  # a DeepSpeed engine
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        return weights + sum(t.numel() * t.element_size() for t in tensors_in(opt.state_dict()))
 
     def local(t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if isinstance(t, DTensor) else t
@@ -96,6 +128,13 @@ def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     tensors = [local(p) for p in model.parameters()]
     tensors += [local(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+    return [t for item in items for t in tensors_in(item)]
 
 
 class Method:
@@ -107,7 +146,24 @@ class Method:
 
 def savepoint_method(root: str, model: torch.nn.Module, opt: Any, **options: Any) -> Method:
     mgr = savepoint.CheckpointManager(root, keep_last=1, dist_timeout=600, **options)
+    if hasattr(model, "save_checkpoint"):  # a DeepSpeed engine saves its own optimizer
+        return Method(lambda step: mgr.save(step, model=model), mgr.wait, mgr.close)
     return Method(lambda step: mgr.save(step, model=model, optimizer=opt), mgr.wait, mgr.close)
+
+
+def engine_method(root: str, engine: Any) -> Method:
+    """DeepSpeed's own synchronous `save_checkpoint`, keeping one checkpoint as the others do."""
+
+    def finish() -> None:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            for name in sorted(n for n in os.listdir(root) if n.startswith("step-"))[:-1]:
+                remove(os.path.join(root, name))
+
+    def save(step: int) -> None:
+        engine.save_checkpoint(root, tag=f"step-{step:08d}", save_latest=False)
+
+    return Method(save, finish, lambda: None)
 
 
 def dcp_method(root: str, model: torch.nn.Module, opt: Any, kind: AsyncCheckpointerType) -> Method:
@@ -143,6 +199,8 @@ def methods_for(kind: str, out: str, model: torch.nn.Module, opt: Any, process: 
         "savepoint sync": savepoint_method(f"{root}/sp-sync", model, opt),
         "savepoint async": savepoint_method(f"{root}/sp-async", model, opt, async_save=True),
     }
+    if kind == "deepspeed":
+        return methods | {"DeepSpeed save_checkpoint": engine_method(f"{root}/deepspeed", model)}
     if kind == "fsdp1":
         methods["savepoint sync sharded_model"] = savepoint_method(
             f"{root}/sp-sync-sharded", model, opt, sharded_model=True
@@ -194,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-process", action="store_true", help="skip DCP's process mode")
-    parser.add_argument("--kinds", default="ddp,fsdp2", help="models, comma-separated: ddp, fsdp2, fsdp1")
+    parser.add_argument(
+        "--kinds", default="ddp,fsdp2", help="models, comma-separated: ddp, fsdp2, fsdp1, deepspeed"
+    )
     args = parser.parse_args(argv)
     dist.init_process_group("gloo")
     world = dist.get_world_size()

@@ -22,7 +22,7 @@ from savepoint.io.priority import writer_policy
 from savepoint.manifest import clean_metrics
 from savepoint.pipeline.job import SaveRequest
 from savepoint.pipeline.save import capture, write_checkpoint
-from savepoint.pipeline.sources import is_collective, why_not_in_background
+from savepoint.pipeline.sources import is_collective
 from savepoint.policy import BestMode, CheckpointInfo, RetentionPolicy
 from savepoint.restore_agreement import restore_agreed
 from savepoint.restoring import RestoreResult, restore_checkpoint
@@ -47,7 +47,7 @@ class CheckpointManager:
             handed over even if this process is killed (local roots). Under torchrun, True makes
             every rank snapshot and return; each rank's thread writes, reports and commits on
             savepoint's own process group, one save in flight, and `wait()` or the next `save()`
-            raises a failure on every rank (sharded models and DeepSpeed engines: synchronous).
+            raises a failure on every rank (DDP, FSDP1, FSDP2, DeepSpeed engines, plain models).
             Call `wait()` before `save_pretrained` while a save is in flight. The writer runs at
             a lower priority (SCHED_IDLE in one process, nice under torchrun; the
             SAVEPOINT_WRITER_PRIORITY environment variable overrides it, see io/priority.py).
@@ -210,12 +210,9 @@ class CheckpointManager:
         """async_save's writer for this save, or None where it must be synchronous (said once)."""
         if self._writer is None or not is_collective(model):
             return self._writer
-        if getattr(self._writer, "out_of_process", False):
-            why = 'async_save="process" serves one process; under torchrun use async_save=True'
-        elif (reason := why_not_in_background(model)) is not None:
-            why = reason
-        else:
+        if not getattr(self._writer, "out_of_process", False):
             return self._writer  # every rank writes, reports and commits on its background thread
+        why = 'async_save="process" serves one process; under torchrun use async_save=True'
         if not self._warned_sync:
             warnings.warn(f"async_save: this save is synchronous ({why})", stacklevel=3)
             self._warned_sync = True

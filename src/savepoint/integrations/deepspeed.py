@@ -17,6 +17,12 @@ over every file written last, rename):
                                         partition (fp32 master weights, optimizer moments, scheduler)
     train_state/rng/, stateful/ ...     as for any distributed save
 
+save() runs the engine's `save_checkpoint` with savepoint's own checkpoint engine swapped in, which
+records each file's state instead of writing it (deepspeed_snapshot.py): DeepSpeed's collectives run
+at save() time, on the training thread; the files are written, byte for byte what DeepSpeed would have
+written, by the write phase. With `async_save=True` the state is first copied into reused host
+buffers and the write and commit run in the background, as for any other model.
+
 The files under `train_state/deepspeed/` are DeepSpeed's own format: torch pickles, the one exception
 to "no pickle in what we write" besides DCP's metadata. They are read only after every one of them
 matched its checksum in the manifest, only if the manifest lists them, and only through torch's
@@ -28,7 +34,6 @@ an HF model directory offline, through the same reader.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
@@ -85,22 +90,21 @@ def full_state(engine: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}  # ZeRO-1/2: replicated
 
 
-def save_engine_files(engine: Any, staged: Any, step: int) -> None:
-    """The engine's own checkpoint into the staged directory; each rank records (hashes) its own files.
-    Collective (DeepSpeed's own barriers); the save pipeline calls it through `pipeline.sources.EngineSource`."""
-    save_dir = staged.abspath(DS_DIR)
-    tag = tag_of(step)
-    engine.save_checkpoint(save_dir, tag=tag, client_state={}, save_latest=False)
-    if distributed.rank() == 0:
-        # DeepSpeed copies its recovery scripts next to the checkpoint; we keep checkpoints free of code
-        # (`savepoint consolidate` does their job).
-        for script in ("zero_to_fp32.py", "zero_to_torch.py"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(save_dir, script))
-    me = distributed.rank()
-    for name in sorted(os.listdir(os.path.join(save_dir, tag))):
-        if (_file_rank(name) or 0) == me:  # files of no rank (ZeRO-1/2 model states): rank 0
-            staged.record(f"{DS_DIR}/{tag}/{name}")
+def capture_engine_checkpoint(engine: Any, step: int, *, root: str, snapshot: bool) -> Any:
+    """This rank's files of the engine's own checkpoint for `step`, taken now and written by
+    `write_engine_checkpoint` (deepspeed_snapshot.py). With `snapshot` every tensor is copied into host
+    buffers reused per checkpoint `root`, so training may go on before they are written. Collective
+    (DeepSpeed's own barriers); the save pipeline calls it through `pipeline.sources.EngineSource`."""
+    from savepoint.integrations.deepspeed_snapshot import capture_engine_files, engine_pool
+
+    return capture_engine_files(engine, tag_of(step), pool=engine_pool(root) if snapshot else None)
+
+
+def write_engine_checkpoint(files: Any, staged: Any) -> None:
+    """Write and record (hash) the files `capture_engine_checkpoint` took, under train_state/deepspeed/."""
+    from savepoint.integrations.deepspeed_snapshot import write_engine_files
+
+    write_engine_files(files, staged, DS_DIR)
 
 
 def _file_rank(name: str) -> int | None:

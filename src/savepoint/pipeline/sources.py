@@ -6,10 +6,11 @@ every rank:
     check(request)               refusals that need no collective, the same verdict on every rank
     gather(job)                  the weights into the job, at save() time: rank 0's state dict (FSDP and
                                  ZeRO-3 gather it there: collective) or the adapters' tensors; an async
-                                 FSDP2 save keeps each rank's shards instead (`job.model_shards`)
+                                 FSDP2 save keeps each rank's shards instead (`job.model_shards`); a
+                                 DeepSpeed engine's own checkpoint files, taken unwritten (collective)
     finish_gather(job)           write phase: those shards gathered to rank 0 on savepoint's group
     shard_tensors()              this rank's weight shards for the DCP directory ({} when gathered)
-    write_all_ranks(staged, rq)  collective writes of every rank (DeepSpeed's own partition files)
+    write_all_ranks(staged, rq)  writes of every rank (DeepSpeed's own partition files, taken by gather)
     write_rank0(staged, job)     rank 0's weight files from the job; returns the manifest's `base_model`
 
     ModuleSource        plain module, DDP, FSDP1/FSDP2 gathered to rank 0    "model" or "module"
@@ -87,18 +88,6 @@ def is_collective(model: torch.nn.Module) -> bool:
         or is_sharded(model)
         or ds.is_engine(model)
     )
-
-
-def why_not_in_background(model: torch.nn.Module) -> str | None:
-    """Why a save of `model` under torchrun cannot run its write phase on a background thread
-    (async_save), or None when it can. FSDP2's DTensors and FSDP1's ShardedTensors are copied with
-    their layout (snapshot_dcp.py)."""
-    if ds.is_engine(model):
-        return (
-            "a DeepSpeed engine writes through its own save_checkpoint, which runs collectives on the "
-            "training's process group and reads the live engine state (partitions, optimizer) as it writes"
-        )
-    return None
 
 
 def has_fsdp1(model: torch.nn.Module) -> bool:
@@ -214,13 +203,18 @@ class AdapterSource(ModelSource):
 
 class EngineSource(ModelSource):
     """A DeepSpeed engine: its own checkpoint (every rank its partition, the optimizer included) under
-    train_state/deepspeed/, plus the 16-bit weights gathered to rank 0 as a transformers directory."""
+    train_state/deepspeed/, plus the 16-bit weights gathered to rank 0 as a transformers directory.
+
+    Both are taken at save() time (DeepSpeed's collectives run there, on the training's group); with an
+    async save the 16-bit weights (the live parameters under ZeRO-1/2) are copied by `snapshot_job` and
+    the engine's files into host buffers as DeepSpeed hands them over. The write phase only writes."""
 
     owns_optimizer = True
 
     def __init__(self, engine: Any) -> None:
         super().__init__(engine.module)
         self.engine = engine
+        self.engine_files: Any = None  # this rank's files of the engine's checkpoint, taken by gather
 
     def describe(self) -> str:
         return "model" if hf.is_transformers_model(self.engine.module) else "module"
@@ -236,9 +230,16 @@ class EngineSource(ModelSource):
         full = ds.full_state(self.engine)  # collective
         if distributed.rank() == 0:
             job.model_state = savable(self.engine.module, full or {})
+        request = job.request
+        what = f"save of step {request.step} under {request.root}"
+        with distributed.peer_failures(what, "in the engine's save_checkpoint"):  # its own barriers
+            self.engine_files = ds.capture_engine_checkpoint(  # writes nothing
+                self.engine, request.step, root=request.root, snapshot=job.snapshot
+            )
 
     def write_all_ranks(self, staged: StagedDir, request: Any) -> None:
-        ds.save_engine_files(self.engine, staged, request.step)  # collective (DeepSpeed's own barriers)
+        ds.write_engine_checkpoint(self.engine_files, staged)  # this rank's files only: no collective
+        self.engine_files = None
 
     def write_rank0(self, staged: StagedDir, job: SaveJob) -> dict[str, Any] | None:
         tokenizer, state = job.request.tokenizer, job.model_state
