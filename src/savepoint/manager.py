@@ -49,7 +49,7 @@ class CheckpointManager:
             savepoint's own process group, one save in flight, and `wait()` or the next `save()`
             raises a failure on every rank (DDP, FSDP1, FSDP2, DeepSpeed engines, plain models).
             Call `wait()` before `save_pretrained` while a save is in flight. The writer runs at
-            a lower priority (SCHED_IDLE in one process, nice under torchrun; the
+            a lower priority (nice; the writer process SCHED_IDLE outside torchrun; the
             SAVEPOINT_WRITER_PRIORITY environment variable overrides it, see io/priority.py).
         dist_timeout: under torchrun, seconds a rank waits for the others at each step of a save
             before it raises instead of hanging (a rank died or stalled); it must exceed the longest

@@ -123,7 +123,7 @@ def _send(conn: Connection, reply: tuple[Any, ...]) -> None:
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when we stop, by closing the socket
-    lower_priority()
+    lower_priority(separate_process=True)  # SCHED_IDLE: it shares no GIL with the trainer
     with direct_writes():  # tensor bytes go from the shared arena to the disk, not via the page cache
         return serve(Connection(int(argv[1])))
 

@@ -1,4 +1,5 @@
-"""The async writers run below the training loop: SCHED_IDLE in one process, nice under torchrun."""
+"""The async writers run below the training loop: the writer process SCHED_IDLE, a writer thread (which
+shares the trainer's GIL) and every writer under torchrun niced."""
 
 from __future__ import annotations
 
@@ -26,30 +27,37 @@ def _process_policy(pid: int) -> tuple[int, int]:
     return int(fields[38]), int(fields[16])  # policy, nice (proc(5): fields 41 and 19, from 3)
 
 
-def test_one_process_writer_thread_runs_only_on_idle_cycles(monkeypatch):
+@pytest.mark.parametrize("world_size", [None, "2"])
+def test_a_writer_thread_is_niced_not_idle(monkeypatch, world_size):
+    # It shares the GIL: starved while holding it, it would stall the training thread. Under torchrun
+    # its peers wait on its collectives too.
     monkeypatch.delenv("SAVEPOINT_WRITER_PRIORITY", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    policy, nice = _policy_of_a_writer_thread()
-    assert policy == os.SCHED_IDLE
-    assert nice >= min(19, os.nice(0) + 10)
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the trainer's own thread is untouched
-
-
-def test_under_torchrun_the_writer_is_niced_not_idle(monkeypatch):
-    # Peers wait on its collectives: a writer starved on one busy rank would hold up every rank.
-    monkeypatch.delenv("SAVEPOINT_WRITER_PRIORITY", raising=False)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
     policy, nice = _policy_of_a_writer_thread()
     assert policy == os.SCHED_OTHER
     assert nice >= min(19, os.nice(0) + 10)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == os.nice(0)  # the trainer's own thread is untouched
 
 
-@pytest.mark.parametrize(("value", "policy"), [("nice", os.SCHED_OTHER), ("normal", os.SCHED_OTHER)])
+def test_under_torchrun_a_writer_process_would_be_niced_not_idle(monkeypatch):
+    monkeypatch.delenv("SAVEPOINT_WRITER_PRIORITY", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert writer_policy(separate_process=True) == "nice"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert writer_policy(separate_process=True) == "idle"
+
+
+@pytest.mark.parametrize(
+    ("value", "policy"), [("idle", os.SCHED_IDLE), ("nice", os.SCHED_OTHER), ("normal", os.SCHED_OTHER)]
+)
 def test_the_environment_overrides_the_policy(monkeypatch, value, policy):
     monkeypatch.setenv("SAVEPOINT_WRITER_PRIORITY", value)
     seen_policy, nice = _policy_of_a_writer_thread()
     assert seen_policy == policy
-    assert (nice > os.nice(0)) == (value == "nice")
+    assert (nice > os.nice(0)) == (value != "normal")
 
 
 def test_the_writer_process_runs_only_on_idle_cycles(tmp_path, monkeypatch):
