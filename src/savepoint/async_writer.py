@@ -20,14 +20,17 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
 from typing import Any
 
+import torch
+
 from savepoint.discovery import step_dir_name
 from savepoint.errors import SavepointError
+from savepoint.io.direct import ALIGN
 from savepoint.io.files import read_bytes_inside
 from savepoint.io.shared_arena import SharedArena
 from savepoint.pipeline.job import SaveJob, manifest_fields
@@ -133,7 +136,7 @@ def record_plan(
 ) -> SavePlan:
     """Run the save code for `job` against a RecordingDir: the plan the writer process executes."""
     request = job.request
-    arena.reset()
+    arena.begin(snapshot_estimate(job))
     staged = RecordingDir(request.root, arena)
     try:
         kind, base_model = write_files(job, staged)  # type: ignore[arg-type]  # duck-typed StagedDir
@@ -151,6 +154,21 @@ def record_plan(
         pause_s=pause_s,
         memory_tier=memory_tier,
     )
+
+
+def snapshot_estimate(job: SaveJob) -> int:
+    """The arena bytes a recording of `job` takes: its tensors' bytes (a tensor two names share, once),
+    plus ALIGN for each, since a file's bytes may start anywhere in a block. Files other libraries
+    write (tokenizer, config) are not counted; the arena learns their size from the first save."""
+    seen: dict[tuple[int, int], int] = {}
+    groups: list[Mapping[str, torch.Tensor]] = [tensors for _doc, tensors in job.blobs.values()]
+    groups += [job.model_state or {}, job.dcp_tensors, job.model_shards or {}]
+    groups += list((job.adapter_state or {}).values())
+    for tensors in groups:
+        for tensor in tensors.values():
+            nbytes = tensor.numel() * tensor.element_size()
+            seen[(tensor.data_ptr() if nbytes else id(tensor), nbytes)] = nbytes
+    return sum(seen.values()) + ALIGN * len(seen)
 
 
 class ProcessWriter:
@@ -174,7 +192,7 @@ class ProcessWriter:
 
     @property
     def snapshot_bytes(self) -> int:
-        """Shared memory held for snapshots (reused from save to save)."""
+        """Shared memory held for snapshots: about one save's bytes, reused from save to save."""
         return self._arena.nbytes if self._arena is not None else 0
 
     @property
@@ -235,13 +253,17 @@ class ProcessWriter:
                 start_new_session=True,  # no Ctrl-C or process-group signal meant for the trainer
             )
         self._conn = Connection(ours.detach())
-        self._arena = SharedArena(self._share_segment)
+        self._arena = SharedArena(self._share_segment, on_drop=self._drop_segments)
 
     def _share_segment(self, fd: int, size: int) -> None:
         assert self._conn is not None and self._proc is not None
         self._conn.send(("segment", size))
         # Queued on the socket, not waited for: the first save need not wait for the writer to boot.
         send_handle(self._conn, fd, self._proc.pid)
+
+    def _drop_segments(self) -> None:
+        assert self._conn is not None
+        self._conn.send(("drop",))  # the writer is idle (the save in flight was waited for): it unmaps them
 
     def _receive(self, what: str) -> tuple[Any, ...]:
         assert self._conn is not None and self._proc is not None

@@ -3,7 +3,7 @@
     python -m savepoint.writer_process FD      # started by async_writer.ProcessWriter, never by hand
 
 It reads messages from the socket FD: ("segment", size) followed by a memfd (a shared snapshot
-segment to map), and ("save", SavePlan). A plan names every file of one checkpoint as inline bytes
+segment to map), ("drop",) (unmap every segment: the trainer replaces them), and ("save", SavePlan). A plan names every file of one checkpoint as inline bytes
 (headers, JSON) and regions of the shared segments (tensor bytes); this process writes them into a
 staged directory (the same `DedupingStagedDir` a synchronous save uses: hashed while written, parent
 files hardlinked), commits it (manifest last, atomic rename), applies retention and answers
@@ -108,6 +108,8 @@ def serve(conn: Connection) -> int:
                 segments.attach(fd, message[1])
             finally:
                 os.close(fd)
+        elif message[0] == "drop":  # the trainer replaces its segments (a state that grew or shrank)
+            segments.close()
         elif message[0] == "save":
             try:
                 reply: tuple[Any, ...] = ("done", write_plan(message[1], segments))
