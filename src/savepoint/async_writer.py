@@ -96,6 +96,8 @@ class RecordingDir:
 class _ChunkRecorder:
     """The file object `RecordingDir.create` yields: large writes go to the arena, small ones inline."""
 
+    write_chunk = 1 << 62  # whole tensors from the safetensors writer: one parallel copy each, as torch does
+
     def __init__(self, arena: SharedArena) -> None:
         self._arena = arena
         self.chunks: list[Chunk] = []

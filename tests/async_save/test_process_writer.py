@@ -274,3 +274,35 @@ def test_a_peft_adapter_is_saved_by_the_writer_process_as_a_sync_save_saves_it(t
     assert got.kind == expected.kind == "adapter" and got.base_model == expected.base_model
     same = {f: e for f, e in got.files.items() if "/rng/" not in f}
     assert same == {f: e for f, e in expected.files.items() if "/rng/" not in f}
+
+
+def test_the_snapshot_copies_each_large_tensor_in_one_piece_and_exactly(tmp_path, monkeypatch):
+    """One copy per tensor (torch's parallel copy, as a plain memcpy of the state), not per 8 MiB chunk;
+    read-only bytes (a file another library wrote) go through the plain copy."""
+    puts: list[int] = []
+    original = SharedArena.put
+
+    def counted(self, data, *, file_offset=0):  # type: ignore[no-untyped-def]
+        puts.append(memoryview(data).nbytes)
+        return original(self, data, file_offset=file_offset)
+
+    monkeypatch.setattr(SharedArena, "put", counted)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2048, 2048)  # a 16 MiB weight
+    sync = savepoint.CheckpointManager(tmp_path / "sync")
+    expected = read_manifest(sync.save(1, model=model))
+    with savepoint.CheckpointManager(tmp_path / "proc", async_save="process") as mgr:
+        path = mgr.save(1, model=model)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        mgr.wait()
+    assert puts.count(2048 * 2048 * 4) == 1 and max(puts) == 2048 * 2048 * 4
+    got = read_manifest(path).files
+    assert {f: e for f, e in got.items() if "/rng/" not in f} == {
+        f: e for f, e in expected.files.items() if "/rng/" not in f
+    }
+    arena = SharedArena(lambda fd, size: None)
+    arena.begin(4 << 20)
+    blob = os.urandom(3 << 20)  # bytes: read-only
+    assert arena.view(arena.put(memoryview(blob), file_offset=5)).tobytes() == blob
+    arena.close()

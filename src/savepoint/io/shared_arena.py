@@ -22,9 +22,12 @@ import mmap
 import os
 from collections.abc import Callable
 
+import torch
+
 from savepoint.io.direct import ALIGN
 
 Region = tuple[int, int, int]  # (segment index, offset, nbytes)
+_TORCH_COPY_FROM = 1 << 20  # larger copies use torch's (parallel, GIL released); smaller ones a memcpy
 _SHRINK_BELOW = 2  # a segment more than twice what a save needs is replaced by a smaller one
 
 
@@ -41,6 +44,7 @@ class SharedArena:
         self._on_drop = on_drop
         self._maps: list[mmap.mmap] = []
         self._views: list[memoryview] = []
+        self._tensors: list[torch.Tensor] = []  # uint8 views of the segments, for torch's copy
         self._segment = 0  # where the next put goes
         self._offset = 0
         self._needed = 0  # what this save's puts would take in one segment (alignment included)
@@ -93,7 +97,12 @@ class SharedArena:
             self._grow(max(nbytes + ALIGN, self.nbytes))
             self._offset = file_offset % ALIGN
         region = (self._segment, self._offset, nbytes)
-        self._views[self._segment][self._offset : self._offset + nbytes] = src
+        if nbytes >= _TORCH_COPY_FROM and not src.readonly:
+            # The snapshot's one copy: as fast as torch copies a tensor (the memcpy floor of a snapshot).
+            dst = self._tensors[self._segment][self._offset : self._offset + nbytes]
+            dst.copy_(torch.frombuffer(src, dtype=torch.uint8))
+        else:
+            self._views[self._segment][self._offset : self._offset + nbytes] = src
         self._offset += nbytes
         return region
 
@@ -113,16 +122,21 @@ class SharedArena:
             os.close(fd)  # our mapping (and the other process's) keeps the memory alive
         self._maps.append(mapped)
         self._views.append(memoryview(mapped))
+        self._tensors.append(torch.frombuffer(mapped, dtype=torch.uint8))
         self._segment, self._offset = len(self._maps) - 1, 0
 
     def _drop(self) -> None:
         if self._maps:
             self._on_drop()
-            unmap(self._maps, self._views)
+            self._unmap()
+
+    def _unmap(self) -> None:
+        self._tensors.clear()  # they hold the mappings' buffers: a mapping with exports cannot close
+        unmap(self._maps, self._views)
 
     def close(self) -> None:
         """Unmap every segment (the memory is freed once the other process unmaps it too)."""
-        unmap(self._maps, self._views)
+        self._unmap()
         self.reset()
 
 
