@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
-from typing import Any
+from typing import Any, Protocol
 
 from savepoint import discovery, policy
 from savepoint.io.direct import direct_writes
@@ -57,8 +57,14 @@ class SavePlan:
     memory_tier: bool = False  # copy the committed checkpoint to shared memory (storage/memory_tier.py)
 
 
-def write_plan(plan: SavePlan, segments: AttachedSegments) -> str:
-    """Write, hash and commit the plan's checkpoint, then prune; return the committed path."""
+class RegionSource(Protocol):
+    def view(self, region: Region) -> memoryview: ...
+
+
+def write_plan(plan: SavePlan, segments: RegionSource) -> str:
+    """Write, hash and commit the plan's checkpoint, then prune; return the committed path.
+
+    `segments`: the writer process's AttachedSegments, or the thread writer's own SharedArena."""
     staged = DedupingStagedDir(plan.root, plan.final_name, previous=plan.parent)
     try:
         for relpath, chunks in plan.files.items():
