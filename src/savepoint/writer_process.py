@@ -24,6 +24,7 @@ import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
@@ -80,10 +81,16 @@ def write_plan(plan: SavePlan, segments: RegionSource) -> str:
     except BaseException:
         staged.abort()
         raise
-    if plan.memory_tier:
-        memory_tier.publish(plan.root, path)
+    if plan.memory_tier:  # from the snapshot in memory, not read back from the disk just written
+        held = {rel: _chunk_views(chunks, segments) for rel, chunks in plan.files.items()}
+        memory_tier.publish(plan.root, path, contents=held)
     apply_retention(plan.root, plan.retention, protect=plan.step)
     return path
+
+
+def _chunk_views(chunks: list[Chunk], segments: RegionSource) -> Iterator[bytes | memoryview]:
+    for chunk in chunks:
+        yield chunk if isinstance(chunk, bytes) else segments.view(chunk)
 
 
 def apply_retention(root: str, rules: policy.RetentionPolicy, *, protect: int) -> None:
