@@ -3,11 +3,12 @@
     python -m savepoint.writer_process FD      # started by async_writer.ProcessWriter, never by hand
 
 It reads messages from the socket FD: ("segment", size) followed by a memfd (a shared snapshot
-segment to map), ("drop",) (unmap every segment: the trainer replaces them), and ("save", SavePlan). A plan names every file of one checkpoint as inline bytes
-(headers, JSON) and regions of the shared segments (tensor bytes); this process writes them into a
-staged directory (the same `DedupingStagedDir` a synchronous save uses: hashed while written, parent
-files hardlinked), commits it (manifest last, atomic rename), applies retention and answers
-("done", path) or ("error", ...).
+segment to map), ("drop",) (unmap every segment: the trainer replaces them), and ("save", SavePlan).
+A plan names every file of one checkpoint as inline bytes (headers, JSON) and regions of the shared
+segments (tensor bytes); this process writes them into a staged directory (the same
+`DedupingStagedDir` a synchronous save uses: hashed while written, parent files hardlinked), commits
+it (manifest last, atomic rename), applies retention and answers ("done", path) or ("error", ...).
+`write_plan` is also what the writer thread of `async_save=True` runs, on its own arena.
 
 It runs in its own session at a lower CPU and I/O priority, so the trainer's cores come first and
 a Ctrl-C or a signal to the trainer's process group does not reach it. It never reads tensor bytes
