@@ -98,3 +98,33 @@ def test_a_peft_adapter_is_saved_by_the_thread_writer_as_a_sync_save_saves_it(tm
         got = read_manifest(path)
     assert got.kind == expected.kind == "adapter" and got.base_model == expected.base_model
     assert _without_rng(got.files) == _without_rng(expected.files)
+
+
+def test_a_model_in_the_hub_layout_is_converted_no_more_than_a_sync_save_converts_it(tmp_path, monkeypatch):
+    """The recording converts the weights to the Hub layout group by group as a sync save does (sizing
+    the snapshot converts nothing), and the files are the sync save's."""
+    from tests.helpers.converted_models import BUILDERS
+
+    from savepoint.formats.hub_layout import HubLayout
+
+    converted: list[int] = []
+    real = HubLayout.to_hub
+
+    def counted(self, state, group):  # type: ignore[no-untyped-def]
+        converted.append(group)
+        return real(self, state, group)
+
+    monkeypatch.setattr(HubLayout, "to_hub", counted)
+    model = BUILDERS["mixtral"]()
+    sync = savepoint.CheckpointManager(tmp_path / "sync")
+    expected = read_manifest(sync.save(1, model=model))
+    by_sync = sorted(converted)
+    assert by_sync
+    converted.clear()
+    with savepoint.CheckpointManager(tmp_path / "thread", async_save=True) as mgr:
+        path = mgr.save(1, model=model)
+        mgr.wait()
+        got = read_manifest(path)
+        assert mgr._writer._arena.segments == 1
+    assert sorted(converted) == by_sync
+    assert _without_rng(got.files) == _without_rng(expected.files)
