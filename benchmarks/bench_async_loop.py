@@ -33,7 +33,6 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 import savepoint
 from benchmarks.common import GB, Table, median, remove, spread
-from savepoint.snapshot import pool_for
 
 FULL = {"width": 1536, "layers": 4, "batch": 64, "steps": 20, "every": 10}  # 9.4M params, 0.11 GB state
 PRIORITY_ENV = "SAVEPOINT_WRITER_PRIORITY"
@@ -132,9 +131,7 @@ class Savepoint(Method):
         return int(self.mgr._writer.pid) if self.mode == "process" else None
 
     def snapshot_bytes(self) -> int | None:
-        if self.mode == "process":
-            return int(self.mgr._writer.snapshot_bytes)
-        return pool_for(self.root).nbytes if self.mode else None
+        return int(self.mgr._writer.snapshot_bytes) if self.mode else None
 
     def close(self) -> None:
         self.mgr.close()

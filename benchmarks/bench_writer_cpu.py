@@ -35,6 +35,7 @@ import savepoint
 import savepoint.pipeline.save as pipeline_save
 import savepoint.storage.dedupe as dedupe
 import savepoint.storage.local as local
+import savepoint.writer_process as writer_process
 from benchmarks.common import GB, Table, median, remove
 
 PHASES = ("hash", "write", "writeback", "dedupe", "fsync", "commit", "retention")
@@ -110,7 +111,9 @@ def instrument(phases: Phases) -> Callable[[], None]:
     wrap(os, "fsync", "fsync")
     wrap(os, "fdatasync", "fsync")
     wrap(pipeline_save, "commit", "commit")
+    wrap(dedupe.DedupingStagedDir, "commit", "commit")  # the recorded plan's commit (writer_process.py)
     wrap(savepoint.CheckpointManager, "_apply_retention", "retention")
+    wrap(writer_process, "apply_retention", "retention")
 
     def undo() -> None:
         for owner, attr, original in reversed(saved):
@@ -169,13 +172,15 @@ def measure(mode: Any, root: str, reps: int, phases: Phases, width: int, layers:
             phases.take()
             pid = mgr._writer.pid if mode == "process" else None
             child0 = _proc_cpu(pid) if pid else 0.0
-            cpu0, main0, wall0 = _self_cpu(), time.thread_time(), time.perf_counter()
+            cpu0, wall0 = _self_cpu(), time.perf_counter()
             mgr.save(1000 + i, model=model, optimizer=opt)
             trainer_save = _self_cpu() - cpu0  # the safetensors helper thread's copies too
+            main_saved = time.thread_time()
             mgr.wait()
             wall = time.perf_counter() - wall0
-            main_all = time.thread_time() - main0
-            writer = (_proc_cpu(pid) - child0) if pid else (_self_cpu() - cpu0 - main_all)
+            main_waiting = time.thread_time() - main_saved
+            # The writer thread's: all of the process's CPU but save()'s (on whichever thread) and wait()'s.
+            writer = (_proc_cpu(pid) - child0) if pid else (_self_cpu() - cpu0 - trainer_save - main_waiting)
             got = phases.take()
             if i == 0:
                 continue
@@ -190,7 +195,9 @@ def measure(mode: Any, root: str, reps: int, phases: Phases, width: int, layers:
     return {k: median([r[k] for r in rows]) for k in rows[0]}
 
 
-def run(workdir: str, *, width: int, layers: int, reps: int) -> tuple[list[dict[str, object]], list[str]]:
+def run(
+    workdir: str, *, width: int, layers: int, reps: int, modes: tuple[str, ...] = ("thread", "process")
+) -> tuple[list[dict[str, object]], list[str]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     phases = Phases()
@@ -201,6 +208,8 @@ def run(workdir: str, *, width: int, layers: int, reps: int) -> tuple[list[dict[
         del model, opt
         results = {}
         for label, mode in (("thread", True), ("process", "process")):
+            if label not in modes:
+                continue
             root = os.path.join(workdir, label)
             results[label] = measure(mode, root, reps, phases, width, layers)
             remove(root)
@@ -220,8 +229,8 @@ def run(workdir: str, *, width: int, layers: int, reps: int) -> tuple[list[dict[
         f"to copy it into buffers allocated once) = {floor * 1e3:.1f} ms",
         f"medians of {reps} saves, each with a parent checkpoint (dedupe compares, nothing links); "
         "torch.set_num_threads(1); nothing trains while the writer runs",
-        "trainer save(): the training process's CPU in save() (thread: the copy into host buffers; "
-        "process: the copy into shared memory); writer: the writer thread's (process's) CPU; "
+        "trainer save(): the training process's CPU in save() (the snapshot: the copy into the writer's "
+        "arena, shared memory for the process writer); writer: the writer thread's (process's) CPU; "
         "wall: save() to durable. Phases: writer thread only (the writer process's total is measured, "
         "not split)",
         "kernel flusher threads' CPU (buffered writes) is not in any row",
@@ -236,11 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--workdir", default=tempfile.gettempdir())
+    parser.add_argument("--modes", default="thread,process", help="comma-separated: thread, process")
     args = parser.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="savepoint-bench-writer-", dir=args.workdir)
     load = os.getloadavg()[0]
     try:
-        rows, notes = run(workdir, width=args.width, layers=args.layers, reps=args.reps)
+        modes = tuple(args.modes.split(","))
+        rows, notes = run(workdir, width=args.width, layers=args.layers, reps=args.reps, modes=modes)
     finally:
         remove(workdir)
     notes.append(f"load average: {load:.1f} before, {os.getloadavg()[0]:.1f} after")

@@ -1,4 +1,5 @@
-"""`async_save="process"`: snapshot into shared memory, then a separate writer process saves it.
+"""Async saves that record the checkpoint at save() time and write it later: the writer process of
+`async_save="process"`, and the writer thread of `async_save=True` at world size 1 on a local root.
 
     writer = ProcessWriter()                   # starts `python -m savepoint.writer_process` once
     writer.submit_job(job, retention)          # copies the state into shared memory, hands it over
@@ -10,6 +11,13 @@ of a `SharedArena` it copied the bytes into. That copy is the snapshot, and the 
 training process does; hashing, writing, fsync, commit and retention run in the writer process, off
 the trainer's cores and GIL. Once `submit_job` returns, the save no longer depends on the trainer:
 the writer commits it even if the trainer is SIGKILLed a moment later (see writer_process.py).
+
+`ThreadWriter` (async_save=True) records the same plan into an arena of its own and runs the same
+`write_plan` on a background thread, so both modes write the same bytes the same way: tensor bytes lie
+in the arena at offsets congruent to their file offsets, and go to the disk with O_DIRECT straight
+from there (no copy through an aligned buffer). Under torchrun, for object-store roots and for state
+on a GPU it runs today's path instead: host copies in pooled buffers and `write_checkpoint` on the
+thread (snapshot.py).
 """
 
 from __future__ import annotations
@@ -20,22 +28,25 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
 from typing import Any
 
+import torch
+
 from savepoint.discovery import step_dir_name
 from savepoint.errors import SavepointError
+from savepoint.io.direct import ALIGN
 from savepoint.io.files import read_bytes_inside
 from savepoint.io.shared_arena import SharedArena
 from savepoint.pipeline.job import SaveJob, manifest_fields
 from savepoint.pipeline.save import write_files
 from savepoint.policy import RetentionPolicy
-from savepoint.snapshot import announce_finish, register_writer
+from savepoint.snapshot import BackgroundWriter, announce_finish, register_writer
 from savepoint.storage.local import TMP_PREFIX
-from savepoint.writer_process import Chunk, SavePlan
+from savepoint.writer_process import Chunk, SavePlan, write_plan
 
 _INLINE_BELOW = 64 << 10  # smaller writes (headers, JSON) travel in the plan itself
 _MAX_RECORDED_FILE = 1 << 30  # a file another library wrote into the staging dir (tokenizer, config)
@@ -93,6 +104,8 @@ class RecordingDir:
 class _ChunkRecorder:
     """The file object `RecordingDir.create` yields: large writes go to the arena, small ones inline."""
 
+    write_chunk = 1 << 62  # whole tensors from the safetensors writer: one parallel copy each, as torch does
+
     def __init__(self, arena: SharedArena) -> None:
         self._arena = arena
         self.chunks: list[Chunk] = []
@@ -133,7 +146,7 @@ def record_plan(
 ) -> SavePlan:
     """Run the save code for `job` against a RecordingDir: the plan the writer process executes."""
     request = job.request
-    arena.reset()
+    arena.begin(snapshot_estimate(job))
     staged = RecordingDir(request.root, arena)
     try:
         kind, base_model = write_files(job, staged)  # type: ignore[arg-type]  # duck-typed StagedDir
@@ -153,10 +166,56 @@ def record_plan(
     )
 
 
+def snapshot_estimate(job: SaveJob) -> int:
+    """The arena bytes a recording of `job` takes: its tensors' bytes (a tensor two names share, once),
+    plus ALIGN for each, since a file's bytes may start anywhere in a block. Files other libraries
+    write (tokenizer, config) are not counted; the arena learns their size from the first save."""
+    seen: dict[tuple[int, int], int] = {}
+    groups: list[Mapping[str, torch.Tensor]] = [tensors for _doc, tensors in job.blobs.values()]
+    groups += [job.model_state or {}, job.dcp_tensors, job.model_shards or {}]
+    groups += list((job.adapter_state or {}).values())
+    for tensors in groups:
+        for tensor in tensors.values():
+            nbytes = tensor.numel() * tensor.element_size()
+            seen[(tensor.data_ptr() if nbytes else id(tensor), nbytes)] = nbytes
+    return sum(seen.values()) + ALIGN * len(seen)
+
+
+class ThreadWriter(BackgroundWriter):
+    """async_save=True: one save at a time on a background thread. `submit_job` records the save into
+    this writer's own arena (the snapshot) and writes the plan on the thread; `submit(fn)` runs any
+    other save (torchrun, object stores, GPU state) as BackgroundWriter does."""
+
+    records_plan = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory_tier = False  # the thread also copies each commit to shared memory (set by the manager)
+        self._arena = SharedArena(lambda fd, size: None)  # nobody else maps it
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Host memory held for snapshots: about one save's bytes, reused from save to save."""
+        return self._arena.nbytes
+
+    def submit_job(self, job: SaveJob, retention: RetentionPolicy) -> None:
+        """Snapshot `job` into the arena and write it on the thread (after the save in flight)."""
+        self.wait()  # the arena is refilled only once the previous save is written
+        plan = record_plan(job, self._arena, retention, memory_tier=self.memory_tier)
+        arena = self._arena
+        self.submit(lambda: write_plan(plan, arena))
+
+    def release(self) -> None:
+        """Free the arena (after `wait`); a later save allocates it again."""
+        self._join()
+        self._arena.close()
+
+
 class ProcessWriter:
     """One long-lived writer process and the shared memory it reads; one save in flight at a time."""
 
     out_of_process = True
+    records_plan = True
 
     def __init__(self) -> None:
         self.pause_s = 0.0  # tests only: the writer sleeps after each file
@@ -174,7 +233,7 @@ class ProcessWriter:
 
     @property
     def snapshot_bytes(self) -> int:
-        """Shared memory held for snapshots (reused from save to save)."""
+        """Shared memory held for snapshots: about one save's bytes, reused from save to save."""
         return self._arena.nbytes if self._arena is not None else 0
 
     @property
@@ -235,13 +294,17 @@ class ProcessWriter:
                 start_new_session=True,  # no Ctrl-C or process-group signal meant for the trainer
             )
         self._conn = Connection(ours.detach())
-        self._arena = SharedArena(self._share_segment)
+        self._arena = SharedArena(self._share_segment, on_drop=self._drop_segments)
 
     def _share_segment(self, fd: int, size: int) -> None:
         assert self._conn is not None and self._proc is not None
         self._conn.send(("segment", size))
         # Queued on the socket, not waited for: the first save need not wait for the writer to boot.
         send_handle(self._conn, fd, self._proc.pid)
+
+    def _drop_segments(self) -> None:
+        assert self._conn is not None
+        self._conn.send(("drop",))  # the writer is idle (the save in flight was waited for): it unmaps them
 
     def _receive(self, what: str) -> tuple[Any, ...]:
         assert self._conn is not None and self._proc is not None

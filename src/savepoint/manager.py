@@ -120,9 +120,10 @@ class CheckpointManager:
             self._writer = ProcessWriter()
             self._writer.memory_tier = memory_tier
         elif async_save in (True, "thread"):
-            from savepoint.snapshot import BackgroundWriter
+            from savepoint.async_writer import ThreadWriter
 
-            self._writer = BackgroundWriter()
+            self._writer = ThreadWriter()
+            self._writer.memory_tier = memory_tier
         elif async_save not in (False, None):
             raise ValueError(f'async_save must be False, True, "thread" or "process", got {async_save!r}')
 
@@ -191,14 +192,14 @@ class CheckpointManager:
         # Every save is the same pipeline (pipeline/save.py): capture now, then write and commit, here or
         # on the async writer. Under torchrun every rank calls save() and writes its part.
         writer = self._writer_for(model)
-        out_of_process = getattr(writer, "out_of_process", False)  # it snapshots into shared memory
+        records = writer is not None and self._records_plan(writer, model)  # snapshots into its arena
         job = capture(
             request,
-            snapshot=writer is not None and not out_of_process,
+            snapshot=writer is not None and not records,
             timeout=self.dist_timeout,
             sharded_model=self.sharded_model,
         )
-        if out_of_process:
+        if records:
             writer.submit_job(job, self.policy)
         elif writer is not None:
             writer.submit(lambda: self._write_and_prune(job))
@@ -217,6 +218,16 @@ class CheckpointManager:
             warnings.warn(f"async_save: this save is synchronous ({why})", stacklevel=3)
             self._warned_sync = True
         return None
+
+    def _records_plan(self, writer: Any, model: torch.nn.Module) -> bool:
+        """Whether `writer` records this save into its arena and writes that (async_writer.py): the process
+        writer always; the thread writer for one process, a local root and state in host memory (the
+        rest takes pooled host copies, pinned for GPU state, and the pipeline's write on the thread)."""
+        if getattr(writer, "out_of_process", False):
+            return True
+        if not getattr(writer, "records_plan", False) or self._remote is not None or is_collective(model):
+            return False
+        return all(p.device.type == "cpu" for p in model.parameters())
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is durable; raise its error if it failed."""
@@ -238,6 +249,7 @@ class CheckpointManager:
                 from savepoint.snapshot import release_buffers
 
                 release_buffers(self._write_root)  # the host copies are as large as the state
+                self._writer.release()  # and so is the thread writer's arena
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -3,11 +3,12 @@
     python -m savepoint.writer_process FD      # started by async_writer.ProcessWriter, never by hand
 
 It reads messages from the socket FD: ("segment", size) followed by a memfd (a shared snapshot
-segment to map), and ("save", SavePlan). A plan names every file of one checkpoint as inline bytes
-(headers, JSON) and regions of the shared segments (tensor bytes); this process writes them into a
-staged directory (the same `DedupingStagedDir` a synchronous save uses: hashed while written, parent
-files hardlinked), commits it (manifest last, atomic rename), applies retention and answers
-("done", path) or ("error", ...).
+segment to map), ("drop",) (unmap every segment: the trainer replaces them), and ("save", SavePlan).
+A plan names every file of one checkpoint as inline bytes (headers, JSON) and regions of the shared
+segments (tensor bytes); this process writes them into a staged directory (the same
+`DedupingStagedDir` a synchronous save uses: hashed while written, parent files hardlinked), commits
+it (manifest last, atomic rename), applies retention and answers ("done", path) or ("error", ...).
+`write_plan` is also what the writer thread of `async_save=True` runs, on its own arena.
 
 It runs in its own session at a lower CPU and I/O priority, so the trainer's cores come first and
 a Ctrl-C or a signal to the trainer's process group does not reach it. It never reads tensor bytes
@@ -24,10 +25,11 @@ import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
-from typing import Any
+from typing import Any, Protocol
 
 from savepoint import discovery, policy
 from savepoint.io.direct import direct_writes
@@ -57,8 +59,14 @@ class SavePlan:
     memory_tier: bool = False  # copy the committed checkpoint to shared memory (storage/memory_tier.py)
 
 
-def write_plan(plan: SavePlan, segments: AttachedSegments) -> str:
-    """Write, hash and commit the plan's checkpoint, then prune; return the committed path."""
+class RegionSource(Protocol):
+    def view(self, region: Region) -> memoryview: ...
+
+
+def write_plan(plan: SavePlan, segments: RegionSource) -> str:
+    """Write, hash and commit the plan's checkpoint, then prune; return the committed path.
+
+    `segments`: the writer process's AttachedSegments, or the thread writer's own SharedArena."""
     staged = DedupingStagedDir(plan.root, plan.final_name, previous=plan.parent)
     try:
         for relpath, chunks in plan.files.items():
@@ -74,10 +82,16 @@ def write_plan(plan: SavePlan, segments: AttachedSegments) -> str:
     except BaseException:
         staged.abort()
         raise
-    if plan.memory_tier:
-        memory_tier.publish(plan.root, path)
+    if plan.memory_tier:  # from the snapshot in memory, not read back from the disk just written
+        held = {rel: _chunk_views(chunks, segments) for rel, chunks in plan.files.items()}
+        memory_tier.publish(plan.root, path, contents=held)
     apply_retention(plan.root, plan.retention, protect=plan.step)
     return path
+
+
+def _chunk_views(chunks: list[Chunk], segments: RegionSource) -> Iterator[bytes | memoryview]:
+    for chunk in chunks:
+        yield chunk if isinstance(chunk, bytes) else segments.view(chunk)
 
 
 def apply_retention(root: str, rules: policy.RetentionPolicy, *, protect: int) -> None:
@@ -108,6 +122,8 @@ def serve(conn: Connection) -> int:
                 segments.attach(fd, message[1])
             finally:
                 os.close(fd)
+        elif message[0] == "drop":  # the trainer replaces its segments (a state that grew or shrank)
+            segments.close()
         elif message[0] == "save":
             try:
                 reply: tuple[Any, ...] = ("done", write_plan(message[1], segments))

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from savepoint import async_writer
 from savepoint import manager as manager_module
 from savepoint.demo import tiny
 
@@ -58,9 +59,12 @@ class WriterGate:
         self.active = 0
         self.max_active = 0
         self._lock = threading.Lock()
-        real: Callable[[Any], str] = manager_module.write_checkpoint
+        # What the writer thread runs: the recorded plan (one process, a local root), else the pipeline.
+        for owner, name in ((async_writer, "write_plan"), (manager_module, "write_checkpoint")):
+            monkeypatch.setattr(owner, name, self._gated(getattr(owner, name), fail))
 
-        def gated(job: Any) -> str:
+    def _gated(self, real: Callable[..., str], fail: BaseException | None) -> Callable[..., str]:
+        def gated(*args: Any) -> str:
             with self._lock:
                 self.active += 1
                 self.max_active = max(self.max_active, self.active)
@@ -70,12 +74,12 @@ class WriterGate:
                     raise TimeoutError("the test never opened the writer gate")
                 if fail is not None:
                     raise fail
-                return real(job)
+                return real(*args)
             finally:
                 with self._lock:
                     self.active -= 1
 
-        monkeypatch.setattr(manager_module, "write_checkpoint", gated)
+        return gated
 
     def open(self) -> None:
         self.opened.set()

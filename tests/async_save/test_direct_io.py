@@ -99,7 +99,8 @@ def test_direct_writes_are_per_thread():
 
 
 def test_the_arena_lays_bytes_out_congruent_to_their_file_offsets():
-    arena = SharedArena(lambda fd, size: None, min_segment=1 << 20)
+    arena = SharedArena(lambda fd, size: None)
+    arena.begin(1 << 20)
     for file_offset, n in [(0, 100), (8 + 1234, 70_000), (8 + 1234 + 70_000, 900_000), (17, 3 << 20)]:
         _segment, offset, nbytes = arena.put(memoryview(os.urandom(n)), file_offset=file_offset)
         assert (offset - file_offset) % ALIGN == 0

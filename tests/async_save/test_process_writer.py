@@ -14,6 +14,7 @@ from tests.async_save.helpers import clone_state, mutate, trained_llama
 
 import savepoint
 from savepoint.async_writer import BackgroundSaveError
+from savepoint.io.shared_arena import SharedArena
 from savepoint.manifest import find_problems, read_manifest
 
 
@@ -55,29 +56,104 @@ def test_restore_gets_the_state_at_save_time_not_later(tmp_path):
     mgr.close()
 
 
-def test_shared_memory_is_reused_not_grown_across_many_saves(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    tensors = list(model.state_dict().values())
+    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _mlp(width: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, width))
     opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 512)).sum().backward()
+    model(torch.randn(2, width)).sum().backward()
     opt.step()
+    return model, opt
+
+
+def test_shared_memory_is_one_state_large_and_reused_not_grown_across_many_saves(tmp_path):
+    model, opt = _mlp(512)
+    state = _state_bytes(model, opt)  # 3.1 MB: weights and two moments
     mgr = savepoint.CheckpointManager(tmp_path / "run", async_save="process", keep_last=2)
     writer = _writer(mgr)
     mgr.save(1, model=model, optimizer=opt)
     mgr.wait()
     held, segments = writer.snapshot_bytes, writer._arena.segments
+    # One segment of the state's size: each tensor may add a block of alignment, nothing doubles.
+    assert segments == 1
+    assert state <= held <= state + 64 * 4096
     fds = len(os.listdir("/proc/self/fd"))
     child_fds = len(os.listdir(f"/proc/{writer.pid}/fd"))
-    for step in range(2, 152):
+    for step in range(2, 202):
         mutate(model, opt)
         mgr.save(step, model=model, optimizer=opt)
     mgr.wait()
     assert (writer.snapshot_bytes, writer._arena.segments) == (held, segments)
-    assert held >= 3 * sum(p.numel() * 4 for p in model.parameters())  # weights and two moments
     assert len(os.listdir("/proc/self/fd")) <= fds
     assert len(os.listdir(f"/proc/{writer.pid}/fd")) <= child_fds
-    assert [i.step for i in mgr.checkpoints] == [150, 151]  # the writer applied retention
+    assert [i.step for i in mgr.checkpoints] == [200, 201]  # the writer applied retention
     mgr.close()
     assert writer.pid is None
+
+
+def _mapped_snapshot_bytes(pid: int) -> int:
+    """Bytes of savepoint's snapshot segments mapped by process `pid` (memfds show as /memfd:NAME)."""
+    total = 0
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if "savepoint-snapshot" in line:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                total += hi - lo
+    return total
+
+
+def test_a_state_that_grows_or_shrinks_gets_one_segment_of_its_new_size_in_both_processes(tmp_path):
+    small, small_opt = _mlp(256)
+    big, big_opt = _mlp(768)
+    mgr = savepoint.CheckpointManager(tmp_path / "run", async_save="process")
+    writer = _writer(mgr)
+    for step, (model, opt) in enumerate(
+        [(small, small_opt), (big, big_opt), (big, big_opt), (small, small_opt)]
+    ):
+        path = mgr.save(step, model=model, optimizer=opt)
+        mgr.wait()
+        assert find_problems(path) == []
+        state = _state_bytes(model, opt)
+        assert writer._arena.segments == 1
+        assert state <= writer.snapshot_bytes <= state + 64 * 4096
+        # The writer process unmapped the segments the trainer replaced: the memory is freed.
+        assert _mapped_snapshot_bytes(writer.pid) == writer.snapshot_bytes
+        assert _mapped_snapshot_bytes(os.getpid()) == writer.snapshot_bytes
+    mgr.close()
+
+
+def test_bytes_the_estimate_missed_fit_one_segment_from_the_next_save_on():
+    dropped = []
+    arena = SharedArena(lambda fd, size: None, on_drop=lambda: dropped.append(True))
+    chunks = [os.urandom(n) for n in (300_000, 5_000_000, 2_000_000)]
+    for save in range(3):
+        arena.begin(1 << 20)  # far too little: a tokenizer's files, say, were not counted
+        regions = [arena.put(memoryview(c), file_offset=17 * i) for i, c in enumerate(chunks)]
+        assert [arena.view(r).tobytes() for r in regions] == chunks
+        if save == 0:
+            assert arena.segments > 1  # spilled over
+    assert arena.segments == 1 and len(dropped) == 1  # folded into one, once
+    assert sum(map(len, chunks)) <= arena.nbytes <= sum(map(len, chunks)) + 4 * 4096
+    arena.close()
+
+
+def test_a_save_with_a_tokenizer_keeps_one_segment(tmp_path, tokenizer):
+    model, opt = trained_llama()
+    mgr = savepoint.CheckpointManager(tmp_path / "run", async_save="process")
+    writer = _writer(mgr)
+    sizes = []
+    for step in range(3):
+        path = mgr.save(step, model=model, optimizer=opt, tokenizer=tokenizer)
+        mgr.wait()
+        assert find_problems(path) == []
+        assert "tokenizer.json" in read_manifest(path).files
+        sizes.append((writer.snapshot_bytes, writer._arena.segments))
+    assert sizes[1] == sizes[2] and sizes[1][1] == 1
+    mgr.close()
 
 
 def test_one_save_in_flight_and_each_is_committed_in_order(tmp_path):
@@ -198,3 +274,35 @@ def test_a_peft_adapter_is_saved_by_the_writer_process_as_a_sync_save_saves_it(t
     assert got.kind == expected.kind == "adapter" and got.base_model == expected.base_model
     same = {f: e for f, e in got.files.items() if "/rng/" not in f}
     assert same == {f: e for f, e in expected.files.items() if "/rng/" not in f}
+
+
+def test_the_snapshot_copies_each_large_tensor_in_one_piece_and_exactly(tmp_path, monkeypatch):
+    """One copy per tensor (torch's parallel copy, as a plain memcpy of the state), not per 8 MiB chunk;
+    read-only bytes (a file another library wrote) go through the plain copy."""
+    puts: list[int] = []
+    original = SharedArena.put
+
+    def counted(self, data, *, file_offset=0):  # type: ignore[no-untyped-def]
+        puts.append(memoryview(data).nbytes)
+        return original(self, data, file_offset=file_offset)
+
+    monkeypatch.setattr(SharedArena, "put", counted)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2048, 2048)  # a 16 MiB weight
+    sync = savepoint.CheckpointManager(tmp_path / "sync")
+    expected = read_manifest(sync.save(1, model=model))
+    with savepoint.CheckpointManager(tmp_path / "proc", async_save="process") as mgr:
+        path = mgr.save(1, model=model)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        mgr.wait()
+    assert puts.count(2048 * 2048 * 4) == 1 and max(puts) == 2048 * 2048 * 4
+    got = read_manifest(path).files
+    assert {f: e for f, e in got.items() if "/rng/" not in f} == {
+        f: e for f, e in expected.files.items() if "/rng/" not in f
+    }
+    arena = SharedArena(lambda fd, size: None)
+    arena.begin(4 << 20)
+    blob = os.urandom(3 << 20)  # bytes: read-only
+    assert arena.view(arena.put(memoryview(blob), file_offset=5)).tobytes() == blob
+    arena.close()

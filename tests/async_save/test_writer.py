@@ -76,7 +76,6 @@ CHILD = textwrap.dedent(
     import os, signal, sys, time
     import torch
     import savepoint
-    from savepoint import manager as m
 
     mode, root = sys.argv[1], sys.argv[2]
     if mode == "chained":
@@ -84,11 +83,12 @@ CHILD = textwrap.dedent(
             print("CHAINED", flush=True)
             sys.exit(3)
         signal.signal(signal.SIGTERM, mine)
-    real = m.write_checkpoint
-    def slow(job):
+    from savepoint import async_writer
+    real = async_writer.write_plan
+    def slow(*args):
         time.sleep(1.5)  # still writing when the process is told to stop
-        return real(job)
-    m.write_checkpoint = slow
+        return real(*args)
+    async_writer.write_plan = slow
     mgr = savepoint.CheckpointManager(root, async_save=True)
     mgr.save(7, model=torch.nn.Linear(64, 64))
     print("SAVED", flush=True)

@@ -190,3 +190,33 @@ def test_an_object_store_root_restores_from_the_tier_without_downloading() -> No
         restorer.close()
     finally:
         fsspec.filesystem("memory").rm(root[len("memory://") :], recursive=True)
+
+
+def test_an_async_writer_fills_the_tier_from_its_snapshot_not_from_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read_back: list[int] = []
+    real_copy = memory_tier.copy_range
+
+    def counted(src_fd: int, dst_fd: int, size: int) -> None:
+        read_back.append(size)
+        real_copy(src_fd, dst_fd, size)
+
+    monkeypatch.setattr(memory_tier, "copy_range", counted)
+    root = tmp_path / "run"
+    mgr = _save(root, 1, async_save=True)  # the thread writer runs the process writer's write_plan
+    manifest = savepoint.CheckpointManager(root).checkpoints[-1].path + "/savepoint.json"
+    assert read_back == [os.path.getsize(manifest)]  # only the manifest is read from the disk
+    os.rename(root / "step-00000001" / WEIGHTS, tmp_path / "moved")  # only the tier can supply it now
+    model = _model()
+    assert mgr.restore(model=model).step == 1 and _all_equal(model, 1.0)
+    mgr.close()
+
+
+def test_held_bytes_that_do_not_match_the_manifest_size_are_read_from_the_disk(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    savepoint.CheckpointManager(root).save(1, model=_filled(1))
+    path = str(root / "step-00000001")
+    held = memory_tier.publish(str(root), path, contents={WEIGHTS: [b"too short"]})
+    assert held is not None
+    assert (Path(held) / WEIGHTS).read_bytes() == (Path(path) / WEIGHTS).read_bytes()

@@ -138,9 +138,11 @@ class _BackgroundWriter:
             view, tensor = item
             del item
             try:
-                # Cache-sized chunks: the hasher reads each one and the write copies it while it is hot.
-                for start in range(0, view.nbytes, _WRITE_CHUNK):
-                    self.out.write(view[start : start + _WRITE_CHUNK])
+                # Cache-sized chunks: the hasher reads each one and the write copies it while it is hot
+                # (an async save's recorder copies whole tensors instead: see async_writer.py).
+                chunk = getattr(self.out, "write_chunk", _WRITE_CHUNK)
+                for start in range(0, view.nbytes, chunk):
+                    self.out.write(view[start : start + chunk])
                 del view
                 if self.on_written is not None:
                     self.on_written(tensor)

@@ -9,6 +9,10 @@ committed manifest of the same step on disk, and the restore then checks every f
 that manifest, exactly as it does on disk. A copy that is partial (a crash while copying leaves no
 manifest), stale or changed is simply not used.
 
+An async writer that still holds the checkpoint's bytes in memory (writer_process.write_plan) passes
+them to `publish`, which copies them from there instead of reading the just-written files back from
+the disk; the manifest is always taken from the disk.
+
 `CheckpointManager.close()` drops the tier: a clean exit needs no restart from memory. A process that
 crashes leaves it for its successor; `drop(root)` removes one by hand.
 """
@@ -20,6 +24,7 @@ import os
 import shutil
 import stat
 import warnings
+from collections.abc import Iterable, Mapping
 
 from savepoint.errors import SavepointError
 from savepoint.io.files import open_fd_inside, read_bytes_inside
@@ -67,8 +72,15 @@ def _usable_tier(root: str, *, create: bool) -> str | None:
     return tier
 
 
-def publish(root: str, ckpt_dir: str) -> str | None:
+def publish(
+    root: str, ckpt_dir: str, *, contents: Mapping[str, Iterable[bytes | memoryview]] | None = None
+) -> str | None:
     """Copy the committed checkpoint `ckpt_dir` of `root` into its tier, replacing the one there.
+
+    `contents`: the bytes of (some of) its files, relpath -> chunks, where the caller still holds
+    them in memory (an async writer's snapshot): those are copied from there instead of read back
+    from the disk; a file whose chunks do not add up to the manifest's size is read from the disk.
+    The manifest always comes from the disk, and a restore checks every file against it.
 
     Returns the tier copy's path, or None (with a warning) when the tier cannot hold it. Never raises
     for the tier's own trouble: the checkpoint on disk is committed already, and that is what counts.
@@ -94,8 +106,10 @@ def publish(root: str, ckpt_dir: str) -> str | None:
     try:
         os.mkdir(incoming, 0o700)
         # Files first, the manifest last: a copy without its manifest is never used.
-        for relpath in sorted(manifest.files):
-            _copy_file(ckpt_dir, relpath, incoming)
+        for relpath, entry in sorted(manifest.files.items()):
+            held = (contents or {}).get(relpath)
+            if held is None or not _write_file(incoming, relpath, held, entry.size):
+                _copy_file(ckpt_dir, relpath, incoming)
         _copy_file(ckpt_dir, MANIFEST_NAME, incoming)
         name = os.path.basename(os.path.normpath(ckpt_dir))
         for old in os.listdir(tier):
@@ -144,17 +158,41 @@ def _free_bytes(path: str) -> int:
     return info.f_bavail * info.f_frsize
 
 
+def _create(dst_dir: str, relpath: str) -> int:
+    *parents, _name = relpath.split("/")
+    os.makedirs(os.path.join(dst_dir, *parents), mode=0o700, exist_ok=True)
+    return os.open(
+        os.path.join(dst_dir, relpath), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+    )
+
+
 def _copy_file(src_dir: str, relpath: str, dst_dir: str) -> None:
     src_fd, size = open_fd_inside(src_dir, relpath)  # what the commit wrote: still no link followed
     try:
-        *parents, _name = relpath.split("/")
-        os.makedirs(os.path.join(dst_dir, *parents), mode=0o700, exist_ok=True)
-        dst_fd = os.open(
-            os.path.join(dst_dir, relpath), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
-        )
+        dst_fd = _create(dst_dir, relpath)
         try:
             copy_range(src_fd, dst_fd, size)  # in the kernel where it can
         finally:
             os.close(dst_fd)
     finally:
         os.close(src_fd)
+
+
+def _write_file(dst_dir: str, relpath: str, chunks: Iterable[bytes | memoryview], size: int) -> bool:
+    """Write `chunks` as the tier's copy of `relpath`; False (and nothing left) unless they are `size` bytes."""
+    path = os.path.join(dst_dir, relpath)
+    fd = _create(dst_dir, relpath)
+    written = 0
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view.nbytes:
+                n = os.write(fd, view)
+                written += n
+                view = view[n:]
+    finally:
+        os.close(fd)
+    if written != size:
+        os.remove(path)
+        return False
+    return True
