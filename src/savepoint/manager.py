@@ -47,7 +47,9 @@ class CheckpointManager:
             handed over even if this process is killed (local roots). Under torchrun, True makes
             every rank snapshot and return; each rank's thread writes, reports and commits on
             savepoint's own process group, one save in flight, and `wait()` or the next `save()`
-            raises a failure on every rank (DDP, FSDP1, FSDP2, DeepSpeed engines, plain models).
+            raises a failure on every rank (DDP, FSDP1, FSDP2, DeepSpeed engines, plain models);
+            "process" does the same there (a commit that needs every rank's report cannot be left
+            to a writer process that outlives its trainer), with a warning.
             Call `wait()` before `save_pretrained` while a save is in flight. The writer runs at
             a lower priority (nice; the writer process SCHED_IDLE outside torchrun; the
             SAVEPOINT_WRITER_PRIORITY environment variable overrides it, see io/priority.py).
@@ -108,22 +110,24 @@ class CheckpointManager:
             discovery.check_root(self.root, must_exist=False)
         self._lock = RootLock(self.root)
         self._writer: Any = None
-        self._warned_sync = False
+        self._warned_process_on_thread = False
         self._warned_tier = False
         if async_save not in (False, None):
             writer_policy()  # a bad SAVEPOINT_WRITER_PRIORITY is refused here, not in the writer
+        self._thread_writer: Any = None  # a process writer's stand-in for collective saves
         if async_save == "process":
             if self._remote is not None:
                 raise ValueError('async_save="process" writes local roots only; use async_save=True here')
-            from savepoint.async_writer import ProcessWriter
+            if distributed.is_distributed() and distributed.world_size() > 1:
+                self._warn_process_mode_on_a_thread()
+                self._writer = self._new_thread_writer()  # no writer process to start on every rank
+            else:
+                from savepoint.async_writer import ProcessWriter
 
-            self._writer = ProcessWriter()
-            self._writer.memory_tier = memory_tier
+                self._writer = ProcessWriter()
+                self._writer.memory_tier = memory_tier
         elif async_save in (True, "thread"):
-            from savepoint.async_writer import ThreadWriter
-
-            self._writer = ThreadWriter()
-            self._writer.memory_tier = memory_tier
+            self._writer = self._new_thread_writer()
         elif async_save not in (False, None):
             raise ValueError(f'async_save must be False, True, "thread" or "process", got {async_save!r}')
 
@@ -208,16 +212,33 @@ class CheckpointManager:
         return os.path.join(self.root, discovery.step_dir_name(step))
 
     def _writer_for(self, model: torch.nn.Module) -> Any:
-        """async_save's writer for this save, or None where it must be synchronous (said once)."""
-        if self._writer is None or not is_collective(model):
+        """async_save's writer for this save: a collective save (torchrun, a sharded model, a DeepSpeed
+        engine) commits with every rank's report, which a writer process that outlives its trainer
+        cannot wait for, so with async_save="process" it runs on a writer thread instead (said once)."""
+        if not getattr(self._writer, "out_of_process", False) or not is_collective(model):
             return self._writer
-        if not getattr(self._writer, "out_of_process", False):
-            return self._writer  # every rank writes, reports and commits on its background thread
-        why = 'async_save="process" serves one process; under torchrun use async_save=True'
-        if not self._warned_sync:
-            warnings.warn(f"async_save: this save is synchronous ({why})", stacklevel=3)
-            self._warned_sync = True
-        return None
+        if self._thread_writer is None:
+            self._warn_process_mode_on_a_thread()
+            self._thread_writer = self._new_thread_writer()
+        return self._thread_writer
+
+    def _new_thread_writer(self) -> Any:
+        from savepoint.async_writer import ThreadWriter
+
+        writer = ThreadWriter()
+        writer.memory_tier = self.memory_tier
+        return writer
+
+    def _warn_process_mode_on_a_thread(self) -> None:
+        if not self._warned_process_on_thread:
+            warnings.warn(
+                'async_save="process": this save is collective (torchrun, a sharded model or a DeepSpeed '
+                "engine), and its commit needs every rank's report, which a writer process cannot wait "
+                "for once its trainer is gone; it is written on a writer thread instead, as with "
+                "async_save=True (it does not survive a killed trainer)",
+                stacklevel=4,
+            )
+            self._warned_process_on_thread = True
 
     def _records_plan(self, writer: Any, model: torch.nn.Module) -> bool:
         """Whether `writer` records this save into its arena and writes that (async_writer.py): the process
@@ -231,6 +252,8 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is durable; raise its error if it failed."""
+        if self._thread_writer is not None:
+            self._thread_writer.wait()
         if self._writer is not None:
             self._writer.wait()
 
@@ -245,11 +268,13 @@ class CheckpointManager:
             self._opened = False
             if getattr(self._writer, "out_of_process", False):
                 self._writer.close()  # stops the writer process, frees its shared memory
-            elif self._writer is not None:
+            if self._writer is not None:
                 from savepoint.snapshot import release_buffers
 
                 release_buffers(self._write_root)  # the host copies are as large as the state
-                self._writer.release()  # and so is the thread writer's arena
+            for writer in (self._writer, self._thread_writer):
+                if writer is not None and not getattr(writer, "out_of_process", False):
+                    writer.release()  # and so is the thread writer's arena
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -5,12 +5,16 @@ thread. Checks: training changes the live weights while the save is in flight, y
 holds the save-time state; a background failure on rank 1 is raised by wait() on both ranks (rank 1's
 own error, rank 0 a DistributedSaveError) and commits nothing; a failure is raised by the next save()
 too, which then saves nothing; saves after a failure work again. Rank 0 writes OUT/ref.safetensors
-(the state at save time); the checkpoints go to OUT/run.
+(the state at save time); the checkpoints go to OUT/run. Then `async_save="process"` (OUT/proc): it
+says once that under torchrun it writes on a thread, starts no writer process, and its save() returns
+before the write starts (the write waits for that), committing the save-time state.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -73,7 +77,8 @@ def main(out: str) -> None:
     if dist.get_rank() == 0:
         save_file(ref, f"{out}/ref.safetensors")
 
-    pipeline_save.write_files = failing_on_rank1(pipeline_save.write_files)
+    real_write_files = pipeline_save.write_files
+    pipeline_save.write_files = failing_on_rank1(real_write_files)
     mgr.save(3, model=model, optimizer=opt)  # returns: the failure happens in the background
     expect_failure(mgr.wait, 3)
     mgr.save(5, model=model, optimizer=opt)
@@ -90,8 +95,40 @@ def main(out: str) -> None:
         == 1
     )
     assert_same(ref, plain_reference(fresh, opt), where=f"rank {dist.get_rank()}")
+    process_mode_writes_on_a_thread(out, model, opt, real_write_files)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def process_mode_writes_on_a_thread(out: str, model, opt, real_write_files) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mgr = savepoint.CheckpointManager(f"{out}/proc", async_save="process", dist_timeout=60)
+    said = [str(w.message) for w in caught if "writer thread" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in caught]
+    assert not getattr(mgr._writer, "out_of_process", False)  # no writer process on any rank
+
+    returned = threading.Event()
+    waited: list[bool] = []
+
+    def write_after_save_returned(job, staged):
+        waited.append(returned.wait(timeout=30))  # a synchronous save would wait here in vain
+        return real_write_files(job, staged)
+
+    pipeline_save.write_files = write_after_save_returned
+    ref = plain_reference(model.module, opt)
+    mgr.save(2, model=model, optimizer=opt)
+    returned.set()
+    train_step(model, opt)  # the live state changes while the write is in flight
+    mgr.close()
+    pipeline_save.write_files = real_write_files
+    assert waited == [True], waited
+    from savepoint.demo import tiny
+
+    fresh = DistributedDataParallel(tiny.tiny_gpt2(seed=2))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    savepoint.CheckpointManager(f"{out}/proc", dist_timeout=60).restore(model=fresh, optimizer=fresh_opt)
+    assert_same(ref, plain_reference(fresh.module, fresh_opt), where=f"rank {dist.get_rank()}, process mode")
 
 
 if __name__ == "__main__":
