@@ -11,7 +11,7 @@ the timed saves is reported. Between saves each method finishes its save in flig
 at a barrier, so the write of one save never overlaps the next stall. Methods, interleaved per repetition:
 
     savepoint sync                      CheckpointManager(...).save()
-    savepoint async                     async_save=True (FSDP2: weights gathered to rank 0 at save() time)
+    savepoint async                     async_save=True (FSDP2: shards copied, gathered to rank 0 in the background write)
     savepoint async sharded_model       FSDP2 only: async_save=True, sharded_model=True (no gather)
                                         (FSDP1, `--kinds fsdp1`: both, plus `savepoint sync sharded_model`)
     DCP async_save thread / process     dcp.async_save(get_state_dict(model, opt)), torch's recommended call

@@ -115,7 +115,7 @@ def snapshot_job(job: Any) -> None:
             _copy_into(pool, relbase, tensors)
         for adapter_name, tensors in (job.adapter_state or {}).items():
             _copy_into(pool, f"adapter/{adapter_name}", tensors)
-        for name, tensor in job.dcp_tensors.items():  # FSDP2's DTensors keep their layout for DCP
+        for name, tensor in job.dcp_tensors.items():  # DTensors and ShardedTensors keep their layout for DCP
             job.dcp_tensors[name] = host_copy(pool, f"dcp:{name}", tensor)
         for name, tensor in (job.model_shards or {}).items():  # gathered to rank 0 by the write phase
             job.model_shards[name] = host_copy(pool, f"shard:{name}", tensor)
