@@ -82,3 +82,14 @@ def assert_same(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tenso
 
 def write_json(path: str | os.PathLike[str], doc: object) -> None:
     Path(path).write_text(json.dumps(doc))
+
+
+def gather_results(out: str, mine: object) -> None:
+    """Every rank's `mine`, gathered into OUT/result.json by rank 0 (for the test to read); then a barrier."""
+    import torch.distributed as dist
+
+    results: list = [None] * dist.get_world_size()
+    dist.all_gather_object(results, mine)
+    if dist.get_rank() == 0:
+        write_json(f"{out}/result.json", results)
+    dist.barrier()

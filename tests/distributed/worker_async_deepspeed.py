@@ -27,7 +27,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from tests.distributed.common import assert_same, write_json
+from tests.distributed.common import assert_same, gather_results
 from tests.distributed.worker_deepspeed import build, train
 
 import savepoint
@@ -187,11 +187,7 @@ def main(out: str, *stages: str) -> None:
     dist.init_process_group("gloo")
     hooks = Hooks()
     mine = {f"zero{s}": check_stage(int(s), out, hooks) for s in stages}
-    results: list = [None, None]
-    dist.all_gather_object(results, mine)
-    if dist.get_rank() == 0:
-        write_json(f"{out}/result.json", results)
-    dist.barrier()
+    gather_results(out, mine)
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

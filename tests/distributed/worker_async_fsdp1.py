@@ -23,7 +23,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from tests.distributed.common import assert_same, flat_reference, write_json
+from tests.distributed.common import assert_same, flat_reference, gather_results
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -233,11 +233,7 @@ def main(out: str) -> None:
         "uneven": check_uneven(out),
         "reuse": check_reuse(out, hooks),
     }
-    results: list = [None, None]
-    dist.all_gather_object(results, result)
-    if dist.get_rank() == 0:
-        write_json(f"{out}/result.json", results)
-    dist.barrier()
+    gather_results(out, result)
     dist.destroy_process_group()
 
 

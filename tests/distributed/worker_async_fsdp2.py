@@ -21,7 +21,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from tests.distributed.common import assert_same, flat_reference, write_json
+from tests.distributed.common import assert_same, flat_reference, gather_results
 from tests.distributed.worker_reshard import build
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -196,11 +196,7 @@ def main(out: str) -> None:
         "sharded": check_mode(out, hooks, sharded_model=True),
         "reuse": check_reuse(out, hooks),
     }
-    results: list = [None, None]
-    dist.all_gather_object(results, result)
-    if dist.get_rank() == 0:
-        write_json(f"{out}/result.json", results)
-    dist.barrier()
+    gather_results(out, result)
     dist.destroy_process_group()
 
 
