@@ -254,7 +254,8 @@ def test_the_writer_runs_in_its_own_session_at_a_lower_priority(tmp_path):
     mgr.close()
 
 
-def test_a_peft_adapter_is_saved_by_the_writer_process_as_a_sync_save_saves_it(tmp_path):
+@pytest.mark.parametrize("mode", [True, "process"])  # the thread writer records the same plan
+def test_a_peft_adapter_is_saved_by_an_async_writer_as_a_sync_save_saves_it(tmp_path, mode):
     from peft import LoraConfig, get_peft_model
 
     from savepoint.demo import tiny
@@ -263,7 +264,7 @@ def test_a_peft_adapter_is_saved_by_the_writer_process_as_a_sync_save_saves_it(t
     model = get_peft_model(tiny.tiny_llama(vocab_size=64), LoraConfig(target_modules=["q_proj"], r=4))
     with savepoint.CheckpointManager(tmp_path / "sync") as sync:
         expected = read_manifest(sync.save(1, model=model))
-    with savepoint.CheckpointManager(tmp_path / "proc", async_save="process") as mgr:
+    with savepoint.CheckpointManager(tmp_path / "async", async_save=mode) as mgr:
         path = mgr.save(1, model=model)
         with torch.no_grad():
             for p in model.parameters():

@@ -79,27 +79,6 @@ def test_a_thread_save_writes_what_a_sync_save_writes_and_links_unchanged_files(
             assert os.stat(os.path.join(second, name)).st_ino == os.stat(os.path.join(first, name)).st_ino
 
 
-def test_a_peft_adapter_is_saved_by_the_thread_writer_as_a_sync_save_saves_it(tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    from savepoint.demo import tiny
-
-    torch.manual_seed(0)
-    model = get_peft_model(tiny.tiny_llama(vocab_size=64), LoraConfig(target_modules=["q_proj"], r=4))
-    with savepoint.CheckpointManager(tmp_path / "sync") as sync:
-        expected = read_manifest(sync.save(1, model=model))
-    with savepoint.CheckpointManager(tmp_path / "thread", async_save=True) as mgr:
-        path = mgr.save(1, model=model)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(1.0)  # the adapter trains on: the snapshot must not see it
-        mgr.wait()
-        got = read_manifest(path)
-    assert got.kind == expected.kind == "adapter" and got.base_model == expected.base_model
-    assert _without_rng(got.files) == _without_rng(expected.files)
-
-
 def test_a_model_in_the_hub_layout_is_converted_no_more_than_a_sync_save_converts_it(tmp_path, monkeypatch):
     """The recording converts the weights to the Hub layout group by group as a sync save does (sizing
     the snapshot converts nothing), and the files are the sync save's."""
